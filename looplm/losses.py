@@ -1,0 +1,303 @@
+"""Exit distribution, the Stage I and Stage II objectives, and the chunked LM-head loss.
+
+Shape legend: T recurrent steps, B batch, S sequence, N target tokens, H hidden, V vocab.
+
+Stage I  (OURO.md §2): ``sum_t p(t|x) L(t) + beta * R(p)`` per token, where R is ``-H(p)``
+(entropy form) or ``KL(p || prior)`` (KL form; for the uniform prior it equals ``-H + log T``).
+Stage II: binary cross-entropy of the gate against a detached improvement target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+PRIORS = ("uniform", "geometric", "none")
+REGULARIZERS = ("entropy", "kl")
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half precisions, the input's own for float32/float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ---- the exit distribution -------------------------------------------------------------
+
+
+def exit_log_pdf(gate_logits_xT: torch.Tensor) -> torch.Tensor:
+    """log p(t) from the gate logits z_t (lambda_t = sigmoid(z_t)), over the last dim.
+
+    p(t) = lambda_t * prod_{j<t} (1 - lambda_j) for t < T; the last step takes the rest.
+    Computed in log space (float32 at least) so that no probability underflows.
+    """
+    z = gate_logits_xT.to(_accumulation_dtype(gate_logits_xT.dtype))
+    log_continue = F.logsigmoid(-z)
+    survive = F.pad(log_continue.cumsum(-1)[..., :-1], (1, 0))  # sum_{j<t} log(1 - lambda_j)
+    log_exit = F.logsigmoid(z) + survive
+    return torch.cat((log_exit[..., :-1], survive[..., -1:]), dim=-1)
+
+
+def exit_pdf(gate_logits_xT: torch.Tensor) -> torch.Tensor:
+    return exit_log_pdf(gate_logits_xT).exp()
+
+
+def q_exit_steps(gate_logits_xT: torch.Tensor, threshold: float) -> torch.Tensor:
+    """0-based step at which each token exits under Q-exit with threshold q.
+
+    CDF(n) = 1 - prod_{j<=n} (1 - lambda_j), CDF(T) = 1; the exit is the first n with
+    CDF(n) >= q.
+    """
+    z = gate_logits_xT.to(_accumulation_dtype(gate_logits_xT.dtype))
+    cdf = 1.0 - torch.exp(F.logsigmoid(-z).cumsum(-1))
+    cdf[..., -1] = 1.0
+    return (cdf >= threshold).int().argmax(dim=-1)
+
+
+def log_prior(
+    kind: str, num_steps: int, param: float, device=None, dtype=torch.float32
+) -> torch.Tensor:
+    """log of a prior over exit steps [T]: uniform, or geometric with success probability param
+    (truncated: the last step takes the remaining mass, as the exit distribution does)."""
+    if kind == "uniform":
+        return torch.full((num_steps,), -math.log(num_steps), device=device, dtype=dtype)
+    if kind == "geometric":
+        if not 0.0 < param < 1.0:
+            raise ValueError(f"a geometric prior needs 0 < prior_param < 1, got {param}")
+        t = torch.arange(num_steps, device=device, dtype=torch.float64)
+        logp = math.log(param) + t * math.log1p(-param)
+        logp[-1] = (num_steps - 1) * math.log1p(-param)
+        return logp.to(dtype)
+    raise ValueError(f"unknown exit prior {kind!r}; choose one of {PRIORS}")
+
+
+@dataclass
+class Objective:
+    """Which training objective a forward with labels computes, and its settings."""
+
+    kind: str = "stage1"  # "stage1" (joint LM + exit) or "stage2" (gate only, LM frozen)
+    beta: float = 0.1  # weight of the exit regularizer (Stage I)
+    prior: str = "uniform"  # "uniform", "geometric" or "none" (no regularizer)
+    prior_param: float = 0.5  # success probability of the geometric prior
+    regularizer: str = "entropy"  # "entropy": -beta H(p); "kl": beta KL(p || prior)
+    gate_k: float = 50.0  # Stage II: slope of the continuation target
+    gate_gamma: float = 0.005  # Stage II: improvement threshold of the continuation target
+    chunk_tokens: int | None = None  # LM-head chunk; None sizes chunks to ~256 MiB of logits
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.kind not in ("stage1", "stage2"):
+            problems.append(f"objective kind must be 'stage1' or 'stage2', got {self.kind!r}")
+        if self.prior not in PRIORS:
+            problems.append(f"prior must be one of {PRIORS}, got {self.prior!r}")
+        if self.regularizer not in REGULARIZERS:
+            problems.append(f"regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}")
+        if self.regularizer == "entropy" and self.prior == "geometric":
+            problems.append(
+                "a geometric prior needs regularizer='kl' (the entropy form is uniform)"
+            )
+        if self.prior == "geometric" and not 0.0 < self.prior_param < 1.0:
+            problems.append(f"prior_param must lie in (0, 1), got {self.prior_param}")
+        if self.beta < 0:
+            problems.append(f"beta must be >= 0, got {self.beta}")
+        if problems:
+            raise ValueError("invalid objective:\n  - " + "\n  - ".join(problems))
+
+
+def exit_regularizer(log_p_NT: torch.Tensor, objective: Objective) -> torch.Tensor:
+    """Per-token regularizer R(p) [N]: -H(p) or KL(p || prior)."""
+    p = log_p_NT.exp()
+    if objective.prior == "none":
+        return torch.zeros_like(p[:, 0])
+    if objective.regularizer == "entropy":
+        return (p * log_p_NT).sum(-1)
+    prior = log_prior(objective.prior, p.shape[-1], objective.prior_param, p.device, p.dtype)
+    return (p * (log_p_NT - prior)).sum(-1)
+
+
+# ---- the LM head and cross-entropy, fused and chunked -----------------------------------
+
+
+def _auto_chunk(vocab_size: int) -> int:
+    return max(256, (256 * 2**20) // (4 * vocab_size))
+
+
+def _chunks(total: int, size: int):
+    for start in range(0, total, size):
+        yield start, min(start + size, total)
+
+
+def chunked_cross_entropy(
+    hidden_MH: torch.Tensor, weight_VH: torch.Tensor, targets_M: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """Cross-entropy [M] (float32) of ``hidden @ weight.T`` without gradients, chunk by chunk."""
+    acc = _accumulation_dtype(hidden_MH.dtype)
+    out = torch.empty(hidden_MH.shape[0], dtype=acc, device=hidden_MH.device)
+    with torch.no_grad():
+        for s, e in _chunks(hidden_MH.shape[0], chunk):
+            logits = (hidden_MH[s:e] @ weight_VH.T).to(acc)
+            out[s:e] = logits.logsumexp(-1) - logits.gather(1, targets_M[s:e, None]).squeeze(1)
+    return out
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum_m w_m CE(hidden_m @ W.T, target_m), with its gradients computed chunk by chunk in
+    the forward pass, so no [M, V] tensor outlives its chunk (Liger-style fusion).
+
+    The token weights w are constants here; the gradient of the objective with respect to
+    them comes from the caller through the detached per-token losses (also returned)."""
+
+    @staticmethod
+    def forward(ctx, hidden_MH, weight_VH, targets_M, weights_M, chunk):
+        m, acc = hidden_MH.shape[0], _accumulation_dtype(hidden_MH.dtype)
+        ce = torch.empty(m, dtype=acc, device=hidden_MH.device)
+        grad_h = torch.empty_like(hidden_MH)
+        grad_w = torch.zeros(weight_VH.shape, dtype=acc, device=weight_VH.device)
+        for s, e in _chunks(m, chunk):
+            h = hidden_MH[s:e]
+            logits = (h @ weight_VH.T).to(acc)
+            lse = logits.logsumexp(-1, keepdim=True)
+            ce[s:e] = (lse - logits.gather(1, targets_M[s:e, None])).squeeze(1)
+            grad_logits = (logits - lse).exp_()  # softmax
+            grad_logits[torch.arange(e - s, device=h.device), targets_M[s:e]] -= 1.0
+            grad_logits = (grad_logits * weights_M[s:e, None]).to(h.dtype)
+            grad_h[s:e] = grad_logits @ weight_VH
+            grad_w += (grad_logits.T @ h).to(acc)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight_VH.dtype
+        ctx.mark_non_differentiable(ce)
+        return (ce * weights_M.to(acc)).sum(), ce
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce):
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            grad_h * grad_total.to(grad_h.dtype),
+            (grad_w * grad_total).to(ctx.weight_dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def weighted_lm_cross_entropy(
+    hidden_MH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    targets_M: torch.Tensor,
+    weights_M: torch.Tensor,
+    chunk_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_m w_m CE_m with gradients to hidden and weight, detached CE_m [M])."""
+    chunk = chunk_tokens or _auto_chunk(weight_VH.shape[0])
+    needs_grad = torch.is_grad_enabled() and (hidden_MH.requires_grad or weight_VH.requires_grad)
+    if not needs_grad:
+        ce = chunked_cross_entropy(hidden_MH, weight_VH, targets_M, chunk)
+        return (ce * weights_M.to(ce.dtype)).sum(), ce
+    return _FusedLinearCrossEntropy.apply(
+        hidden_MH, weight_VH, targets_M, weights_M.detach(), chunk
+    )
+
+
+# ---- the objectives ---------------------------------------------------------------------
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, with gradients
+    loss_per_step: torch.Tensor  # [T] mean cross-entropy of each step (detached)
+    exit_pdf_mean: torch.Tensor  # [T] exit distribution averaged over target tokens (detached)
+    exit_entropy: torch.Tensor  # scalar mean entropy of the exit distribution (detached)
+    num_tokens: int  # target tokens the means are over
+
+
+def _select_targets(step_hidden_TBSH, gate_logits_BST, labels_BS):
+    mask_BS = labels_BS != IGNORE_INDEX
+    return step_hidden_TBSH[:, mask_BS], gate_logits_BST[mask_BS], labels_BS[mask_BS]
+
+
+def _stats(ce_TN, log_p_NT, loss) -> LossOutput:
+    n = ce_TN.shape[1]
+    p = log_p_NT.detach().exp()
+    entropy = -(p * log_p_NT.detach()).sum(-1)
+    denominator = max(n, 1)
+    return LossOutput(
+        loss=loss,
+        loss_per_step=ce_TN.sum(1) / denominator,
+        exit_pdf_mean=p.sum(0) / denominator,
+        exit_entropy=entropy.sum() / denominator,
+        num_tokens=n,
+    )
+
+
+def stage1_loss(
+    step_hidden_TBSH: torch.Tensor,
+    gate_logits_BST: torch.Tensor,
+    labels_BS: torch.Tensor,
+    lm_head: torch.nn.Module,
+    objective: Objective,
+) -> LossOutput:
+    """Stage I: expected per-step cross-entropy under the exit distribution plus beta R(p).
+
+    ``labels_BS[b, i]`` is the target of position i (already shifted), IGNORE_INDEX to skip.
+    ``lm_head`` is called as a module (so that sharded-parameter hooks run) with
+    ``lm_head(hidden, targets=..., token_weights=..., chunk_tokens=...)``.
+    """
+    h_TNH, z_NT, y_N = _select_targets(step_hidden_TBSH, gate_logits_BST, labels_BS)
+    t, n = h_TNH.shape[:2]
+    log_p_NT = exit_log_pdf(z_NT)
+    p_TN = log_p_NT.exp().T
+    denominator = max(n, 1)
+    weighted, ce = lm_head(
+        h_TNH.reshape(t * n, -1),
+        targets=y_N.repeat(t),
+        token_weights=(p_TN / denominator).reshape(-1),
+        chunk_tokens=objective.chunk_tokens,
+    )
+    ce_TN = ce.view(t, n)
+    # value: sum_t p L / N; gradients: to the LM through `weighted`, to the gate through p.
+    expected = (p_TN * ce_TN).sum() / denominator + (weighted - weighted.detach())
+    regularizer = exit_regularizer(log_p_NT, objective).sum() / denominator
+    return _stats(ce_TN, log_p_NT, expected + objective.beta * regularizer)
+
+
+def gate_targets(ce_TN: torch.Tensor, k: float, gamma: float) -> torch.Tensor:
+    """Continuation targets w_t [T-1, N] for t = 2..T: sigmoid(k (max(0, L_{t-1} - L_t) - gamma))."""
+    improvement = (ce_TN[:-1] - ce_TN[1:]).clamp(min=0.0)
+    return torch.sigmoid(k * (improvement - gamma))
+
+
+def stage2_gate_loss(ce_TN: torch.Tensor, gate_logits_NT: torch.Tensor, k: float, gamma: float):
+    """Stage II: (1/T) sum_{t=2..T} -mean_i [w_t log(1 - lambda_t) + (1 - w_t) log lambda_t]."""
+    t = ce_TN.shape[0]
+    acc = _accumulation_dtype(gate_logits_NT.dtype)
+    w = gate_targets(ce_TN.detach().to(acc), k, gamma)  # [T-1, N]
+    z = gate_logits_NT.to(acc).T[1:]  # [T-1, N]: the gates of steps 2..T
+    if w.shape[1] == 0:
+        return z.sum() * 0.0
+    bce = -(w * F.logsigmoid(-z) + (1.0 - w) * F.logsigmoid(z))
+    return bce.mean(dim=1).sum() / t
+
+
+def stage2_loss(
+    step_hidden_TBSH: torch.Tensor,
+    gate_logits_BST: torch.Tensor,
+    labels_BS: torch.Tensor,
+    lm_head: torch.nn.Module,
+    objective: Objective,
+) -> LossOutput:
+    """Stage II objective on one batch; the per-step losses carry no gradient."""
+    h_TNH, z_NT, y_N = _select_targets(step_hidden_TBSH, gate_logits_BST, labels_BS)
+    t, n = h_TNH.shape[:2]
+    with torch.no_grad():
+        _, ce = lm_head(
+            h_TNH.reshape(t * n, -1),
+            targets=y_N.repeat(t),
+            token_weights=torch.zeros(t * n, device=h_TNH.device),
+            chunk_tokens=objective.chunk_tokens,
+        )
+    ce_TN = ce.view(t, n)
+    loss = stage2_gate_loss(ce_TN, z_NT, objective.gate_k, objective.gate_gamma)
+    return _stats(ce_TN, exit_log_pdf(z_NT), loss)

@@ -1,0 +1,374 @@
+"""The Ouro LoopLM: one decoder stack applied T times, read out after every step.
+
+Shape legend: T recurrent steps, B batch, S sequence, H hidden, V vocab, N heads,
+G key/value heads, D head dim, L layers.
+
+    h = embed(ids)
+    for step in 1..T:                       # the same layers every step
+        for layer in layers: h = layer(h)   # sandwich norms, attention, SwiGLU
+        h = norm(h)                         # the normed h is read out and feeds the next step
+        logits_t = lm_head(h); lambda_t = sigmoid(early_exit_gate(h))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from looplm.attention import (
+    AttentionLayout,
+    apply_rope,
+    attend,
+    document_ids,
+    resolve_attn_implementation,
+    rope_cos_sin,
+)
+from looplm.config import LoopLMConfig
+from looplm.losses import (
+    IGNORE_INDEX,
+    LossOutput,
+    Objective,
+    exit_log_pdf,
+    q_exit_steps,
+    stage1_loss,
+    stage2_loss,
+    weighted_lm_cross_entropy,
+)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32; returns ``weight * x_normed`` in the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LoopLMConfig, implementation: str):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.implementation = implementation
+        h, q, kv = (
+            config.hidden_size,
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        )
+        self.q_proj = nn.Linear(h, q, bias=False)
+        self.k_proj = nn.Linear(h, kv, bias=False)
+        self.v_proj = nn.Linear(h, kv, bias=False)
+        self.o_proj = nn.Linear(q, h, bias=False)
+
+    def forward(self, x_BSH, cos, sin, layout: AttentionLayout, cache_slot=None):
+        b, s, _ = x_BSH.shape
+        q = self.q_proj(x_BSH).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BSH).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BSH).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_slot is not None:
+            k, v = cache_slot(k, v)
+        out_BSND = attend(q, k, v, layout, self.implementation)
+        return self.o_proj(out_BSND.reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LoopLMConfig):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """A transformer block with Ouro's sandwich norms (four RMSNorms)."""
+
+    def __init__(self, config: LoopLMConfig, implementation: str):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = Attention(config, implementation)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.input_layernorm_2 = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm_2 = RMSNorm(config.hidden_size, eps)
+
+    def forward(self, h, cos, sin, layout, cache_slot=None):
+        h = h + self.input_layernorm_2(
+            self.self_attn(self.input_layernorm(h), cos, sin, layout, cache_slot)
+        )
+        return h + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(h)))
+
+
+class LMHead(nn.Linear):
+    """The output projection. Called with ``targets``, it returns the fused, chunked
+    cross-entropy instead of logits (see ``losses.weighted_lm_cross_entropy``); being a
+    module call, sharded-parameter hooks gather its weight either way."""
+
+    def forward(self, hidden, targets=None, token_weights=None, chunk_tokens=None):
+        if targets is None:
+            return super().forward(hidden)
+        return weighted_lm_cross_entropy(hidden, self.weight, targets, token_weights, chunk_tokens)
+
+
+@dataclass
+class LoopLMBodyOutput:
+    step_hidden: torch.Tensor  # [T, B, S, H] normed hidden state after each step
+    gate_logits: torch.Tensor  # [B, S, T] exit-gate logits z_t (lambda_t = sigmoid(z_t))
+
+
+class LoopLMModel(nn.Module):
+    """Embedding, the shared layer stack, the final norm and the exit gate."""
+
+    def __init__(self, config: LoopLMConfig, implementation: str):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, implementation) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.early_exit_gate = nn.Linear(config.hidden_size, 1, bias=True)
+        self.implementation = implementation
+        self.gradient_checkpointing = False
+
+    def forward(
+        self, input_ids_BS, position_ids_BS, num_steps: int, cache=None
+    ) -> LoopLMBodyOutput:
+        past = cache.seen_tokens if cache is not None else 0
+        packed = bool((document_ids(position_ids_BS)[:, -1] > 0).any())
+        if packed and cache is not None:
+            raise ValueError("packed sequences (restarting position_ids) cannot use a KV cache")
+        layout = AttentionLayout.build(position_ids_BS, past, packed, self.implementation)
+        h = self.embed_tokens(input_ids_BS)
+        cos, sin = rope_cos_sin(
+            position_ids_BS, self.config.head_dim, self.config.rope_theta, h.dtype
+        )
+        step_hidden, gate_logits = [], []
+        for step in range(num_steps):
+            for index, layer in enumerate(self.layers):
+                slot = cache.slot(step, index) if cache is not None else None
+                h = self._run_layer(layer, h, cos, sin, layout, slot)
+            h = self.norm(h)
+            step_hidden.append(h)
+            gate_logits.append(self.early_exit_gate(h).squeeze(-1))
+        if cache is not None:
+            cache.end_forward(input_ids_BS.shape[1])
+        return LoopLMBodyOutput(torch.stack(step_hidden), torch.stack(gate_logits, dim=-1))
+
+    def _run_layer(self, layer, h, cos, sin, layout, slot):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # Saves only the layer input per (step, layer); the rest is recomputed.
+            return checkpoint(layer, h, cos, sin, layout, slot, use_reentrant=False)
+        return layer(h, cos, sin, layout, slot)
+
+
+@dataclass
+class LoopLMOutput:
+    """What a forward returns; fields not asked for are None."""
+
+    logits: torch.Tensor | None = None  # [B, S, V] at the chosen exit step of each token
+    step_logits: torch.Tensor | None = None  # [T, B, S, V] (return_all_steps=True)
+    exit_pdf: torch.Tensor | None = None  # [B, S, T], sums to 1 over T
+    gate_logits: torch.Tensor | None = None  # [B, S, T]
+    exit_steps: torch.Tensor | None = None  # [B, S] 0-based step each token's logits come from
+    loss: torch.Tensor | None = None
+    loss_per_step: torch.Tensor | None = None  # [T]
+    exit_pdf_mean: torch.Tensor | None = None  # [T]
+    exit_entropy: torch.Tensor | None = None
+    num_tokens: int | None = None
+    past_key_values: object | None = None
+
+
+class LoopLMForCausalLM(nn.Module):
+    """A looped causal LM in Ouro's layout (``model.*`` body, untied ``lm_head``).
+
+    Load released or saved weights with ``from_pretrained(path)``; write them with
+    ``save_pretrained(path)``.
+    """
+
+    def __init__(self, config: LoopLMConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        self.attn_implementation = resolve_attn_implementation(attn_implementation)
+        self.model = LoopLMModel(config, self.attn_implementation)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal(0, std) linear and embedding weights, unit norms, zero gate bias."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each (step, layer) in the backward pass instead of storing its activations."""
+        self.model.gradient_checkpointing = enabled
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        num_steps: int | None = None,
+        return_all_steps: bool = False,
+        exit_at_step: int | None = None,
+        exit_threshold: float | None = None,
+        objective: Objective | None = None,
+        past_key_values=None,
+    ) -> LoopLMOutput:
+        """Runs the loop.
+
+        Args:
+            input_ids: [B, S] token ids.
+            position_ids: [B, S]; positions that restart mark packed documents, which never
+                attend to each other. Default: 0..S-1 (after any cached tokens).
+            labels: [B, S] targets already shifted (labels[:, i] follows position i),
+                -100 to ignore. With labels the objective's loss is computed and no logits are
+                materialized.
+            num_steps: recurrent steps for this call (default: config.total_ut_steps).
+            return_all_steps: also return ``step_logits`` [T, B, S, V].
+            exit_at_step: 1-based step whose logits form ``logits``.
+            exit_threshold: Q-exit threshold q for ``logits`` (default: the config's).
+            objective: the loss with labels (default: Stage I with beta 0.1).
+            past_key_values: a ``LoopKVCache`` for incremental decoding.
+        """
+        steps = self.config.total_ut_steps if num_steps is None else num_steps
+        past = past_key_values.seen_tokens if past_key_values is not None else 0
+        position_ids = self._check_inputs(
+            input_ids, position_ids, labels, steps, exit_at_step, past
+        )
+        body = self.model(input_ids, position_ids, steps, past_key_values)
+        out = LoopLMOutput(
+            exit_pdf=exit_log_pdf(body.gate_logits).exp(),
+            gate_logits=body.gate_logits,
+            past_key_values=past_key_values,
+        )
+        if labels is not None:
+            losses = self.loss(body, labels, objective or Objective())
+            out.loss, out.loss_per_step = losses.loss, losses.loss_per_step
+            out.exit_pdf_mean, out.exit_entropy = losses.exit_pdf_mean, losses.exit_entropy
+            out.num_tokens = losses.num_tokens
+            return out
+        if return_all_steps:
+            out.step_logits = self.lm_head(body.step_hidden)
+        out.exit_steps = self._exit_steps(body.gate_logits, exit_at_step, exit_threshold)
+        out.logits = self._logits_at(body.step_hidden, out.exit_steps, out.step_logits)
+        return out
+
+    def loss(
+        self, body: LoopLMBodyOutput, labels: torch.Tensor, objective: Objective
+    ) -> LossOutput:
+        fn = stage1_loss if objective.kind == "stage1" else stage2_loss
+        return fn(body.step_hidden, body.gate_logits, labels, self.lm_head, objective)
+
+    def _exit_steps(self, gate_logits_BST, exit_at_step, exit_threshold) -> torch.Tensor:
+        if exit_at_step is not None:
+            return torch.full(
+                gate_logits_BST.shape[:2], exit_at_step - 1, device=gate_logits_BST.device
+            )
+        q = self.config.early_exit_threshold if exit_threshold is None else exit_threshold
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"exit_threshold must lie in [0, 1], got {q}")
+        return q_exit_steps(gate_logits_BST, q)
+
+    def _logits_at(self, step_hidden_TBSH, exit_steps_BS, step_logits_TBSV=None) -> torch.Tensor:
+        index = exit_steps_BS[None, ..., None].long()
+        if step_logits_TBSV is not None:
+            index = index.expand(1, *step_logits_TBSV.shape[1:])
+            return step_logits_TBSV.gather(0, index)[0]
+        # The head is linear, so the logits of the selected hidden state are the selected logits.
+        chosen = step_hidden_TBSH.gather(0, index.expand(1, *step_hidden_TBSH.shape[1:]))[0]
+        return self.lm_head(chosen)
+
+    def _check_inputs(self, input_ids, position_ids, labels, steps, exit_at_step, past):
+        cfg = self.config
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} "
+                f"{tuple(input_ids.shape)}"
+            )
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size):
+            bad = input_ids[(input_ids < 0) | (input_ids >= cfg.vocab_size)][0].item()
+            raise ValueError(
+                f"input_ids holds token id {bad}, outside the vocabulary [0, {cfg.vocab_size})"
+            )
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {steps!r}")
+        if exit_at_step is not None and not 1 <= exit_at_step <= steps:
+            raise ValueError(f"exit_at_step must lie in [1, {steps}], got {exit_at_step}")
+        if position_ids is None:
+            position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+            position_ids = position_ids.expand_as(input_ids)
+        elif position_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"position_ids {tuple(position_ids.shape)} must have the shape of input_ids "
+                f"{tuple(input_ids.shape)}"
+            )
+        if position_ids.numel() and int(position_ids.max()) >= cfg.max_position_embeddings:
+            raise ValueError(
+                f"position {int(position_ids.max())} exceeds max_position_embeddings "
+                f"({cfg.max_position_embeddings})"
+            )
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
+                )
+            bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= cfg.vocab_size))
+            if bad.any():
+                raise ValueError(f"labels hold id {labels[bad][0].item()}, outside the vocabulary")
+        return position_ids
+
+    # ---- persistence (looplm.checkpoint holds the format) -------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, attn_implementation: str = "sdpa", device=None):
+        """Loads an Ouro-format directory (config.json + safetensors, sharded or not) or a hub id.
+
+        ``dtype``: a torch dtype, "auto" (the checkpoint's torch_dtype) or None (float32).
+        """
+        from looplm.checkpoint import load_pretrained
+
+        return load_pretrained(
+            cls, path, dtype=dtype, attn_implementation=attn_implementation, device=device
+        )
+
+    def save_pretrained(self, path, max_shard_size: int | str = "5GB", dtype=None) -> None:
+        """Writes config.json, generation_config.json and safetensors weights in Ouro's format."""
+        from looplm.checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Decodes with a KV cache; see ``looplm.generation.generate`` for the options."""
+        from looplm.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # a tied head is counted once
