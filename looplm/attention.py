@@ -146,7 +146,7 @@ def attend(
 def _eager(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout
 ) -> torch.Tensor:
-    """Reference attention: explicit scores, float32 softmax."""
+    """Reference attention: explicit scores, softmax in float32 (or float64)."""
     s, kl = q.shape[2], k.shape[2]
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     mask = layout.mask
@@ -154,7 +154,8 @@ def _eager(
         q_pos = torch.arange(s, device=q.device)[:, None] + (kl - s)
         mask = torch.arange(kl, device=q.device)[None, :] <= q_pos
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    accumulation = torch.promote_types(q.dtype, torch.float32)
+    probs = torch.softmax(scores.to(accumulation), dim=-1).to(q.dtype)
     return probs @ v
 
 

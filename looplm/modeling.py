@@ -41,7 +41,7 @@ from looplm.losses import (
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32; returns ``weight * x_normed`` in the input dtype."""
+    """RMSNorm computed in float32 (or float64); returns ``weight * x_normed`` in the input dtype."""
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -49,7 +49,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
@@ -262,7 +262,8 @@ class LoopLMForCausalLM(nn.Module):
         position_ids = self._check_inputs(
             input_ids, position_ids, labels, steps, exit_at_step, past
         )
-        body = self.model(input_ids, position_ids, steps, past_key_values)
+        frozen_body = labels is not None and objective is not None and objective.kind == "stage2"
+        body = self._body(input_ids, position_ids, steps, past_key_values, frozen_body)
         out = LoopLMOutput(
             exit_pdf=exit_log_pdf(body.gate_logits).exp(),
             gate_logits=body.gate_logits,
@@ -279,6 +280,16 @@ class LoopLMForCausalLM(nn.Module):
         out.exit_steps = self._exit_steps(body.gate_logits, exit_at_step, exit_threshold)
         out.logits = self._logits_at(body.step_hidden, out.exit_steps, out.step_logits)
         return out
+
+    def _body(self, input_ids, position_ids, steps, cache, frozen: bool) -> LoopLMBodyOutput:
+        """The loop; ``frozen`` (Stage II) runs it without gradients and re-reads only the gate
+        from the detached hidden states, so nothing but the gate can change."""
+        if not frozen:
+            return self.model(input_ids, position_ids, steps, cache)
+        with torch.no_grad():
+            body = self.model(input_ids, position_ids, steps, cache)
+        gate_logits_BST = self.model.early_exit_gate(body.step_hidden).squeeze(-1).permute(1, 2, 0)
+        return LoopLMBodyOutput(body.step_hidden, gate_logits_BST)
 
     def loss(
         self, body: LoopLMBodyOutput, labels: torch.Tensor, objective: Objective

@@ -1,0 +1,162 @@
+"""PNG charts of a run from its `metrics.jsonl` (one JSON object per optimizer step).
+
+`plot_run` writes four charts into `RUN_DIR/plots/`:
+
+- `loss.png`: the training loss and the loss when exiting at each recurrent step;
+- `exit_distribution.png`: the mean exit distribution over recurrent steps, stacked;
+- `optimization.png`: learning rate, gradient norm (skipped steps marked) and exit entropy;
+- `throughput.png`: tokens per second and, when the job measured it, MFU.
+
+The number of recurrent steps T may change during a run: a step missing from a record has
+no loss (a gap in its line) and exit probability 0. Figures are drawn on matplotlib's Agg
+canvas without pyplot, so a training job can call `plot_run` whatever backend it uses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+REQUIRED_KEYS = ("step", "loss", "loss_per_step", "exit_pdf_mean")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a `metrics.jsonl`, in file order.
+
+    Raises FileNotFoundError for a missing file and ValueError for an empty one, a line that
+    is not JSON, or a record lacking one of `REQUIRED_KEYS`. A last line without its newline
+    is still being written and is ignored.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path}")
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()
+    records = [
+        _parse_line(path, number, line) for number, line in enumerate(lines, 1) if line.strip()
+    ]
+    if not records:
+        raise ValueError(f"{path} holds no records")
+    return records
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Draw the charts of the run in `run_dir` into `out_dir` (default `run_dir/plots`) and
+    return the paths of the PNG files written."""
+    records = read_metrics(Path(run_dir) / "metrics.jsonl")
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    steps = _series(records, "step")
+    charts: dict[str, Callable[[Figure, np.ndarray, list[dict]], None]] = {
+        "loss": _draw_loss,
+        "exit_distribution": _draw_exit_distribution,
+        "optimization": _draw_optimization,
+        "throughput": _draw_throughput,
+    }
+    written = []
+    for name, draw in charts.items():
+        figure = Figure(figsize=(9, 6), layout="constrained")
+        FigureCanvasAgg(figure)
+        draw(figure, steps, records)
+        path = out / f"{name}.png"
+        figure.savefig(path, dpi=110)
+        written.append(path)
+    return written
+
+
+def _parse_line(path: Path, number: int, line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+    missing = [key for key in REQUIRED_KEYS if not isinstance(record, dict) or key not in record]
+    if missing:
+        raise ValueError(f"{path}:{number}: the record lacks {missing}")
+    return record
+
+
+def _series(records: list[dict], key: str) -> np.ndarray:
+    """One value per record; absent or null values are NaN."""
+    return np.array([_number(record.get(key)) for record in records], dtype=float)
+
+
+def _matrix(records: list[dict], key: str, fill: float) -> np.ndarray:
+    """[records, max T] from per-record lists of varying length, padded with `fill`."""
+    width = max(len(record[key]) for record in records)
+    matrix = np.full((len(records), width), fill)
+    for row, record in enumerate(records):
+        matrix[row, : len(record[key])] = [_number(value) for value in record[key]]
+    return matrix
+
+
+def _number(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _step_colors(count: int) -> list:
+    """Recurrent step t gets the same colour in every chart."""
+    colormap = colormaps["viridis"]
+    return [colormap(index / max(count - 1, 1)) for index in range(count)]
+
+
+def _draw_loss(figure: Figure, steps: np.ndarray, records: list[dict]) -> None:
+    axes = figure.subplots()
+    per_step = _matrix(records, "loss_per_step", math.nan)
+    for index, color in enumerate(_step_colors(per_step.shape[1])):
+        axes.plot(steps, per_step[:, index], color=color, lw=1, label=f"exit at step {index + 1}")
+    axes.plot(steps, _series(records, "loss"), color="black", lw=1.5, label="training loss")
+    axes.set(title="Loss per recurrent step", xlabel="optimizer step", ylabel="loss")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+
+
+def _draw_exit_distribution(figure: Figure, steps: np.ndarray, records: list[dict]) -> None:
+    axes = figure.subplots()
+    pdf = np.nan_to_num(_matrix(records, "exit_pdf_mean", 0.0))
+    colors = _step_colors(pdf.shape[1])
+    labels = [f"step {index + 1}" for index in range(pdf.shape[1])]
+    axes.stackplot(steps, pdf.T, colors=colors, labels=labels, alpha=0.9)
+    axes.set(title="Mean exit distribution", xlabel="optimizer step", ylabel="probability")
+    axes.set_ylim(0, 1)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small", reverse=True)
+
+
+def _draw_optimization(figure: Figure, steps: np.ndarray, records: list[dict]) -> None:
+    lr_axes, norm_axes, entropy_axes = figure.subplots(3, 1, sharex=True)
+    lr_axes.plot(steps, _series(records, "lr"), color="tab:blue")
+    lr_axes.set(title="Optimization", ylabel="learning rate")
+    lr_axes.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    grad_norm = _series(records, "grad_norm")
+    norm_axes.plot(steps, grad_norm, color="tab:orange", lw=1)
+    skipped = np.array([bool(record.get("skipped")) for record in records])
+    if skipped.any():
+        norm_axes.plot(steps[skipped], grad_norm[skipped], "rx", label="skipped step")
+        norm_axes.legend(fontsize="small")
+    norm_axes.set(ylabel="gradient norm")
+    entropy_axes.plot(steps, _series(records, "exit_entropy"), color="tab:green")
+    entropy_axes.set(ylabel="exit entropy (nats)", xlabel="optimizer step")
+    for axes in (lr_axes, norm_axes, entropy_axes):
+        axes.grid(alpha=0.3)
+
+
+def _draw_throughput(figure: Figure, steps: np.ndarray, records: list[dict]) -> None:
+    mfu = _series(records, "mfu")
+    has_mfu = not np.isnan(mfu).all()
+    rows = figure.subplots(2 if has_mfu else 1, 1, sharex=True, squeeze=False)[:, 0]
+    rows[0].plot(steps, _series(records, "tokens_per_s"), color="tab:purple")
+    rows[0].set(title="Throughput", ylabel="tokens / s")
+    if has_mfu:
+        rows[1].plot(steps, 100 * mfu, color="tab:red")
+        rows[1].set(ylabel="MFU (%)")
+    rows[-1].set(xlabel="optimizer step")
+    for axes in rows:
+        axes.grid(alpha=0.3)
