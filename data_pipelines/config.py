@@ -1,0 +1,166 @@
+"""Config schemas of the `data` group and their validation.
+
+`DataConfig` is registered in Hydra's ConfigStore as `data/schema`; a YAML file under
+`configs/data/` starts with `defaults: [schema, _self_]` so that a typo'd key or a wrong type
+fails at compose time. `validate_data_config` runs the cross-field and filesystem checks
+before any process or worker starts and reports every problem at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from data_pipelines.shards import FORMATS, ShardResolutionError, resolve_shards
+from data_pipelines.tokenizer import tokenizer_problem
+
+KINDS = ("pretrain", "sft")
+BAD_INPUT_POLICIES = ("skip", "error")
+TEXT_SPLITS = ("file", "paragraph", "line")
+
+
+@dataclass
+class SourceConfig:
+    """One data source of a mixture."""
+
+    name: str = "???"
+    """Unique name; mixture weights given to `set_stage` refer to it."""
+    paths: list[str] = field(default_factory=list)
+    """Local files, globs or directories; http(s)/s3 URLs; `hf://datasets/<id>/<glob>`;
+    `stdlib://` (the Python standard library's sources); `synthetic://<task>?k=v`."""
+    format: str = "auto"
+    """jsonl, json.gz, json.zst, parquet, arrow, text, tokens (pre-tokenized shards), or
+    auto (from each file's suffix)."""
+    text_field: str = "text"
+    """Record field holding a pre-training document."""
+    messages_field: str = "messages"
+    """Record field holding an SFT conversation: a list of {role, content} messages."""
+    weight: float = 1.0
+    """Mixture weight; weights are normalised over the sources."""
+    text_split: str = "paragraph"
+    """How plain text files become documents: one per file, per blank-line-separated
+    paragraph, or per line."""
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how they become batches."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    """The mixture's sources."""
+    kind: str = "pretrain"
+    """pretrain: plain documents, every next token is a target. sft: ChatML conversations,
+    only assistant tokens are targets."""
+    tokenizer: str = "embedded"
+    """Path to a tokenizer.json, `embedded` (the tokenizer shipped in this package) or a hub
+    name (needs network access)."""
+    eos_token: str = "<|endoftext|>"
+    """Token appended to every document."""
+    seq_len: int = 2048
+    """Tokens per packed sequence; `set_stage` may change it at a stage boundary."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank (0: read in the training process)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+    seed: int = 0
+    """Seeds the shard order, the document shuffle and the mixture draws."""
+    shuffle: bool = True
+    """Shuffle shards per epoch and documents within a window."""
+    shuffle_window: int = 1024
+    """Documents tokenized together and, with `shuffle`, permuted together. The window is
+    re-read on resume, so the shuffle state is just a position."""
+    window_tokens: int = 1_000_000
+    """A window also ends at the document that brings it to this many tokens, which bounds
+    memory and resume time for long documents."""
+    on_bad_input: str = "skip"
+    """skip: count, log with file and line, go on. error: raise at the first bad record."""
+    allow_source_change: bool = False
+    """Accept a resume state whose sources or files differ from the current ones."""
+    cache_dir: str = "~/.cache/looplm"
+    """Where generated synthetic sources are written."""
+    max_retries: int = 5
+    """Attempts at a remote read before giving up."""
+    retry_backoff_s: float = 1.0
+    """First wait between remote read attempts; doubles after each failure."""
+
+
+def validate_data_config(cfg: DataConfig) -> list[str]:
+    """Return every problem of `cfg` (empty when it is usable) without reading any data.
+
+    Checks field values, that every local path exists and matches files of a known format,
+    and that the tokenizer can be found.
+    """
+    problems = _field_problems(cfg)
+    names = [source.name for source in cfg.sources]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        problems.append(f"data.sources: duplicate names {duplicates}")
+    for index, source in enumerate(cfg.sources):
+        problems += _source_problems(source, f"data.sources[{index}] ({source.name})", cfg)
+    if cfg.sources and sum(max(source.weight, 0.0) for source in cfg.sources) <= 0:
+        problems.append("data.sources: the weights sum to zero")
+    problem = tokenizer_problem(cfg.tokenizer)
+    if problem:
+        problems.append(f"data.tokenizer: {problem}")
+    return problems
+
+
+def _field_problems(cfg: DataConfig) -> list[str]:
+    checks = [
+        (not cfg.sources, "data.sources: at least one source is needed"),
+        (cfg.kind not in KINDS, f"data.kind: {cfg.kind!r} is not one of {KINDS}"),
+        (cfg.seq_len < 1, f"data.seq_len: must be positive, got {cfg.seq_len}"),
+        (cfg.num_workers < 0, f"data.num_workers: must be >= 0, got {cfg.num_workers}"),
+        (cfg.prefetch_factor < 1, f"data.prefetch_factor: must be >= 1, got {cfg.prefetch_factor}"),
+        (cfg.shuffle_window < 1, f"data.shuffle_window: must be >= 1, got {cfg.shuffle_window}"),
+        (cfg.window_tokens < 1, f"data.window_tokens: must be >= 1, got {cfg.window_tokens}"),
+        (cfg.max_retries < 1, f"data.max_retries: must be >= 1, got {cfg.max_retries}"),
+        (
+            cfg.on_bad_input not in BAD_INPUT_POLICIES,
+            f"data.on_bad_input: {cfg.on_bad_input!r} is not one of {BAD_INPUT_POLICIES}",
+        ),
+    ]
+    return [message for failed, message in checks if failed]
+
+
+def _source_problems(source: SourceConfig, where: str, cfg: DataConfig) -> list[str]:
+    problems = []
+    if source.name in ("", "???"):
+        problems.append(f"{where}: a name is needed")
+    if source.format not in FORMATS:
+        problems.append(f"{where}: unknown format {source.format!r}; known: {FORMATS}")
+    if source.weight < 0:
+        problems.append(f"{where}: weight must be >= 0, got {source.weight}")
+    if source.text_split not in TEXT_SPLITS:
+        problems.append(f"{where}: text_split {source.text_split!r} is not one of {TEXT_SPLITS}")
+    if not source.paths:
+        problems.append(f"{where}: no paths")
+    if source.format == "tokens" and cfg.kind == "sft":
+        problems.append(f"{where}: pre-tokenized shards carry no SFT masks; use kind=pretrain")
+    if source.format in FORMATS and source.paths:
+        try:
+            resolve_shards(source, cfg.cache_dir, check_only=True)
+        except ShardResolutionError as error:
+            problems += [f"{where}: {message}" for message in error.problems]
+    return problems
+
+
+def load_data_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> DataConfig:
+    """A `DataConfig` from a YAML file of the `data` group plus `key=value` overrides, for
+    scripts that run outside a Hydra job (the file's `defaults` list is ignored)."""
+    raw = OmegaConf.load(path)
+    raw.pop("defaults", None)
+    schema = OmegaConf.structured(DataConfig)
+    return OmegaConf.to_object(
+        OmegaConf.merge(schema, raw, OmegaConf.from_dotlist(list(overrides)))
+    )
+
+
+def register_configs() -> None:
+    """Register the `data` group's schema with Hydra's ConfigStore."""
+    ConfigStore.instance().store(group="data", name="schema", node=DataConfig)
+
+
+register_configs()

@@ -1,0 +1,253 @@
+"""The training loader: micro-batches per rank, with an exact, small resume state.
+
+Each rank runs `num_workers` DataLoader workers (or reads in-process with 0); worker `w` of
+rank `r` is slot `r * num_workers + w`. A worker yields every batch together with its own
+state after that batch; the DataLoader serves workers round-robin in order, and this loader
+keeps the latest state of each worker and which worker is next. Restoring starts the
+workers from those states, rotated so that the worker that was next comes first: the
+resumed run yields exactly the batches the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipelines.config import DataConfig, validate_data_config
+from data_pipelines.encoding import DocumentEncoder
+from data_pipelines.mixing import BATCH_KEYS, MixtureStream, SlotState, Stage
+from data_pipelines.shards import Shard, fingerprint, resolve_shards
+from data_pipelines.stream import Slot
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+def build_data_loader(
+    cfg: DataConfig, *, rank: int, world_size: int, micro_batch_size: int
+) -> PackedDataLoader:
+    """The loader of `rank` among `world_size`, yielding [micro_batch_size, seq_len] batches.
+
+    Raises ValueError listing every problem of `cfg` before reading anything.
+    """
+    problems = validate_data_config(cfg)
+    if not 0 <= rank < world_size:
+        problems.append(f"rank {rank} is outside world size {world_size}")
+    if micro_batch_size < 1:
+        problems.append(f"micro_batch_size must be positive, got {micro_batch_size}")
+    if problems:
+        raise ValueError("invalid data config:\n  " + "\n  ".join(problems))
+    shards = {source.name: resolve_shards(source, cfg.cache_dir) for source in cfg.sources}
+    return PackedDataLoader(cfg, shards, rank, world_size, micro_batch_size)
+
+
+class PackedDataLoader:
+    """Iterates micro-batches (dicts of int64 tensors `input_ids`, `labels`, `position_ids`,
+    each [micro_batch_size, seq_len]) without end; see `state_dict` and `set_stage`.
+
+    Use one iterator at a time: each `iter()` starts the workers from the current state.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        shards: dict[str, list[Shard]],
+        rank: int,
+        world_size: int,
+        micro_batch_size: int,
+    ):
+        self.cfg, self.shards = cfg, shards
+        self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
+        self.num_slots_per_rank = max(cfg.num_workers, 1)
+        self.stage = Stage(0, {source.name: source.weight for source in cfg.sources}, cfg.seq_len)
+        self.worker_states = [SlotState() for _ in range(self.num_slots_per_rank)]
+        self.next_worker = 0
+        self.fingerprints = {name: fingerprint(files) for name, files in shards.items()}
+        self._generation = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            generation = self._generation
+            for worker, batch, state in self._worker_batches():
+                self.worker_states[worker] = SlotState(**state)
+                self.next_worker = (worker + 1) % self.num_slots_per_rank
+                stacked = torch.from_numpy(batch)
+                yield {key: stacked[index] for index, key in enumerate(BATCH_KEYS)}
+                if generation != self._generation:
+                    break
+
+    def set_stage(
+        self, weights: dict[str, float] | None = None, seq_len: int | None = None
+    ) -> None:
+        """Switch the mixture and/or the sequence length from the next batch on.
+
+        `weights` maps source names to weights (renormalised); sources it leaves out get
+        weight 0. Positions in every source are kept, so no document is skipped or repeated.
+        Setting the stage already in force changes nothing, so a resumed job may re-apply
+        its curriculum's current stage after `load_state_dict`.
+        """
+        new_weights = dict(self.stage.weights) if weights is None else dict(weights)
+        problems = []
+        unknown = sorted(set(new_weights) - set(self.shards))
+        if unknown:
+            problems.append(f"unknown sources {unknown}; known: {sorted(self.shards)}")
+        if any(weight < 0 for weight in new_weights.values()) or sum(new_weights.values()) <= 0:
+            problems.append(f"weights must be >= 0 with a positive sum, got {new_weights}")
+        if seq_len is not None and seq_len < 1:
+            problems.append(f"seq_len must be positive, got {seq_len}")
+        if problems:
+            raise ValueError("set_stage: " + "; ".join(problems))
+        full_weights = {name: float(new_weights.get(name, 0.0)) for name in self.shards}
+        new_seq_len = seq_len or self.stage.seq_len
+        if full_weights == self.stage.weights and new_seq_len == self.stage.seq_len:
+            return
+        self.stage = Stage(self.stage.index + 1, full_weights, new_seq_len)
+        for state in self.worker_states:
+            state.samples = 0
+        self._generation += 1
+
+    def state_dict(self) -> dict:
+        """This rank's loader state: plain ints, strings and dicts (JSON- and pickle-safe)."""
+        return {
+            "version": STATE_VERSION,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.cfg.num_workers,
+            "fingerprints": dict(self.fingerprints),
+            "stage": asdict(self.stage),
+            "next_worker": self.next_worker,
+            "workers": [state.to_dict() for state in self.worker_states],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where `state` (from `state_dict`) was taken.
+
+        A different layout (rank, world size, workers) is an error; changed sources or files
+        are an error unless `allow_source_change`, in which case changed sources restart.
+        """
+        layout = ("version", "rank", "world_size", "num_workers")
+        expected = self.state_dict()
+        mismatched = [
+            f"{key}: saved {state[key]}, now {expected[key]}"
+            for key in layout
+            if state[key] != expected[key]
+        ]
+        if mismatched:
+            raise ValueError(
+                "the data loader state does not fit this run: " + "; ".join(mismatched)
+            )
+        changed = self._changed_sources(state["fingerprints"])
+        workers = [SlotState(**worker) for worker in state["workers"]]
+        stage = Stage(**state["stage"])
+        for name in changed:
+            for worker in workers:
+                worker.packers.pop(name, None)
+        configured = {source.name: source.weight for source in self.cfg.sources}
+        stage.weights = {name: stage.weights.get(name, configured[name]) for name in self.shards}
+        self.stage, self.worker_states = stage, workers
+        self.next_worker = state["next_worker"]
+        self._generation += 1
+
+    def bad_input_counts(self) -> dict[str, int]:
+        """Bad records skipped so far on this rank, by kind."""
+        total: Counter = Counter()
+        for state in self.worker_states:
+            total.update(state.bad_input)
+        return dict(total)
+
+    def _changed_sources(self, saved: dict[str, str]) -> list[str]:
+        changed = sorted(
+            name
+            for name in set(saved) | set(self.fingerprints)
+            if saved.get(name) != self.fingerprints.get(name)
+        )
+        if not changed:
+            return []
+        detail = ", ".join(_describe_change(name, saved, self.fingerprints) for name in changed)
+        if not self.cfg.allow_source_change:
+            raise ValueError(
+                f"the data sources changed since the state was saved: {detail}; "
+                "set data.allow_source_change=true to resume anyway"
+            )
+        logger.warning(
+            "resuming with changed data sources (%s); they restart from their beginning", detail
+        )
+        return changed
+
+    def _worker_batches(self) -> Iterator[tuple[int, np.ndarray, dict]]:
+        dataset = _SlotDataset(self, rotation=self.next_worker)
+        if self.cfg.num_workers == 0:
+            return iter(dataset)
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.cfg.num_workers,
+            prefetch_factor=self.cfg.prefetch_factor,
+            collate_fn=_unchanged,
+            worker_init_fn=_leave_signals_to_the_trainer,
+        )
+        return iter(loader)
+
+
+# How long a worker keeps serving after SIGTERM before it exits quietly.
+SIGTERM_GRACE_S = 60
+
+
+def _leave_signals_to_the_trainer(_worker_id: int) -> None:
+    """A cluster's preemption signals every process of the job; the training process must
+    be the one that finishes its step, saves and then ends its workers. So workers ignore
+    SIGINT, and on SIGTERM go on serving for SIGTERM_GRACE_S seconds before exiting quietly
+    (never hanging a shutdown that could not reach them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_after_grace)
+
+
+def _exit_after_grace(_signum, _frame) -> None:
+    signal.signal(signal.SIGALRM, lambda *_: os._exit(0))
+    signal.alarm(SIGTERM_GRACE_S)
+
+
+class _SlotDataset(IterableDataset):
+    """What one worker process runs: its slot's mixture stream, batch after batch."""
+
+    def __init__(self, loader: PackedDataLoader, rotation: int):
+        self.cfg, self.shards = loader.cfg, loader.shards
+        self.rank, self.world_size = loader.rank, loader.world_size
+        self.per_rank, self.micro_batch_size = loader.num_slots_per_rank, loader.micro_batch_size
+        self.stage = loader.stage
+        self.states = [state.to_dict() for state in loader.worker_states]
+        self.rotation = rotation
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray, dict]]:
+        info = get_worker_info()
+        if info is not None:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        worker = ((info.id if info else 0) + self.rotation) % self.per_rank
+        slot = Slot(self.rank * self.per_rank + worker, self.world_size * self.per_rank)
+        encoder = DocumentEncoder(self.cfg.tokenizer, self.cfg.kind, self.cfg.eos_token)
+        state = SlotState(**self.states[worker])
+        mixture = MixtureStream(self.cfg, self.shards, slot, self.stage, state, encoder)
+        while True:
+            batch = mixture.next_batch(self.micro_batch_size)
+            yield worker, batch, mixture.state().to_dict()
+
+
+def _describe_change(name: str, saved: dict[str, str], current: dict[str, str]) -> str:
+    if name not in saved:
+        return f"{name} (added)"
+    if name not in current:
+        return f"{name} (removed)"
+    return f"{name} (files changed)"
+
+
+def _unchanged(item):
+    return item

@@ -1,0 +1,283 @@
+"""One source's documents for one slot: epochs, shard order, windows, shuffle, position.
+
+The stream reads its slot's pieces (see `shards.epoch_pieces`) a *window* at a time: up to
+`shuffle_window` usable documents (fewer once they reach `window_tokens` tokens) read and
+tokenized together, then, with shuffling,
+permuted by a generator seeded by the window's place. The window's documents are laid end
+to end with their labels and positions computed at once, so packing is plain slicing. The
+resume position is three integers (epoch, piece, window start record), plus the packer's
+cursor in the window: restoring re-reads and re-permutes that one window, which is what
+makes the shuffle exact.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from data_pipelines.config import DataConfig, SourceConfig
+from data_pipelines.encoding import Document, DocumentEncoder
+from data_pipelines.readers import BadInputLog, ReadOptions, parse_record, read_raw
+from data_pipelines.shards import Piece, Shard, epoch_pieces
+from data_pipelines.tokenized import read_token_window
+
+IGNORE_INDEX = -100
+_TOKENIZE_BATCH = 64
+
+
+@dataclass
+class StreamPosition:
+    """Which window a source stream is on; small and JSON-serialisable via `asdict`."""
+
+    epoch: int = 0
+    piece: int = 0
+    window_start: int = 0
+    """Record index in the shard where the window starts."""
+
+
+@dataclass
+class Window:
+    """A window's documents laid end to end, with what packing needs per token."""
+
+    tokens: np.ndarray
+    labels: np.ndarray
+    """The next token of the same document where it is a target, else IGNORE_INDEX."""
+    positions: np.ndarray
+    """Position of each token in its document."""
+    end: int | None
+    """Record index after the window; None when the shard has nothing after it."""
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def make_window(
+    tokens: np.ndarray, lengths: np.ndarray, targets: np.ndarray | None, end: int | None
+) -> Window:
+    """Labels and in-document positions for documents laid end to end (all vectorised)."""
+    tokens = tokens.astype(np.int64)
+    ends = np.cumsum(lengths)
+    positions = np.arange(len(tokens)) - np.repeat(ends - lengths, lengths)
+    labels = np.empty_like(tokens)
+    labels[:-1] = tokens[1:]
+    if targets is not None:
+        labels[:-1][~targets[1:]] = IGNORE_INDEX
+    labels[ends - 1] = IGNORE_INDEX
+    return Window(tokens, labels, positions, end)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One (rank, worker) reader among all of them."""
+
+    index: int
+    count: int
+
+
+class SourceStream:
+    """Endless windows of one source for one slot, resumable from a `StreamPosition`."""
+
+    def __init__(
+        self,
+        source: SourceConfig,
+        shards: list[Shard],
+        slot: Slot,
+        cfg: DataConfig,
+        encoder: DocumentEncoder,
+        log: BadInputLog,
+        position: StreamPosition | None = None,
+    ):
+        self.source, self.shards, self.slot, self.cfg = source, shards, slot, cfg
+        self.encoder, self.log = encoder, log
+        self.options = ReadOptions(
+            source.text_field if cfg.kind == "pretrain" else source.messages_field,
+            source.text_split,
+            cfg.max_retries,
+            cfg.retry_backoff_s,
+        )
+        self.position = position or StreamPosition()
+        self._epoch_pieces: tuple[int, list[Piece]] = (-1, [])
+        # A window re-read on resume was already counted before the state was saved.
+        self.window = self._load_window(
+            BadInputLog(cfg.on_bad_input, muted=True) if position else log
+        )
+
+    def next_window(self) -> Window:
+        """Move to the next non-empty window, through shards and epochs as needed."""
+        empty = 0
+        while True:
+            if self.window.end is None:
+                self._next_piece()
+            else:
+                self.position.window_start = self.window.end
+            self.window = self._load_window(self.log)
+            if len(self.window):
+                return self.window
+            empty += 1
+            if empty > len(self._pieces()):
+                raise ValueError(
+                    f"source {self.source.name!r} has no usable documents for slot "
+                    f"{self.slot.index} of {self.slot.count} in a whole epoch"
+                )
+
+    def _next_piece(self) -> None:
+        position = self.position
+        position.piece += 1
+        if position.piece >= len(self._pieces()):
+            position.epoch, position.piece = position.epoch + 1, 0
+        position.window_start = 0
+
+    def _pieces(self) -> list[Piece]:
+        if self._epoch_pieces[0] != self.position.epoch:
+            self._epoch_pieces = (self.position.epoch, self._compute_pieces())
+        return self._epoch_pieces[1]
+
+    def _compute_pieces(self) -> list[Piece]:
+        return epoch_pieces(
+            len(self.shards),
+            slot=self.slot.index,
+            num_slots=self.slot.count,
+            epoch=self.position.epoch,
+            seed=self.cfg.seed,
+            name=self.source.name,
+            shuffle=self.cfg.shuffle,
+        )
+
+    def _load_window(self, log: BadInputLog) -> Window:
+        """Read, tokenize and (with shuffling) permute the window at the current position."""
+        piece = self._pieces()[self.position.piece]
+        shard = self.shards[piece.shard]
+        start = self.position.window_start
+        if shard.format == "tokens":
+            limits = (self.cfg.shuffle_window, self.cfg.window_tokens)
+            tokens, lengths, end = read_token_window(
+                shard, start, piece.offset, piece.stride, *limits
+            )
+            order = self._order(piece.shard, len(lengths))
+            if order is not None:
+                tokens, lengths = _reorder(tokens, lengths, order)
+            return make_window(tokens, lengths, None, end)
+        documents, end = self._read_documents(shard, start, piece, log)
+        order = self._order(piece.shard, len(documents))
+        if order is not None:
+            documents = [documents[i] for i in order]
+        return _window_of(documents, end)
+
+    def _read_documents(self, shard: Shard, start: int, piece: Piece, log: BadInputLog):
+        """The window's documents from record `start` on, and the record index after the last
+        one (None when the shard ended before the window filled).
+
+        Records are tokenized `_TOKENIZE_BATCH` at a time, so reading may run past the
+        window's end; bad records found there are left for the next window to report.
+        """
+        builder = _WindowBuilder(self.cfg.shuffle_window, self.cfg.window_tokens)
+        deferred = _DeferredLog(log)
+        batch: list[tuple[int, object]] = []
+        for record in read_raw(shard, start, self.options, deferred):
+            deferred.index = record.index
+            if record.index % piece.stride != piece.offset:
+                continue
+            payload = parse_record(record, shard, self.options, self.cfg.kind, deferred)
+            if payload is not None:
+                batch.append((record.index, payload))
+            if len(batch) == builder.batch_size():
+                builder.add(batch, self.encoder)
+                batch = []
+                if builder.full():
+                    break
+        if batch:
+            builder.add(batch, self.encoder)
+        end = builder.indices[-1] + 1 if builder.full() else None
+        deferred.commit(end)
+        return builder.documents, end
+
+    def _order(self, shard: int, count: int) -> np.ndarray | None:
+        if not self.cfg.shuffle or count < 2:
+            return None
+        name = zlib.crc32(self.source.name.encode())
+        seed = [
+            self.cfg.seed,
+            name,
+            self.position.epoch,
+            shard,
+            self.position.window_start,
+            self.slot.index,
+        ]
+        return np.random.default_rng(seed).permutation(count)
+
+
+class _WindowBuilder:
+    """Collects documents until `size` of them or `max_tokens` tokens (the document that
+    reaches the limit included), the same rule as `read_token_window`."""
+
+    def __init__(self, size: int, max_tokens: int):
+        self.size, self.max_tokens = size, max_tokens
+        self.documents: list[Document] = []
+        self.indices: list[int] = []
+        self.tokens = 0
+
+    def batch_size(self) -> int:
+        """Documents to tokenize next: enough to fill the window at the mean length so far,
+        so that little is tokenized past the window's end."""
+        room = self.size - len(self.documents)
+        if not self.documents:
+            return min(_TOKENIZE_BATCH, room)
+        mean = self.tokens / len(self.documents)
+        return max(1, min(_TOKENIZE_BATCH, room, math.ceil((self.max_tokens - self.tokens) / mean)))
+
+    def full(self) -> bool:
+        return len(self.documents) == self.size or self.tokens >= self.max_tokens
+
+    def add(self, batch: list[tuple[int, object]], encoder: DocumentEncoder) -> None:
+        documents = encoder.encode([payload for _, payload in batch])
+        for (index, _), document in zip(batch, documents, strict=True):
+            if self.full():
+                return
+            self.documents.append(document)
+            self.indices.append(index)
+            self.tokens += len(document.tokens)
+
+
+class _DeferredLog:
+    """Holds bad-record reports until the window's end is known (the error policy still
+    raises at once)."""
+
+    def __init__(self, log: BadInputLog):
+        self.log, self.index = log, 0
+        self.reports: list[tuple[int, str, str, str]] = []
+
+    def report(self, kind: str, where: str, detail: str) -> None:
+        if self.log.policy == "error":
+            self.log.report(kind, where, detail)
+        self.reports.append((self.index, kind, where, detail))
+
+    def commit(self, end: int | None) -> None:
+        """Pass on the reports of records before `end` (all of them when None)."""
+        for index, kind, where, detail in self.reports:
+            if end is None or index < end:
+                self.log.report(kind, where, detail)
+
+
+def _window_of(documents: list[Document], end: int | None) -> Window:
+    if not documents:
+        return make_window(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), None, end)
+    lengths = np.array([len(document.tokens) for document in documents])
+    tokens = np.concatenate([document.tokens for document in documents])
+    targets = None
+    if documents[0].targets is not None:
+        targets = np.concatenate([document.targets for document in documents])
+    return make_window(tokens, lengths, targets, end)
+
+
+def _reorder(
+    tokens: np.ndarray, lengths: np.ndarray, order: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Documents laid end to end, rearranged into `order`, without a Python loop."""
+    starts = np.cumsum(lengths) - lengths
+    new_lengths = lengths[order]
+    new_starts = np.cumsum(new_lengths) - new_lengths
+    gather = np.arange(new_lengths.sum()) + np.repeat(starts[order] - new_starts, new_lengths)
+    return tokens[gather], new_lengths

@@ -1,0 +1,186 @@
+"""Synthetic reasoning corpora in the spirit of the Ouro paper's small-scale studies.
+
+Three tasks, each deterministic given its seed:
+
+- `multi_hop`: a random knowledge base of people and relations; documents either state a
+  person's facts or ask for a 1- to 4-hop composition of relations (Capo/3-hop QA style).
+- `mano`: prefix-notation arithmetic modulo 23 (the paper's Mano task).
+- `reachability`: a random directed graph and whether one node reaches another.
+
+A source path `synthetic://<task>?num_docs=N&shards=S&seed=K` is materialised once as S
+JSONL shards in the cache directory (written atomically, so concurrent ranks agree) and then
+read like any other JSONL source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import zlib
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import parse_qsl, urlparse
+
+FORMAT_VERSION = 2
+MODULUS = 23
+_DEFAULTS = {"num_docs": 20000, "shards": 8, "seed": 0}
+_SYLLABLES = "ka lo mi ren sa tor vel dan is ur bel cor fen gal hal jun kir lam nor pim".split()
+_RELATIONS = ("mentor", "neighbor", "employer", "rival", "teacher", "partner")
+_NUM_PEOPLE = 400
+
+
+def parse_uri(uri: str) -> tuple[str, dict[str, int]]:
+    """Task name and integer parameters of a `synthetic://` path; ValueError when wrong."""
+    parsed = urlparse(uri)
+    task = parsed.netloc
+    if task not in TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(TASKS)}")
+    params = dict(_DEFAULTS)
+    for key, value in parse_qsl(parsed.query):
+        if key not in _DEFAULTS or not value.isdigit():
+            raise ValueError(
+                f"bad parameter {key}={value!r}; expected integers {sorted(_DEFAULTS)}"
+            )
+        params[key] = int(value)
+    if params["num_docs"] < 1 or params["shards"] < 1:
+        raise ValueError("num_docs and shards must be positive")
+    return task, params
+
+
+def materialize(uri: str, cache_dir: str, check_only: bool = False) -> list[str]:
+    """Paths of the JSONL shards of a synthetic source, generating them when missing."""
+    task, params = parse_uri(uri)
+    if check_only:
+        return []
+    name = (
+        f"{task}-n{params['num_docs']}-s{params['shards']}-seed{params['seed']}-v{FORMAT_VERSION}"
+    )
+    directory = Path(os.path.expanduser(cache_dir), "synthetic", name)
+    if not directory.is_dir():
+        _generate(task, params, directory)
+    return sorted(str(path) for path in directory.glob("*.jsonl"))
+
+
+def _generate(task: str, params: dict[str, int], directory: Path) -> None:
+    partial = directory.with_name(f"{directory.name}.partial-{socket.gethostname()}-{os.getpid()}")
+    partial.mkdir(parents=True, exist_ok=True)
+    generate = TASKS[task]
+    context = _context(task, params["seed"])
+    for shard in range(params["shards"]):
+        rng = random.Random(_seed(params["seed"], task, shard))
+        count = len(range(shard, params["num_docs"], params["shards"]))
+        with open(partial / f"part-{shard:05d}.jsonl", "w") as file:
+            for _ in range(count):
+                file.write(json.dumps({"text": generate(rng, context)}) + "\n")
+    try:
+        os.rename(partial, directory)
+    except OSError:
+        shutil.rmtree(partial)
+
+
+def _seed(seed: int, name: str, index: int) -> int:
+    """An integer seed for `random.Random`, the same in every process and Python run."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) * 1_000_003 + index
+
+
+def _context(task: str, seed: int):
+    return _knowledge_base(seed) if task == "multi_hop" else None
+
+
+def _knowledge_base(seed: int) -> tuple[list[str], dict[str, list[int]]]:
+    rng = random.Random(_seed(seed, "knowledge-base", 0))
+    names: list[str] = []
+    while len(names) < _NUM_PEOPLE:
+        first = "".join(rng.choices(_SYLLABLES, k=2)).capitalize()
+        last = "".join(rng.choices(_SYLLABLES, k=3)).capitalize()
+        if f"{first} {last}" not in names:
+            names.append(f"{first} {last}")
+    relations = {
+        relation: [rng.randrange(_NUM_PEOPLE) for _ in range(_NUM_PEOPLE)]
+        for relation in _RELATIONS
+    }
+    return names, relations
+
+
+def multi_hop(rng: random.Random, knowledge) -> str:
+    """A biography (the facts) or a multi-hop question, with or without the worked chain."""
+    names, relations = knowledge
+    person = rng.randrange(_NUM_PEOPLE)
+    if rng.random() < 0.4:
+        facts = [
+            f"The {relation} of {names[person]} is {names[table[person]]}."
+            for relation, table in relations.items()
+        ]
+        return f"About {names[person]}. " + " ".join(facts)
+    hops = rng.choices(_RELATIONS, k=rng.randint(1, 4))
+    question = names[person]
+    chain, current = [], person
+    for relation in hops:
+        following = relations[relation][current]
+        chain.append(f"The {relation} of {names[current]} is {names[following]}.")
+        question, current = f"the {relation} of {question}", following
+    answer = (
+        f"{' '.join(chain)} So the answer is {names[current]}."
+        if rng.random() < 0.5
+        else f"{names[current]}."
+    )
+    return f"Question: Who is {question}? Answer: {answer}"
+
+
+def mano(rng: random.Random, _context=None) -> str:
+    """Several prefix-notation expressions modulo 23 with their values."""
+    lines = []
+    for _ in range(rng.randint(4, 11)):
+        expression, value = _expression(rng, rng.randint(1, 4))
+        lines.append(f"{expression} = {value}")
+    return f"Evaluate modulo {MODULUS} (prefix notation).\n" + "\n".join(lines)
+
+
+_OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def _expression(rng: random.Random, depth: int) -> tuple[str, int]:
+    if depth == 0 or rng.random() < 0.2:
+        value = rng.randrange(MODULUS)
+        return str(value), value
+    operator = rng.choice("+-*")
+    left, left_value = _expression(rng, depth - 1)
+    right, right_value = _expression(rng, depth - 1)
+    return f"{operator} {left} {right}", _OPERATORS[operator](left_value, right_value) % MODULUS
+
+
+def reachability(rng: random.Random, _context=None) -> str:
+    """A random directed graph's edges and whether a path joins two of its nodes."""
+    num_nodes = rng.randint(5, 12)
+    num_edges = rng.randint(num_nodes - 2, 2 * num_nodes - 1)
+    pairs = ((rng.randrange(num_nodes), rng.randrange(num_nodes)) for _ in range(num_edges))
+    edges = sorted({(a, b) for a, b in pairs if a != b})
+    source, target = rng.sample(range(num_nodes), 2)
+    path = _shortest_path(edges, source, target)
+    listing = ", ".join(f"n{a} -> n{b}" for a, b in edges)
+    answer = "yes, " + " -> ".join(f"n{node}" for node in path) if path else "no"
+    return f"Edges: {listing}. Question: is there a path from n{source} to n{target}? Answer: {answer}."
+
+
+def _shortest_path(edges: list[tuple[int, int]], source: int, target: int) -> list[int] | None:
+    parents = {source: source}
+    queue = deque([source])
+    while queue:
+        node = queue.popleft()
+        if node == target:
+            path = [node]
+            while path[-1] != source:
+                path.append(parents[path[-1]])
+            return path[::-1]
+        for a, b in edges:
+            if a == node and b not in parents:
+                parents[b] = node
+                queue.append(b)
+    return None
+
+
+TASKS: dict[str, Callable] = {"multi_hop": multi_hop, "mano": mano, "reachability": reachability}

@@ -1,0 +1,88 @@
+"""Turn a data source into pre-tokenized binary shards (the loader's fast path).
+
+One output shard per input file, tokenized in parallel; read the result back with a source
+whose path is the output directory (format `tokens`, or `auto`).
+
+    python scripts/pretokenize.py --data-config configs/data/embedded.yaml \\
+        --source python_stdlib --out /data/tokens/python_stdlib --procs 8
+    python scripts/pretokenize.py --paths "/data/web/*.jsonl.zst" --tokenizer embedded \\
+        --out /data/tokens/web
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from tqdm import tqdm
+
+from data_pipelines.config import DataConfig, SourceConfig, load_data_config, validate_data_config
+from data_pipelines.shards import resolve_shards
+from data_pipelines.tokenized import pretokenize
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data-config", help="YAML of the data group holding the source")
+    parser.add_argument("--source", help="name of the source in --data-config")
+    parser.add_argument("--paths", nargs="*", default=[], help="files, globs, directories or URLs")
+    parser.add_argument("--format", default="auto")
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--text-split", default="paragraph", choices=["file", "paragraph", "line"])
+    parser.add_argument("--tokenizer", default="embedded")
+    parser.add_argument("--on-bad-input", default="skip", choices=["skip", "error"])
+    parser.add_argument("--procs", type=int, default=os.cpu_count(), help="parallel processes")
+    parser.add_argument("--out", required=True, help="output directory")
+    return parser.parse_args()
+
+
+def source_and_config(args: argparse.Namespace) -> tuple[SourceConfig, DataConfig]:
+    """The source to convert and the data settings (tokenizer, bad-input policy) to use."""
+    if args.data_config:
+        cfg = load_data_config(args.data_config)
+        matching = [source for source in cfg.sources if source.name == args.source]
+        if not matching:
+            raise SystemExit(f"--source must be one of {[source.name for source in cfg.sources]}")
+        return matching[0], cfg
+    if not args.paths:
+        raise SystemExit("give --data-config with --source, or --paths")
+    source = SourceConfig(
+        name=os.path.basename(os.path.normpath(args.out)),
+        paths=args.paths,
+        format=args.format,
+        text_field=args.text_field,
+        text_split=args.text_split,
+    )
+    return source, DataConfig(
+        sources=[source], tokenizer=args.tokenizer, on_bad_input=args.on_bad_input
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    source, cfg = source_and_config(args)
+    problems = validate_data_config(DataConfig(**{**vars(cfg), "sources": [source]}))
+    if problems:
+        raise SystemExit("invalid source:\n  " + "\n  ".join(problems))
+    num_shards = len(resolve_shards(source, cfg.cache_dir))
+    totals = {"tokens": 0, "documents": 0}
+    with tqdm(total=num_shards, unit="shard", desc=f"pretokenizing {source.name}") as bar:
+
+        def progress(tokens: int, documents: int) -> None:
+            totals["tokens"] += tokens
+            totals["documents"] += documents
+            bar.set_postfix(tokens=f"{totals['tokens']:,}", documents=f"{totals['documents']:,}")
+            bar.update()
+
+        bad = pretokenize(source, cfg, args.out, max(args.procs, 1), progress)
+    print(
+        f"wrote {num_shards} shards, {totals['documents']:,} documents, {totals['tokens']:,} tokens to {args.out}"
+    )
+    if bad:
+        print(f"skipped bad records: {dict(bad)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Runs the training jobs as users do: torchrun with 2 gloo ranks on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A CPU-sized model and batch that a 2-core machine steps through in well under a second.
+FAST = [
+    "model=tiny",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "data=embedded",
+    "data.seq_len=64",
+    "data.num_workers=1",
+    "train.micro_batch_size=2",
+    "train.global_batch_tokens=512",
+    "train.deterministic=true",
+    "train.log_every=1",
+    "schedule.warmup_steps=2",
+    "optim.lr=1e-3",
+    "logging.wandb=false",
+    "logging.plot_at_end=false",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(module: str, overrides: list[str], nproc: int = 2) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "-m",
+        module,
+        *overrides,
+    ]
+
+
+def environment() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", PYTHONPATH=str(REPO))
+
+
+def start(
+    module: str, overrides: list[str], log: Path, nproc: int = 2, max_file_bytes: int | None = None
+):
+    """Starts a job in its own process group; its output goes to ``log``. ``max_file_bytes``
+    caps the size of any file the job writes, as a full disk would (writes fail with EFBIG)."""
+
+    def limit_file_size():
+        if max_file_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
+    return subprocess.Popen(
+        torchrun_command(module, overrides, nproc),
+        cwd=REPO,
+        env=environment(),
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=limit_file_size,
+    )
+
+
+def run(
+    module: str,
+    overrides: list[str],
+    log: Path,
+    nproc: int = 2,
+    timeout: int = 300,
+    max_file_bytes: int | None = None,
+):
+    """Runs a job to its end; returns (exit code, output)."""
+    process = start(module, overrides, log, nproc, max_file_bytes)
+    try:
+        code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    return code, log.read_text()
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for(predicate, process, timeout: float = 240.0, poll: float = 0.2) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(
+                f"the job ended (code {process.returncode}) before the awaited state"
+            )
+        if time.time() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise TimeoutError("the awaited state did not come")
+        time.sleep(poll)

@@ -1,0 +1,199 @@
+"""The pre-training job on 2 gloo ranks: runs, checkpoints, exact resume, preemption."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from looplm import LoopLMForCausalLM
+from tests.distributed.launch import FAST, metrics, run, start, wait_for
+from train.export import export_checkpoint, load_checkpoint_model
+
+pytestmark = pytest.mark.distributed
+
+REQUIRED = {
+    "step",
+    "tokens",
+    "loss",
+    "loss_per_step",
+    "exit_pdf_mean",
+    "exit_entropy",
+    "grad_norm",
+    "lr",
+    "skipped",
+    "tokens_per_s",
+}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data_cache")
+
+
+def job(run_dir, cache_dir, *extra):
+    return [*FAST, f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", *extra]
+
+
+def completed(run_dir):
+    root = run_dir / "checkpoints"
+    return sorted(p.name for p in root.glob("step_*") if (p / "COMPLETE").is_file())
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_two_rank_run_logs_every_step_and_checkpoints(tmp_path, cache_dir, zero):
+    run_dir = tmp_path / "run"
+    code, out = run(
+        "train.pretrain",
+        job(
+            run_dir,
+            cache_dir,
+            f"deepspeed={zero}",
+            "train.max_steps=4",
+            "checkpoint.every_steps=2",
+            "logging.wandb=true",
+            "logging.plot_at_end=true",
+        ),
+        tmp_path / "log",
+    )
+    assert code == 0, out[-3000:]
+    assert list((run_dir / "wandb").glob("offline-run-*"))  # no credentials: wandb runs offline
+    assert len(list((run_dir / "plots").glob("*.png"))) >= 3
+    assert (run_dir / "config.yaml").is_file()
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert REQUIRED <= r.keys()
+        assert len(r["loss_per_step"]) == len(r["exit_pdf_mean"]) == 4
+        assert abs(sum(r["exit_pdf_mean"]) - 1) < 1e-4
+        assert torch.isfinite(torch.tensor(r["loss"]))
+    assert records[-1]["tokens"] == 4 * 512
+    assert completed(run_dir) == ["step_00000002", "step_00000004"]
+    state = json.loads((run_dir / "checkpoints/step_00000004/trainer_state.json").read_text())
+    assert state == {"step": 4, "tokens": 2048, "world_size": 2}
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path, cache_dir):
+    steps = ["train.max_steps=6", "checkpoint.every_steps=2"]
+    reference_dir = tmp_path / "reference"
+    code, out = run("train.pretrain", job(reference_dir, cache_dir, *steps), tmp_path / "ref.log")
+    assert code == 0, out[-3000:]
+    reference = [r["loss"] for r in metrics(reference_dir)]
+
+    run_dir = tmp_path / "resumed"
+    process = start("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "a.log")
+    wait_for(lambda: len(metrics(run_dir)) >= 3 and "step_00000002" in completed(run_dir), process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert len(metrics(run_dir)) < 6
+    # Resume twice: stop again after the first resume, then finish.
+    process = start("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "b.log")
+    wait_for(lambda: "step_00000004" in completed(run_dir), process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    code, out = run("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "c.log")
+    assert code == 0, out[-3000:]
+    resumed = metrics(run_dir)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in resumed] == reference  # bit for bit
+
+
+def test_sigterm_saves_and_stops_cleanly(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    args = job(run_dir, cache_dir, "train.max_steps=1000", "checkpoint.every_steps=1000")
+    process = start("train.pretrain", args, tmp_path / "log")
+    wait_for(lambda: len(metrics(run_dir)) >= 2, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=120)
+    saved = completed(run_dir)
+    assert len(saved) == 1
+    step = int(saved[0].split("_")[1])
+    assert step >= 2 and step == metrics(run_dir)[-1]["step"]
+    assert "stop requested" in (tmp_path / "log").read_text()
+
+
+def test_export_of_a_trained_checkpoint_loads_with_the_same_logits(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    code, out = run(
+        "train.pretrain",
+        job(run_dir, cache_dir, "train.max_steps=2", "deepspeed=zero3"),
+        tmp_path / "log",
+    )
+    assert code == 0, out[-3000:]
+    trained = load_checkpoint_model(run_dir)
+    exported = LoopLMForCausalLM.from_pretrained(export_checkpoint(run_dir, tmp_path / "hf"))
+    ids = torch.randint(0, trained.config.vocab_size, (2, 16))
+    assert torch.equal(
+        trained(ids, return_all_steps=True).step_logits,
+        exported(ids, return_all_steps=True).step_logits,
+    )
+    assert not torch.equal(trained.lm_head.weight, LoopLMForCausalLM(trained.config).lm_head.weight)
+
+
+def test_a_run_dir_of_another_model_is_refused(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    code, out = run(
+        "train.pretrain", job(run_dir, cache_dir, "train.max_steps=1"), tmp_path / "a.log"
+    )
+    assert code == 0, out[-3000:]
+    code, out = run(
+        "train.pretrain",
+        job(run_dir, cache_dir, "train.max_steps=2", "model.num_hidden_layers=3"),
+        tmp_path / "b.log",
+    )
+    assert code != 0
+    assert "holds a checkpoint of another model" in out and "num_hidden_layers" in out
+
+
+def test_resuming_on_another_number_of_ranks_goes_through_the_universal_checkpoint(
+    tmp_path, cache_dir
+):
+    run_dir = tmp_path / "run"
+    code, out = run(
+        "train.pretrain", job(run_dir, cache_dir, "train.max_steps=2"), tmp_path / "a.log"
+    )
+    assert code == 0, out[-3000:]
+    before = load_checkpoint_model(run_dir).state_dict()
+    code, out = run(
+        "train.pretrain", job(run_dir, cache_dir, "train.max_steps=3"), tmp_path / "b.log", nproc=1
+    )
+    assert code == 0, out[-3000:]
+    assert "the data order changes" in out
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
+    assert (run_dir / "checkpoints/step_00000002/deepspeed_universal/COMPLETE").is_file()
+    after = load_checkpoint_model(run_dir).state_dict()
+    assert (
+        json.loads((run_dir / "checkpoints/step_00000003/trainer_state.json").read_text())[
+            "world_size"
+        ]
+        == 1
+    )
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained on
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    steps = ["checkpoint.every_steps=2"]
+    code, out = run(
+        "train.pretrain", job(run_dir, cache_dir, *steps, "train.max_steps=2"), tmp_path / "a.log"
+    )
+    assert code == 0, out[-3000:]
+    # The next save cannot write its optimizer states: the disk is "full".
+    code, out = run(
+        "train.pretrain",
+        job(run_dir, cache_dir, *steps, "train.max_steps=4"),
+        tmp_path / "b.log",
+        max_file_bytes=256 * 1024,
+    )
+    assert code != 0
+    assert "the checkpoint of step 4 could not be written" in out
+    assert "the last complete checkpoint is kept" in out and "step_00000002" in out
+    assert completed(run_dir) == ["step_00000002"]
+    assert not list((run_dir / "checkpoints").glob(".*.partial"))
+    code, out = run(
+        "train.pretrain", job(run_dir, cache_dir, *steps, "train.max_steps=4"), tmp_path / "c.log"
+    )
+    assert code == 0, out[-3000:]
+    assert "resumed from" in out and "step_00000002" in out
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]

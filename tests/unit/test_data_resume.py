@@ -1,0 +1,108 @@
+"""Exact resume: restored loaders yield token-identical batches to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data_pipelines import SourceConfig, build_data_loader
+from tests.unit.test_data_fixtures import (
+    assert_same_batches,
+    make_config,
+    take,
+    text_documents,
+    write_jsonl,
+    write_jsonl_shards,
+)
+
+
+def two_source_config(tmp_path, **overrides):
+    web = write_jsonl_shards(tmp_path / "web", text_documents(40, "web"), num_shards=3)
+    code = write_jsonl(tmp_path / "code.jsonl", text_documents(25, "code", seed=1))
+    sources = [
+        SourceConfig(name="web", paths=[str(web)], weight=0.7),
+        SourceConfig(name="code", paths=[str(code)], weight=0.3),
+    ]
+    return make_config(tmp_path, sources, shuffle_window=4, **overrides)
+
+
+def build(cfg, state=None):
+    loader = build_data_loader(cfg, rank=0, world_size=1, micro_batch_size=2)
+    if state is not None:
+        loader.load_state_dict(json.loads(json.dumps(state)))
+    return loader
+
+
+def run_in_pieces(cfg, pieces: list[int]) -> list[dict]:
+    batches, state = [], None
+    for count in pieces:
+        loader = build(cfg, state)
+        batches += take(loader, count)
+        state = loader.state_dict()
+    return batches
+
+
+@pytest.mark.parametrize(
+    ("num_workers", "window_tokens"), [(0, 1_000_000), (2, 1_000_000), (0, 25)]
+)
+def test_resuming_twice_gives_the_uninterrupted_batches(tmp_path, num_workers, window_tokens):
+    cfg = two_source_config(tmp_path, num_workers=num_workers, window_tokens=window_tokens)
+    reference = take(build(cfg), 30)
+    assert_same_batches(reference, run_in_pieces(cfg, [7, 10, 13]))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_across_a_stage_change(tmp_path, num_workers):
+    cfg = two_source_config(tmp_path, num_workers=num_workers)
+    loader = build(cfg)
+    reference = take(loader, 4)
+    loader.set_stage(weights={"code": 1.0}, seq_len=9)
+    reference += take(loader, 10)
+    assert reference[-1]["input_ids"].shape == (2, 9)
+
+    loader = build(cfg)
+    resumed = take(loader, 4)
+    loader.set_stage(weights={"code": 1.0}, seq_len=9)
+    resumed += take(loader, 3)
+    resumed += take(build(cfg, loader.state_dict()), 7)
+    assert_same_batches(reference, resumed)
+
+
+def test_set_stage_rejects_unknown_sources(tmp_path):
+    loader = build(two_source_config(tmp_path))
+    with pytest.raises(ValueError, match="unknown sources"):
+        loader.set_stage(weights={"books": 1.0})
+
+
+def test_a_changed_file_set_is_detected_unless_allowed(tmp_path):
+    cfg = two_source_config(tmp_path)
+    loader = build(cfg)
+    take(loader, 3)
+    state = loader.state_dict()
+    write_jsonl(tmp_path / "web" / "part-new.jsonl", text_documents(5, "late"))
+    with pytest.raises(ValueError, match=r"web \(files changed\)"):
+        build(cfg, state)
+    cfg.allow_source_change = True
+    take(build(cfg, state), 2)
+
+
+def test_a_state_from_another_layout_is_refused(tmp_path):
+    cfg = two_source_config(tmp_path)
+    state = build(cfg).state_dict()
+    cfg.num_workers = 2
+    with pytest.raises(ValueError, match="num_workers"):
+        build(cfg, state)
+
+
+def test_reapplying_the_current_stage_after_resume_changes_nothing(tmp_path):
+    cfg = two_source_config(tmp_path)
+    loader = build(cfg)
+    loader.set_stage(weights={"web": 1.0, "code": 1.0}, seq_len=12)
+    reference = take(loader, 6)
+    loader = build(cfg)
+    loader.set_stage(weights={"web": 1.0, "code": 1.0}, seq_len=12)
+    resumed = take(loader, 2)
+    loader = build(cfg, loader.state_dict())
+    loader.set_stage(weights={"web": 1.0, "code": 1.0}, seq_len=12)
+    assert_same_batches(reference, resumed + take(loader, 4))

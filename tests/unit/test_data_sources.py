@@ -1,0 +1,203 @@
+"""Formats, bad input and remote retries."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from data_pipelines import SourceConfig, build_data_loader
+from data_pipelines import readers as readers_module
+from data_pipelines.readers import (
+    BadInputError,
+    BadInputLog,
+    RawRecord,
+    ReadOptions,
+    RemoteReadError,
+    read_raw,
+)
+from data_pipelines.shards import Shard
+from tests.unit.test_data_fixtures import (
+    assert_same_batches,
+    make_config,
+    take,
+    text_documents,
+    write_jsonl,
+)
+
+DOCUMENTS = text_documents(30)
+
+
+def write_format(tmp_path, fmt: str) -> str:
+    lines = "".join(
+        json.dumps({"text": doc, "id": i}) + "\n" for i, doc in enumerate(DOCUMENTS)
+    ).encode()
+    table = pa.table({"id": list(range(len(DOCUMENTS))), "text": DOCUMENTS})
+    if fmt == "json.gz":
+        path = tmp_path / "docs.jsonl.gz"
+        path.write_bytes(gzip.compress(lines))
+    elif fmt == "json.zst":
+        path = tmp_path / "docs.jsonl.zst"
+        path.write_bytes(zstandard.ZstdCompressor().compress(lines))
+    elif fmt == "parquet":
+        path = tmp_path / "docs.parquet"
+        pq.write_table(table, path, row_group_size=7)
+    elif fmt == "arrow":
+        path = tmp_path / "docs.arrow"
+        with pa.ipc.new_stream(path, table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=6):
+                writer.write_batch(batch)
+    elif fmt == "text":
+        path = tmp_path / "docs.txt"
+        path.write_text("\n\n".join(DOCUMENTS) + "\n")
+    else:
+        path = tmp_path / "docs.jsonl"
+        path.write_bytes(lines)
+    return str(path)
+
+
+def loader_for(tmp_path, path: str, fmt: str = "auto", **overrides):
+    cfg = make_config(tmp_path, [SourceConfig(name="docs", paths=[path], format=fmt)], **overrides)
+    return build_data_loader(cfg, rank=0, world_size=1, micro_batch_size=2)
+
+
+@pytest.mark.parametrize("fmt", ["json.gz", "json.zst", "parquet", "arrow", "text"])
+def test_every_format_gives_the_jsonl_tokens(tmp_path, fmt):
+    reference = take(loader_for(tmp_path, write_format(tmp_path, "jsonl"), shuffle=False), 6)
+    assert_same_batches(
+        reference, take(loader_for(tmp_path, write_format(tmp_path, fmt), shuffle=False), 6)
+    )
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "json.zst"])
+def test_resume_inside_row_groups_and_compressed_files(tmp_path, fmt):
+    path = write_format(tmp_path, fmt)
+    reference = take(loader_for(tmp_path, path, shuffle_window=5), 10)
+    first = loader_for(tmp_path, path, shuffle_window=5)
+    resumed = take(first, 4)
+    second = loader_for(tmp_path, path, shuffle_window=5)
+    second.load_state_dict(first.state_dict())
+    assert_same_batches(reference, resumed + take(second, 6))
+
+
+def write_bad_jsonl(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = [json.dumps({"text": doc}).encode() for doc in DOCUMENTS[:16]]
+    lines = [
+        good[0],
+        b'{"text": "unterminated',
+        json.dumps({"text": ""}).encode(),
+        json.dumps({"body": "no text field"}).encode(),
+        b'{"text": "caf\xe9 latin-1"}',
+        json.dumps({"text": 42}).encode(),
+        *good[1:],
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("window_tokens", [1_000_000, 5])
+def test_bad_records_are_counted_logged_with_file_and_line_and_skipped(
+    tmp_path, caplog, window_tokens
+):
+    path = write_bad_jsonl(tmp_path)
+    caplog.set_level(logging.WARNING, logger="data_pipelines.readers")
+    loader = loader_for(tmp_path, path, shuffle=False, window_tokens=window_tokens)
+    take(loader, 2)
+    assert loader.bad_input_counts() == {
+        "malformed": 1,
+        "empty_document": 1,
+        "missing_field": 2,
+        "undecodable": 1,
+    }
+    assert f"{path}:2: malformed" in caplog.text
+    assert f"{path}:5: undecodable" in caplog.text
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    reference = loader_for(
+        clean, write_jsonl(clean / "docs.jsonl", DOCUMENTS[:16]).as_posix(), shuffle=False
+    )
+    assert_same_batches(take(reference, 2), take(loader_for(tmp_path, path, shuffle=False), 2))
+
+
+def test_the_error_policy_stops_at_the_first_bad_record(tmp_path):
+    loader = loader_for(tmp_path, write_bad_jsonl(tmp_path), on_bad_input="error")
+    with pytest.raises(BadInputError, match=r"bad\.jsonl:2: malformed"):
+        take(loader, 1)
+
+
+def test_a_truncated_compressed_file_is_reported_and_its_good_part_read(tmp_path, caplog):
+    full = gzip.compress("".join(json.dumps({"text": doc}) + "\n" for doc in DOCUMENTS).encode())
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(full[: len(full) // 2])
+    loader = loader_for(tmp_path, str(path), shuffle=False)
+    take(loader, 12)
+    assert loader.bad_input_counts()["truncated_file"] >= 1
+    assert "truncated file" in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow", "json.zst"])
+def test_truncated_binary_files_are_skipped(tmp_path, fmt):
+    path = write_format(tmp_path, fmt)
+    with open(path, "rb") as file:
+        data = file.read()
+    with open(path, "wb") as file:
+        file.write(data[: len(data) * 2 // 3])
+    good = write_jsonl(tmp_path / "good.jsonl", DOCUMENTS[:5])
+    cfg = make_config(tmp_path, [SourceConfig(name="docs", paths=[path, str(good)])], shuffle=False)
+    loader = build_data_loader(cfg, rank=0, world_size=1, micro_batch_size=2)
+    take(loader, 10)
+    assert loader.bad_input_counts()["truncated_file"] >= 1
+
+
+def test_missing_paths_and_unknown_formats_fail_at_startup_all_at_once(tmp_path):
+    sources = [
+        SourceConfig(name="gone", paths=[str(tmp_path / "missing.jsonl")]),
+        SourceConfig(name="odd", paths=[write_format(tmp_path, "jsonl")], format="csv"),
+        SourceConfig(name="empty", paths=[str(tmp_path / "*.parquet")]),
+        SourceConfig(name="web", paths=["nosuchproto://host/docs.jsonl"]),
+    ]
+    with pytest.raises(ValueError) as error:
+        build_data_loader(make_config(tmp_path, sources), rank=0, world_size=1, micro_batch_size=1)
+    message = str(error.value)
+    assert "missing.jsonl: no such file" in message
+    assert "unknown format 'csv'" in message
+    assert "matches no files" in message
+    assert "cannot read nosuchproto:// paths" in message
+
+
+def flaky_reader(failures: int):
+    calls = {"count": 0}
+
+    def read_once(shard, start, options, log):
+        calls["count"] += 1
+        for index in range(start, 6):
+            if calls["count"] <= failures and index == 3:
+                raise ConnectionError("connection reset")
+            yield RawRecord(index, index + 1, b"line")
+
+    return read_once
+
+
+def test_remote_reads_are_retried_with_backoff_from_where_they_broke(monkeypatch):
+    waits = []
+    monkeypatch.setattr(readers_module, "_read_once", flaky_reader(failures=2))
+    monkeypatch.setattr(readers_module.time, "sleep", waits.append)
+    shard = Shard("https://example.invalid/docs.jsonl", "jsonl")
+    options = ReadOptions("text", max_retries=5, retry_backoff_s=0.5)
+    records = list(read_raw(shard, 0, options, BadInputLog("skip")))
+    assert [record.index for record in records] == [0, 1, 2, 3, 4, 5]
+    assert waits == [0.5, 1.0]
+
+
+def test_remote_reads_give_up_with_a_clear_error(monkeypatch):
+    monkeypatch.setattr(readers_module, "_read_once", flaky_reader(failures=100))
+    monkeypatch.setattr(readers_module.time, "sleep", lambda seconds: None)
+    shard = Shard("https://example.invalid/docs.jsonl", "jsonl")
+    with pytest.raises(RemoteReadError, match="docs.jsonl failed 3 times"):
+        list(read_raw(shard, 0, ReadOptions("text", max_retries=3), BadInputLog("skip")))

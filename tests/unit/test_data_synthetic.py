@@ -1,0 +1,89 @@
+"""The embedded corpus: deterministic synthetic tasks, correct answers, the shipped tokenizer."""
+
+from __future__ import annotations
+
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from data_pipelines import synthetic
+from data_pipelines.tokenizer import SPECIAL_TOKENS, load_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_generation_is_deterministic_and_cached(tmp_path):
+    uri = "synthetic://multi_hop?num_docs=30&shards=3&seed=4"
+    first = synthetic.materialize(uri, str(tmp_path / "one"))
+    second = synthetic.materialize(uri, str(tmp_path / "two"))
+    assert len(first) == 3
+    assert [Path(path).read_text() for path in first] == [Path(path).read_text() for path in second]
+    assert sum(len(Path(path).read_text().splitlines()) for path in first) == 30
+    assert synthetic.materialize(uri, str(tmp_path / "one")) == first
+
+
+def evaluate_prefix(tokens: list[str]) -> tuple[int, list[str]]:
+    head, rest = tokens[0], tokens[1:]
+    if head.isdigit():
+        return int(head), rest
+    left, rest = evaluate_prefix(rest)
+    right, rest = evaluate_prefix(rest)
+    value = {"+": left + right, "-": left - right, "*": left * right}[head]
+    return value % synthetic.MODULUS, rest
+
+
+def test_mano_answers_are_right():
+    rng = random.Random(0)
+    for _ in range(20):
+        for line in synthetic.mano(rng).splitlines()[1:]:
+            expression, answer = line.split(" = ")
+            value, rest = evaluate_prefix(expression.split())
+            assert rest == [] and value == int(answer)
+
+
+def test_reachability_paths_use_listed_edges():
+    rng = random.Random(1)
+    for _ in range(30):
+        text = synthetic.reachability(rng)
+        edges = set(re.findall(r"(n\d+) -> (n\d+)", text.split(". Question")[0]))
+        source, target = re.search(r"from (n\d+) to (n\d+)", text).groups()
+        answer = text.split("Answer: ")[1]
+        if answer.startswith("yes"):
+            path = answer[len("yes, ") : -1].split(" -> ")
+            assert path[0] == source and path[-1] == target
+            assert all((a, b) in edges for a, b in zip(path, path[1:], strict=False))
+
+
+def test_the_shipped_tokenizer_has_ouro_special_tokens():
+    tokenizer = load_tokenizer("embedded")
+    assert [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS] == [0, 1, 2]
+    assert 4096 <= tokenizer.get_vocab_size() <= 8192
+    text = "def f(x):\n    return x * 23  # caf\u00e9"
+    assert tokenizer.decode(tokenizer.encode(text).ids) == text
+
+
+def test_train_tokenizer_script_on_a_small_corpus(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"paragraph {i} about rivers and stones" for i in range(200)))
+    out = tmp_path / "tokenizer.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "scripts/train_tokenizer.py",
+            "--paths",
+            str(corpus),
+            "--vocab-size",
+            "300",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+    tokenizer = load_tokenizer(str(out))
+    assert [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS] == [0, 1, 2]
+    assert tokenizer.get_vocab_size() == 300

@@ -1,0 +1,103 @@
+"""Every shipped config composes; bad configs fail before any process group starts."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from train.config import config_problems, register_configs, to_object, validate
+from train.schedule import learning_rate
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+register_configs()
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return compose("pretrain", overrides=["run_dir=/tmp/unused", *overrides])
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        f"{g}={o}"
+        for g in ("model", "data", "optim", "schedule", "deepspeed", "logging")
+        for o in group_options(g)
+    ]
+    + [f"experiment={o}" for o in group_options("experiment")],
+)
+def test_every_shipped_config_composes_into_the_schema(override):
+    cfg = to_object(composed(override))
+    assert cfg.run_dir == "/tmp/unused"
+
+
+def test_the_main_job_config_is_valid_for_two_ranks():
+    cfg = to_object(composed("experiment=tiny_cpu"))
+    assert config_problems(cfg, world_size=2) == []
+    assert (cfg.model.preset, cfg.deepspeed.zero_stage, cfg.data.seq_len) == ("tiny", 2, 256)
+
+
+def test_unknown_keys_and_wrong_types_fail_at_compose_time():
+    with pytest.raises(ConfigCompositionException):
+        composed("train.max_stepz=3")
+    with pytest.raises((ValidationError, ConfigCompositionException)):
+        composed("train.max_steps=many")
+    with pytest.raises(ConfigCompositionException):
+        composed("deepspeed=zero4")
+
+
+BAD = [
+    (
+        ["train.global_batch_tokens=1000"],
+        "must be a positive multiple of micro_batch_size x seq_len",
+    ),
+    (["deepspeed=zero1", "deepspeed.offload_optimizer=cpu"], "needs ZeRO stage 2 or 3"),
+    (["deepspeed.offload_param=cpu"], "offload_param=cpu needs ZeRO stage 3"),
+    (
+        ["data.seq_len=4096", "train.global_batch_tokens=32768"],
+        "exceeds the model's max_position_embeddings",
+    ),
+    (["model.num_key_value_heads=3"], "not divisible by num_key_value_heads"),
+    (["model.preset=ouro-7b"], "model.preset 'ouro-7b' is unknown"),
+    (["train.prior=poisson"], "train.prior must be one of"),
+    (["schedule.kind=linear"], "schedule.kind must be one of"),
+    (["optim.betas=[0.9]"], "optim.betas must be two numbers"),
+    (["deepspeed.precision=fp8"], "deepspeed.precision"),
+    (["init_from=/nonexistent/ouro"], "init_from: no Ouro-format directory"),
+    (["train.max_steps=0"], "train.max_steps must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD)
+def test_bad_configs_are_reported_before_anything_starts(overrides, message):
+    cfg = to_object(composed("experiment=tiny_cpu", *overrides))
+    with pytest.raises(ValueError, match="invalid training config") as err:
+        validate(cfg, world_size=2)
+    assert message in str(err.value)
+
+
+def test_every_problem_is_reported_at_once():
+    chosen = [BAD[i] for i in (0, 2, 4, 6, 7)]
+    cfg = to_object(
+        composed("experiment=tiny_cpu", *[o for overrides, _ in chosen for o in overrides])
+    )
+    problems = "\n".join(config_problems(cfg, world_size=2))
+    assert all(message in problems for _, message in chosen)
+
+
+@pytest.mark.parametrize("kind", ["wsd", "cosine", "constant"])
+def test_schedules_warm_up_linearly_and_end_where_configured(kind):
+    cfg = to_object(composed(f"schedule={kind}", "schedule.warmup_steps=10"))
+    lrs = [learning_rate(step, 1.0, 100, cfg.schedule) for step in range(100)]
+    assert lrs[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert max(lrs) == pytest.approx(1.0)
+    final = {"wsd": 0.1 + (1 - 0.1) * 0, "cosine": 0.1, "constant": 1.0}[kind]
+    assert lrs[-1] == pytest.approx(final, abs=0.01)
+    if kind == "wsd":
+        assert lrs[10:80] == [1.0] * 70 and lrs[80] < 1.0

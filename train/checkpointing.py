@@ -1,0 +1,223 @@
+"""Run checkpoints that are complete or ignored.
+
+``RUN_DIR/checkpoints/step_00000100/`` holds DeepSpeed's checkpoint (``deepspeed/``), every
+rank's own state (``rank_00000.pt``: data-loader state, RNG states) and the trainer's state
+(``trainer_state.json``). All of it is written into ``.step_00000100.partial/`` first; only
+when every rank has written its part does rank 0 write the ``COMPLETE`` marker and rename the
+folder into place. A crash at any moment leaves either a complete checkpoint or a partial
+folder that restarts ignore (and remove).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
+
+from looplm import LoopLMConfig
+
+COMPLETE = "COMPLETE"
+UNIVERSAL_TAG = "deepspeed_universal"
+# Lets DeepSpeed's ds_to_universal convert the checkpoint for another number of ranks.
+_UNIVERSAL_INFO = {
+    UNIVERSAL_CHECKPOINT_INFO: {
+        UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE
+    }
+}
+DEEPSPEED_TAG = "deepspeed"
+MODEL_CONFIG = "model_config.json"
+_PREFIX = "step_"
+
+
+def step_dir_name(step: int) -> str:
+    return f"{_PREFIX}{step:08d}"
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _all_ok(ok: bool) -> bool:
+    flag = torch.tensor([1 if ok else 0])
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _save_deepspeed(engine, directory: Path) -> Exception | None:
+    """DeepSpeed's save on this rank; returns the error if its writes failed.
+
+    DeepSpeed's save ends with a barrier that a rank whose write raised never reaches; that
+    rank joins it here, so every rank goes on to agree on the outcome in step."""
+    try:
+        engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, client_state=_UNIVERSAL_INFO)
+    except Exception as e:  # a full disk: OSError, or torch.save's RuntimeError
+        _barrier()
+        return e
+    return None
+
+
+class CheckpointManager:
+    """Saves, finds and prunes the complete checkpoints of one run directory."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int, rank: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.rank = rank
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [
+            p
+            for p in self.root.iterdir()
+            if p.name.startswith(_PREFIX) and (p / COMPLETE).is_file()
+        ]
+        return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def remove_partial(self) -> None:
+        """Removes what an interrupted save left behind (rank 0, at start-up)."""
+        if self.rank == 0 and self.root.is_dir():
+            for p in self.root.glob(".*.partial"):
+                shutil.rmtree(p, ignore_errors=True)
+        _barrier()
+
+    def save(
+        self, engine, step: int, trainer_state: dict, rank_state: dict, model_config: LoopLMConfig
+    ) -> Path:
+        """Writes the checkpoint of ``step`` on every rank; raises if any rank failed, keeping
+        the previous checkpoints untouched."""
+        final = self.root / step_dir_name(step)
+        partial = self.root / f".{final.name}.partial"
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        _barrier()
+        error = _save_deepspeed(engine, partial)
+        if error is None:
+            try:
+                torch.save(rank_state, partial / f"rank_{self.rank:05d}.pt")
+            except Exception as e:  # a full disk: OSError, or torch.save's RuntimeError
+                error = e
+        if not _all_ok(error is None):
+            if self.rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            previous = self.latest()
+            raise RuntimeError(
+                f"the checkpoint of step {step} could not be written ({error or 'on another rank'}); "
+                f"the last complete checkpoint is kept: {previous}"
+            ) from error
+        if self.rank == 0:
+            model_config.save(partial / MODEL_CONFIG)
+            _fsync_write(partial / "trainer_state.json", json.dumps(trainer_state, indent=2))
+            _fsync_write(partial / COMPLETE, f"{step}\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        done = self.complete()
+        for old in done[: max(len(done) - self.keep_last, 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def saved_world_size(self, path: Path) -> int:
+        return json.loads((path / "trainer_state.json").read_text())["world_size"]
+
+    def load(
+        self, engine, path: Path, world_size: int, model_config: LoopLMConfig
+    ) -> tuple[dict, dict | None]:
+        """Restores the engine from ``path``; returns (trainer state, this rank's state).
+
+        A checkpoint of another number of ranks is loaded through DeepSpeed's universal
+        format (the engine must have been built with ``load_universal``); the rank states
+        then do not apply and None is returned for them.
+        """
+        saved_config = LoopLMConfig.load(path / MODEL_CONFIG)
+        if saved_config.to_dict() != model_config.to_dict():
+            differences = sorted(
+                k for k, v in model_config.to_dict().items() if saved_config.to_dict().get(k) != v
+            )
+            raise ValueError(
+                f"{path} holds a checkpoint of another model (differs in {differences}); "
+                "use a new run_dir, or the same model settings to resume"
+            )
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
+        if trainer_state["world_size"] != world_size:
+            self._convert_to_universal(path)
+            engine.load_checkpoint(str(path), tag=UNIVERSAL_TAG, load_module_strict=True)
+            return trainer_state, None
+        engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_module_strict=True)
+        rank_file = path / f"rank_{self.rank:05d}.pt"
+        return trainer_state, torch.load(rank_file, weights_only=False)
+
+    def _convert_to_universal(self, path: Path) -> None:
+        """Rank 0 converts the checkpoint to DeepSpeed's universal format, once."""
+        target = path / UNIVERSAL_TAG
+        if self.rank == 0 and not (target / COMPLETE).is_file():
+            shutil.rmtree(target, ignore_errors=True)
+            command = [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                str(path / DEEPSPEED_TAG),
+                "--output_folder",
+                str(target),
+                "--num_extract_workers",
+                "1",
+                "--num_merge_workers",
+                "1",
+            ]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(
+                    f"converting {path} to the universal format failed:\n{result.stderr[-2000:]}"
+                )
+            _fsync_write(target / COMPLETE, "")
+        _barrier()

@@ -1,0 +1,283 @@
+"""Config schemas of the training jobs, registered with Hydra's ConfigStore, and their checks.
+
+Each config group has one dataclass; every YAML file of a group starts from it
+(``defaults: [schema, _self_]``), so an unknown key or a wrong type fails at compose time.
+``config_problems`` runs the cross-field checks before any process group starts and
+``validate`` raises once with every problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from data_pipelines.config import DataConfig, validate_data_config
+from looplm.config import PRESETS, LoopLMConfig
+from looplm.losses import PRIORS, REGULARIZERS
+
+SCHEDULES = ("wsd", "cosine", "constant")
+PRECISIONS = ("bf16", "fp32", "auto")
+OFFLOAD_DEVICES = ("none", "cpu")
+
+_ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rope_theta",
+    "max_position_embeddings",
+    "total_ut_steps",
+    "tie_word_embeddings",
+)
+
+
+@dataclass
+class ModelSettings:
+    """Which LoopLM to build when the run does not start from a checkpoint."""
+
+    preset: str = "tiny"
+    """A looplm preset (ouro-1.4b, ouro-2.6b, tiny, small); the fields below override it."""
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rope_theta: float | None = None
+    max_position_embeddings: int | None = None
+    total_ut_steps: int | None = None
+    tie_word_embeddings: bool | None = None
+    attn_implementation: str = "auto"
+    """auto (flash-attn when usable, else SDPA), sdpa, flash or eager."""
+    gradient_checkpointing: bool = False
+    """Recompute each (step, layer) in the backward pass."""
+
+    def build_config(self, **extra: Any) -> LoopLMConfig:
+        overrides = {
+            k: getattr(self, k) for k in _ARCHITECTURE_FIELDS if getattr(self, k) is not None
+        }
+        return LoopLMConfig.from_preset(self.preset, **overrides, **extra)
+
+
+@dataclass
+class OptimSettings:
+    """AdamW."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.1
+    """Applied to matrices only: not to norms, biases or the gate bias."""
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+
+
+@dataclass
+class ScheduleSettings:
+    """Learning-rate schedule over ``train.max_steps`` optimizer steps."""
+
+    kind: str = "wsd"
+    """wsd (warmup-stable-decay), cosine or constant; all with linear warmup."""
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2
+    """wsd: the last fraction of the steps decays linearly to min_lr_ratio * lr."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of the peak (wsd and cosine)."""
+
+
+@dataclass
+class DeepSpeedSettings:
+    """How DeepSpeed shards and computes."""
+
+    zero_stage: int = 2
+    offload_optimizer: str = "none"
+    """none or cpu (ZeRO-Offload; stage 2 or 3)."""
+    offload_param: str = "none"
+    """none or cpu (stage 3 only)."""
+    precision: str = "auto"
+    """bf16, fp32, or auto: bf16 where the device supports it, else fp32."""
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 50_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+
+
+@dataclass
+class TrainSettings:
+    """The optimization loop."""
+
+    global_batch_tokens: int = 65536
+    """Tokens per optimizer step over all data-parallel ranks:
+    micro_batch_size x seq_len x gradient accumulation x data-parallel size."""
+    micro_batch_size: int = 4
+    """Sequences per rank per forward."""
+    max_steps: int = 1000
+    """Optimizer steps of the run."""
+    num_recurrent_steps: int | None = None
+    """T while training (default: the model's total_ut_steps); may differ from a checkpoint's."""
+    beta: float = 0.1
+    """Weight of the exit-distribution regularizer (Stage I)."""
+    prior: str = "uniform"
+    """Exit prior: uniform, geometric or none."""
+    prior_param: float = 0.5
+    regularizer: str = "entropy"
+    """entropy (-beta H(p), the paper's) or kl (beta KL(p || prior))."""
+    deterministic: bool = False
+    """Deterministic kernels (for bit-exact reproduction; slower on GPU)."""
+    log_every: int = 10
+    """Console lines every N steps (metrics.jsonl gets every step)."""
+
+
+@dataclass
+class CheckpointSettings:
+    every_steps: int = 500
+    """Save every N optimizer steps (and at the end, and on SIGTERM)."""
+    keep_last: int = 3
+    """Complete checkpoints kept; older ones are deleted (never the newest complete one)."""
+
+
+@dataclass
+class LoggingSettings:
+    wandb: bool = True
+    """Log to Weights & Biases (offline when no credentials are configured)."""
+    wandb_project: str = "looplm"
+    wandb_mode: str = "auto"
+    """auto (online with credentials, else offline), online, offline."""
+    plot_at_end: bool = True
+    """Draw the run's PNG charts into run_dir/plots when the run ends."""
+
+
+@dataclass
+class PretrainConfig:
+    """The pre-training job."""
+
+    run_dir: str = MISSING
+    """Checkpoints, metrics.jsonl and plots; re-running on the same run_dir resumes."""
+    seed: int = 0
+    init_from: str | None = None
+    """An Ouro-format directory (or hub id) whose weights start the run."""
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="pretrain_schema", node=PretrainConfig)
+    cs.store(group="model", name="schema", node=ModelSettings)
+    cs.store(group="optim", name="schema", node=OptimSettings)
+    cs.store(group="schedule", name="schema", node=ScheduleSettings)
+    cs.store(group="deepspeed", name="schema", node=DeepSpeedSettings)
+    cs.store(group="logging", name="schema", node=LoggingSettings)
+
+
+def to_object(cfg: DictConfig) -> PretrainConfig:
+    """The composed config as typed dataclasses."""
+    return OmegaConf.to_object(cfg)
+
+
+# ---- cross-field checks -------------------------------------------------------------------
+
+
+def gradient_accumulation(train: TrainSettings, seq_len: int, dp_size: int) -> int:
+    per_pass = train.micro_batch_size * seq_len * dp_size
+    return train.global_batch_tokens // per_pass if per_pass else 0
+
+
+def config_problems(cfg: PretrainConfig, world_size: int) -> list[str]:
+    """Every problem of a composed config for a run on ``world_size`` ranks."""
+    p: list[str] = []
+    t, d, ds = cfg.train, cfg.data, cfg.deepspeed
+    if cfg.model.preset not in PRESETS:
+        p.append(f"model.preset {cfg.model.preset!r} is unknown; known: {sorted(PRESETS)}")
+    model_cfg = None
+    if cfg.init_from is None and not p:
+        try:
+            model_cfg = cfg.model.build_config()
+        except ValueError as e:
+            p.append(f"model: {e}")
+    elif (
+        cfg.init_from is not None
+        and not Path(cfg.init_from).is_dir()
+        and cfg.init_from.count("/") != 1
+    ):
+        p.append(f"init_from: no Ouro-format directory at {cfg.init_from}")
+    if t.micro_batch_size < 1:
+        p.append(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+    if d.seq_len < 2:
+        p.append(f"data.seq_len must be >= 2, got {d.seq_len}")
+    if t.micro_batch_size >= 1 and d.seq_len >= 1:
+        per_pass = t.micro_batch_size * d.seq_len * world_size
+        if t.global_batch_tokens < per_pass or t.global_batch_tokens % per_pass:
+            p.append(
+                f"train.global_batch_tokens ({t.global_batch_tokens}) must be a positive multiple "
+                f"of micro_batch_size x seq_len x data-parallel size "
+                f"({t.micro_batch_size} x {d.seq_len} x {world_size} = {per_pass})"
+            )
+    if model_cfg is not None and d.seq_len > model_cfg.max_position_embeddings:
+        p.append(
+            f"data.seq_len ({d.seq_len}) exceeds the model's max_position_embeddings "
+            f"({model_cfg.max_position_embeddings})"
+        )
+    if t.max_steps < 1:
+        p.append(f"train.max_steps must be >= 1, got {t.max_steps}")
+    if t.num_recurrent_steps is not None and t.num_recurrent_steps < 1:
+        p.append(f"train.num_recurrent_steps must be >= 1, got {t.num_recurrent_steps}")
+    if t.beta < 0:
+        p.append(f"train.beta must be >= 0, got {t.beta}")
+    if t.prior not in PRIORS:
+        p.append(f"train.prior must be one of {PRIORS}, got {t.prior!r}")
+    if t.regularizer not in REGULARIZERS:
+        p.append(f"train.regularizer must be one of {REGULARIZERS}, got {t.regularizer!r}")
+    if ds.zero_stage not in (0, 1, 2, 3):
+        p.append(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
+    if ds.offload_optimizer not in OFFLOAD_DEVICES or ds.offload_param not in OFFLOAD_DEVICES:
+        p.append(f"deepspeed offload devices must be one of {OFFLOAD_DEVICES}")
+    if ds.offload_optimizer == "cpu" and ds.zero_stage < 2:
+        p.append(
+            f"deepspeed.offload_optimizer=cpu needs ZeRO stage 2 or 3, got stage {ds.zero_stage}"
+        )
+    if ds.offload_param == "cpu" and ds.zero_stage != 3:
+        p.append(f"deepspeed.offload_param=cpu needs ZeRO stage 3, got stage {ds.zero_stage}")
+    if ds.precision not in PRECISIONS:
+        p.append(f"deepspeed.precision must be one of {PRECISIONS}, got {ds.precision!r}")
+    p += _schedule_problems(cfg)
+    if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep_last < 1:
+        p.append("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
+    p += validate_data_config(d)
+    return p
+
+
+def _schedule_problems(cfg: PretrainConfig) -> list[str]:
+    s, o = cfg.schedule, cfg.optim
+    p = []
+    if s.kind not in SCHEDULES:
+        p.append(f"schedule.kind must be one of {SCHEDULES}, got {s.kind!r}")
+    if s.warmup_steps < 0:
+        p.append(f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}")
+    if not 0.0 <= s.decay_fraction <= 1.0 or not 0.0 <= s.min_lr_ratio <= 1.0:
+        p.append("schedule.decay_fraction and schedule.min_lr_ratio must lie in [0, 1]")
+    if o.lr <= 0:
+        p.append(f"optim.lr must be > 0, got {o.lr}")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        p.append(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
+    return p
+
+
+def validate(cfg: PretrainConfig, world_size: int) -> None:
+    problems = config_problems(cfg, world_size)
+    if problems:
+        raise ValueError("invalid training config:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,119 @@
+"""Per-step metrics: ``metrics.jsonl`` in the run directory, a console line, and wandb.
+
+Only rank 0 writes. On resume, lines of steps after the resumed checkpoint (written before
+the crash) are dropped, so the file always describes one consistent run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from looplm import LoopLMConfig
+
+# Dense bf16 peak FLOP/s of common accelerators, for MFU.
+_PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+}
+
+
+def training_flops_per_token(config: LoopLMConfig, seq_len: int, num_steps: int) -> float:
+    """Forward+backward FLOPs per token of a T-step LoopLM: T times the layer and head matmuls,
+    T times causal attention (6 x matmul params, 12 x L x heads x head_dim x seq / 2)."""
+    h, q = config.hidden_size, config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    layer = 2 * h * q + 2 * h * kv + 3 * h * config.intermediate_size
+    matmul_params = num_steps * (config.num_hidden_layers * layer + config.vocab_size * h + h)
+    attention = num_steps * config.num_hidden_layers * 6 * q * seq_len
+    return 6.0 * matmul_params + attention
+
+
+def device_peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in _PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class MetricsLogger:
+    """Writes one JSON object per optimizer step; rank 0 only."""
+
+    def __init__(
+        self, run_dir: str | Path, enabled: bool, resume_step: int, log_every: int, max_steps: int
+    ):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled, self.log_every, self.max_steps = enabled, log_every, max_steps
+        self.console = Console(stderr=True, soft_wrap=True)
+        self.start, self.start_step = time.time(), resume_step
+        self.wandb = None
+        if enabled:
+            self._truncate_after(resume_step)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
+        tmp = self.path.with_suffix(".jsonl.rewrite")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def attach_wandb(self, run_dir: str | Path, project: str, mode: str, config: dict) -> None:
+        """Starts (or resumes) the wandb run of this run directory."""
+        if not self.enabled:
+            return
+        import wandb
+
+        if mode == "auto":
+            has_key = os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").is_file()
+            mode = "online" if has_key and os.environ.get("WANDB_MODE") != "offline" else "offline"
+        id_file = Path(run_dir) / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        self.wandb = wandb.init(
+            project=project, dir=str(run_dir), id=run_id, resume="allow", mode=mode, config=config
+        )
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            flat = {k: v for k, v in record.items() if not isinstance(v, list)}
+            for key in ("loss_per_step", "exit_pdf_mean"):
+                flat.update({f"{key}/{i + 1}": v for i, v in enumerate(record[key])})
+            self.wandb.log(flat, step=record["step"])
+        step = record["step"]
+        if step % self.log_every == 0 or step == self.max_steps or step == self.start_step + 1:
+            self._console_line(record)
+
+    def _console_line(self, r: dict) -> None:
+        done = r["step"] - self.start_step
+        elapsed = time.time() - self.start
+        eta = elapsed / max(done, 1) * (self.max_steps - r["step"])
+        per_step = " ".join(f"{x:.3f}" for x in r["loss_per_step"])
+        mfu = f" mfu {r['mfu']:.1%}" if r.get("mfu") is not None else ""
+        self.console.print(
+            f"step {r['step']}/{self.max_steps}  loss {r['loss']:.4f} [{per_step}]  "
+            f"H(exit) {r['exit_entropy']:.3f}  lr {r['lr']:.2e}  gnorm {r['grad_norm']:.3f}  "
+            f"{r['tokens_per_s']:,.0f} tok/s{mfu}  eta {eta / 60:.1f} min"
+        )
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
