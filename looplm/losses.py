@@ -1,6 +1,7 @@
 """Exit distribution, the Stage I and Stage II objectives, and the chunked LM-head loss.
 
-Shape legend: T recurrent steps, B batch, S sequence, N target tokens, H hidden, V vocab.
+Shape legend: T recurrent steps, B batch, S sequence, M rows of a flattened hidden state,
+N target tokens (rows with a target), C a chunk of them, H hidden, V vocab.
 
 Stage I  (OURO.md §2): ``sum_t p(t|x) L(t) + beta * R(p)`` per token, where R is ``-H(p)``
 (entropy form) or ``KL(p || prior)`` (KL form; for the uniform prior it equals ``-H + log T``).
@@ -122,7 +123,8 @@ def exit_regularizer(log_p_NT: torch.Tensor, objective: Objective) -> torch.Tens
 
 
 def _auto_chunk(vocab_size: int) -> int:
-    return max(256, (256 * 2**20) // (4 * vocab_size))
+    """Tokens per chunk: ~128 MiB of float32 logits (1024 tokens at V = 32768)."""
+    return max(128, (128 * 2**20) // (4 * vocab_size))
 
 
 def _chunks(total: int, size: int):
@@ -130,75 +132,104 @@ def _chunks(total: int, size: int):
         yield start, min(start + size, total)
 
 
-def chunked_cross_entropy(
-    hidden_MH: torch.Tensor, weight_VH: torch.Tensor, targets_M: torch.Tensor, chunk: int
-) -> torch.Tensor:
-    """Cross-entropy [M] (float32) of ``hidden @ weight.T`` without gradients, chunk by chunk."""
-    acc = _accumulation_dtype(hidden_MH.dtype)
-    out = torch.empty(hidden_MH.shape[0], dtype=acc, device=hidden_MH.device)
-    with torch.no_grad():
-        for s, e in _chunks(hidden_MH.shape[0], chunk):
-            logits = (hidden_MH[s:e] @ weight_VH.T).to(acc)
-            out[s:e] = logits.logsumexp(-1) - logits.gather(1, targets_M[s:e, None]).squeeze(1)
-    return out
+def _log_probs(hidden_CH: torch.Tensor, weight_VH: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    return torch.log_softmax((hidden_CH @ weight_VH.T).to(acc), dim=-1)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """sum_m w_m CE(hidden_m @ W.T, target_m), with its gradients computed chunk by chunk in
-    the forward pass, so no [M, V] tensor outlives its chunk (Liger-style fusion).
+    """sum_{t,n} w_tn CE(h_t[rows_n] @ W.T, y_n) over the steps' hidden states, with the
+    gradients computed chunk by chunk in the forward pass: no [tokens, V] tensor outlives its
+    chunk, the hidden states are read in place (only the target rows, a chunk at a time), and
+    the head's weight gradient is one accumulator for all steps.
 
     The token weights w are constants here; the gradient of the objective with respect to
     them comes from the caller through the detached per-token losses (also returned)."""
 
     @staticmethod
-    def forward(ctx, hidden_MH, weight_VH, targets_M, weights_M, chunk):
-        m, acc = hidden_MH.shape[0], _accumulation_dtype(hidden_MH.dtype)
-        ce = torch.empty(m, dtype=acc, device=hidden_MH.device)
-        grad_h = torch.empty_like(hidden_MH)
-        grad_w = torch.zeros(weight_VH.shape, dtype=acc, device=weight_VH.device)
-        for s, e in _chunks(m, chunk):
-            h = hidden_MH[s:e]
-            logits = (h @ weight_VH.T).to(acc)
-            lse = logits.logsumexp(-1, keepdim=True)
-            ce[s:e] = (lse - logits.gather(1, targets_M[s:e, None])).squeeze(1)
-            grad_logits = (logits - lse).exp_()  # softmax
-            grad_logits[torch.arange(e - s, device=h.device), targets_M[s:e]] -= 1.0
-            grad_logits = (grad_logits * weights_M[s:e, None]).to(h.dtype)
-            grad_h[s:e] = grad_logits @ weight_VH
-            grad_w += (grad_logits.T @ h).to(acc)
-        ctx.save_for_backward(grad_h, grad_w)
+    def forward(ctx, weight_VH, rows_N, targets_N, weights_TN, chunk, *hidden_MH):
+        acc = _accumulation_dtype(hidden_MH[0].dtype)
+        n, device = rows_N.shape[0], weight_VH.device
+        ce_TN = torch.empty(len(hidden_MH), n, dtype=acc, device=device)
+        grad_w = torch.zeros(weight_VH.shape, dtype=acc, device=device)
+        grads_h = []
+        for t, hidden in enumerate(hidden_MH):
+            grad_h = torch.zeros_like(hidden)
+            for s, e in _chunks(n, chunk):
+                rows, targets = rows_N[s:e], targets_N[s:e, None]
+                h = hidden.index_select(0, rows)
+                grad_logits = _log_probs(h, weight_VH, acc)
+                ce_TN[t, s:e] = -grad_logits.gather(1, targets).squeeze(1)
+                grad_logits.exp_().scatter_add_(
+                    1, targets, grad_logits.new_full(targets.shape, -1.0)
+                )
+                grad_logits = grad_logits.mul_(weights_TN[t, s:e, None]).to(h.dtype)
+                grad_h.index_copy_(0, rows, grad_logits @ weight_VH)
+                if grad_w.dtype == h.dtype:
+                    grad_w.addmm_(grad_logits.T, h)
+                else:
+                    grad_w += (grad_logits.T @ h).to(acc)
+                del grad_logits, h
+            grads_h.append(grad_h)
+        ctx.save_for_backward(grad_w, *grads_h)
         ctx.weight_dtype = weight_VH.dtype
-        ctx.mark_non_differentiable(ce)
-        return (ce * weights_M.to(acc)).sum(), ce
+        ctx.mark_non_differentiable(ce_TN)
+        return (ce_TN * weights_TN.to(acc)).sum(), ce_TN
 
     @staticmethod
     def backward(ctx, grad_total, _grad_ce):
-        grad_h, grad_w = ctx.saved_tensors
-        return (
-            grad_h * grad_total.to(grad_h.dtype),
-            (grad_w * grad_total).to(ctx.weight_dtype),
-            None,
-            None,
-            None,
-        )
+        grad_w, *grads_h = ctx.saved_tensors
+        scaled_h = [g * grad_total.to(g.dtype) for g in grads_h]
+        return ((grad_w * grad_total).to(ctx.weight_dtype), None, None, None, None, *scaled_h)
+
+
+def chunked_cross_entropy(hidden_MH, weight_VH, rows_N, targets_N, chunk: int) -> torch.Tensor:
+    """Cross-entropy [N] of the target rows of ``hidden @ weight.T``, without gradients."""
+    acc = _accumulation_dtype(hidden_MH.dtype)
+    out = torch.empty(rows_N.shape[0], dtype=acc, device=hidden_MH.device)
+    with torch.no_grad():
+        for s, e in _chunks(rows_N.shape[0], chunk):
+            log_probs = _log_probs(hidden_MH.index_select(0, rows_N[s:e]), weight_VH, acc)
+            out[s:e] = -log_probs.gather(1, targets_N[s:e, None]).squeeze(1)
+    return out
 
 
 def weighted_lm_cross_entropy(
-    hidden_MH: torch.Tensor,
+    hidden: torch.Tensor | list[torch.Tensor],
     weight_VH: torch.Tensor,
-    targets_M: torch.Tensor,
-    weights_M: torch.Tensor,
+    targets_N: torch.Tensor,
+    weights: torch.Tensor,
     chunk_tokens: int | None = None,
+    rows_N: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum_m w_m CE_m with gradients to hidden and weight, detached CE_m [M])."""
+    """The LM head's weighted cross-entropy, fused and chunked.
+
+    Args:
+        hidden: one [M, H] tensor, or the T steps' [M, H] hidden states as a list.
+        targets_N: target ids of the N target rows.
+        weights: [N] (one tensor) or [T, N] (a list): the constant weight of each loss term.
+        rows_N: which rows of each hidden tensor have targets (default: all, N = M).
+    Returns:
+        (sum of w * CE with gradients to hidden and weight, detached CE: [N] or [T, N]).
+    """
+    single = isinstance(hidden, torch.Tensor)
+    hidden_list = [hidden] if single else list(hidden)
+    weights_TN = weights[None] if single else weights
+    if rows_N is None:
+        rows_N = torch.arange(hidden_list[0].shape[0], device=targets_N.device)
     chunk = chunk_tokens or _auto_chunk(weight_VH.shape[0])
-    needs_grad = torch.is_grad_enabled() and (hidden_MH.requires_grad or weight_VH.requires_grad)
-    if not needs_grad:
-        ce = chunked_cross_entropy(hidden_MH, weight_VH, targets_M, chunk)
-        return (ce * weights_M.to(ce.dtype)).sum(), ce
-    return _FusedLinearCrossEntropy.apply(
-        hidden_MH, weight_VH, targets_M, weights_M.detach(), chunk
+    needs_grad = torch.is_grad_enabled() and (
+        weight_VH.requires_grad or any(h.requires_grad for h in hidden_list)
     )
+    if needs_grad:
+        total, ce_TN = _FusedLinearCrossEntropy.apply(
+            weight_VH, rows_N, targets_N, weights_TN.detach(), chunk, *hidden_list
+        )
+    else:
+        ce_TN = torch.stack(
+            [chunked_cross_entropy(h, weight_VH, rows_N, targets_N, chunk) for h in hidden_list]
+        )
+        total = (ce_TN * weights_TN.to(ce_TN.dtype)).sum()
+    return total, (ce_TN[0] if single else ce_TN)
 
 
 # ---- the objectives ---------------------------------------------------------------------
@@ -213,9 +244,11 @@ class LossOutput:
     num_tokens: int  # target tokens the means are over
 
 
-def _select_targets(step_hidden_TBSH, gate_logits_BST, labels_BS):
-    mask_BS = labels_BS != IGNORE_INDEX
-    return step_hidden_TBSH[:, mask_BS], gate_logits_BST[mask_BS], labels_BS[mask_BS]
+def _targets(labels_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions [N] that have a target, and those targets [N]."""
+    flat = labels_BS.reshape(-1)
+    rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    return rows, flat[rows]
 
 
 def _stats(ce_TN, log_p_NT, loss) -> LossOutput:
@@ -233,7 +266,7 @@ def _stats(ce_TN, log_p_NT, loss) -> LossOutput:
 
 
 def stage1_loss(
-    step_hidden_TBSH: torch.Tensor,
+    step_hidden: list[torch.Tensor],
     gate_logits_BST: torch.Tensor,
     labels_BS: torch.Tensor,
     lm_head: torch.nn.Module,
@@ -241,22 +274,23 @@ def stage1_loss(
 ) -> LossOutput:
     """Stage I: expected per-step cross-entropy under the exit distribution plus beta R(p).
 
-    ``labels_BS[b, i]`` is the target of position i (already shifted), IGNORE_INDEX to skip.
-    ``lm_head`` is called as a module (so that sharded-parameter hooks run) with
-    ``lm_head(hidden, targets=..., token_weights=..., chunk_tokens=...)``.
+    ``step_hidden`` holds each step's [B, S, H] hidden state. ``labels_BS[b, i]`` is the target
+    of position i (already shifted), IGNORE_INDEX to skip. ``lm_head`` is called as a module
+    (so that sharded-parameter hooks run) with
+    ``lm_head(hidden, targets=..., token_weights=..., chunk_tokens=..., rows=...)``.
     """
-    h_TNH, z_NT, y_N = _select_targets(step_hidden_TBSH, gate_logits_BST, labels_BS)
-    t, n = h_TNH.shape[:2]
-    log_p_NT = exit_log_pdf(z_NT)
+    rows_N, y_N = _targets(labels_BS)
+    n = rows_N.shape[0]
+    log_p_NT = exit_log_pdf(gate_logits_BST.reshape(-1, gate_logits_BST.shape[-1])[rows_N])
     p_TN = log_p_NT.exp().T
     denominator = max(n, 1)
-    weighted, ce = lm_head(
-        h_TNH.reshape(t * n, -1),
-        targets=y_N.repeat(t),
-        token_weights=(p_TN / denominator).reshape(-1),
+    weighted, ce_TN = lm_head(
+        [h.reshape(-1, h.shape[-1]) for h in step_hidden],
+        targets=y_N,
+        token_weights=p_TN / denominator,
         chunk_tokens=objective.chunk_tokens,
+        rows=rows_N,
     )
-    ce_TN = ce.view(t, n)
     # value: sum_t p L / N; gradients: to the LM through `weighted`, to the gate through p.
     expected = (p_TN * ce_TN).sum() / denominator + (weighted - weighted.detach())
     regularizer = exit_regularizer(log_p_NT, objective).sum() / denominator
@@ -282,22 +316,22 @@ def stage2_gate_loss(ce_TN: torch.Tensor, gate_logits_NT: torch.Tensor, k: float
 
 
 def stage2_loss(
-    step_hidden_TBSH: torch.Tensor,
+    step_hidden: list[torch.Tensor],
     gate_logits_BST: torch.Tensor,
     labels_BS: torch.Tensor,
     lm_head: torch.nn.Module,
     objective: Objective,
 ) -> LossOutput:
     """Stage II objective on one batch; the per-step losses carry no gradient."""
-    h_TNH, z_NT, y_N = _select_targets(step_hidden_TBSH, gate_logits_BST, labels_BS)
-    t, n = h_TNH.shape[:2]
+    rows_N, y_N = _targets(labels_BS)
+    z_NT = gate_logits_BST.reshape(-1, gate_logits_BST.shape[-1])[rows_N]
     with torch.no_grad():
-        _, ce = lm_head(
-            h_TNH.reshape(t * n, -1),
-            targets=y_N.repeat(t),
-            token_weights=torch.zeros(t * n, device=h_TNH.device),
+        _, ce_TN = lm_head(
+            [h.reshape(-1, h.shape[-1]) for h in step_hidden],
+            targets=y_N,
+            token_weights=torch.zeros(len(step_hidden), rows_N.shape[0], device=y_N.device),
             chunk_tokens=objective.chunk_tokens,
+            rows=rows_N,
         )
-    ce_TN = ce.view(t, n)
     loss = stage2_gate_loss(ce_TN, z_NT, objective.gate_k, objective.gate_gamma)
     return _stats(ce_TN, exit_log_pdf(z_NT), loss)

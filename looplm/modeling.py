@@ -122,15 +122,17 @@ class LMHead(nn.Linear):
     cross-entropy instead of logits (see ``losses.weighted_lm_cross_entropy``); being a
     module call, sharded-parameter hooks gather its weight either way."""
 
-    def forward(self, hidden, targets=None, token_weights=None, chunk_tokens=None):
+    def forward(self, hidden, targets=None, token_weights=None, chunk_tokens=None, rows=None):
         if targets is None:
             return super().forward(hidden)
-        return weighted_lm_cross_entropy(hidden, self.weight, targets, token_weights, chunk_tokens)
+        return weighted_lm_cross_entropy(
+            hidden, self.weight, targets, token_weights, chunk_tokens, rows
+        )
 
 
 @dataclass
 class LoopLMBodyOutput:
-    step_hidden: torch.Tensor  # [T, B, S, H] normed hidden state after each step
+    step_hidden: list[torch.Tensor]  # T x [B, S, H] normed hidden state after each step
     gate_logits: torch.Tensor  # [B, S, T] exit-gate logits z_t (lambda_t = sigmoid(z_t))
 
 
@@ -162,22 +164,28 @@ class LoopLMModel(nn.Module):
             position_ids_BS, self.config.head_dim, self.config.rope_theta, h.dtype
         )
         step_hidden, gate_logits = [], []
+        last = len(self.layers) - 1
         for step in range(num_steps):
             for index, layer in enumerate(self.layers):
                 slot = cache.slot(step, index) if cache is not None else None
-                h = self._run_layer(layer, h, cos, sin, layout, slot)
-            h = self.norm(h)
+                h = self._run_layer(layer, h, cos, sin, layout, slot, final_norm=index == last)
             step_hidden.append(h)
             gate_logits.append(self.early_exit_gate(h).squeeze(-1))
         if cache is not None:
             cache.end_forward(input_ids_BS.shape[1])
-        return LoopLMBodyOutput(torch.stack(step_hidden), torch.stack(gate_logits, dim=-1))
+        return LoopLMBodyOutput(step_hidden, torch.stack(gate_logits, dim=-1))
 
-    def _run_layer(self, layer, h, cos, sin, layout, slot):
+    def _run_layer(self, layer, h, cos, sin, layout, slot, final_norm: bool):
+        """One layer; the last one of a step also applies the final norm, inside the same
+        checkpoint, so that per (step, layer) only the layer input is saved."""
+
+        def run(h, cos, sin, layout, slot):
+            out = layer(h, cos, sin, layout, slot)
+            return self.norm(out) if final_norm else out
+
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            # Saves only the layer input per (step, layer); the rest is recomputed.
-            return checkpoint(layer, h, cos, sin, layout, slot, use_reentrant=False)
-        return layer(h, cos, sin, layout, slot)
+            return checkpoint(run, h, cos, sin, layout, slot, use_reentrant=False)
+        return run(h, cos, sin, layout, slot)
 
 
 @dataclass
@@ -275,10 +283,11 @@ class LoopLMForCausalLM(nn.Module):
             out.exit_pdf_mean, out.exit_entropy = losses.exit_pdf_mean, losses.exit_entropy
             out.num_tokens = losses.num_tokens
             return out
+        step_hidden_TBSH = torch.stack(body.step_hidden)
         if return_all_steps:
-            out.step_logits = self.lm_head(body.step_hidden)
+            out.step_logits = self.lm_head(step_hidden_TBSH)
         out.exit_steps = self._exit_steps(body.gate_logits, exit_at_step, exit_threshold)
-        out.logits = self._logits_at(body.step_hidden, out.exit_steps, out.step_logits)
+        out.logits = self._logits_at(step_hidden_TBSH, out.exit_steps, out.step_logits)
         return out
 
     def _body(self, input_ids, position_ids, steps, cache, frozen: bool) -> LoopLMBodyOutput:
@@ -288,7 +297,8 @@ class LoopLMForCausalLM(nn.Module):
             return self.model(input_ids, position_ids, steps, cache)
         with torch.no_grad():
             body = self.model(input_ids, position_ids, steps, cache)
-        gate_logits_BST = self.model.early_exit_gate(body.step_hidden).squeeze(-1).permute(1, 2, 0)
+        gate = self.model.early_exit_gate
+        gate_logits_BST = torch.stack([gate(h).squeeze(-1) for h in body.step_hidden], dim=-1)
         return LoopLMBodyOutput(body.step_hidden, gate_logits_BST)
 
     def loss(

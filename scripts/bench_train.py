@@ -36,7 +36,9 @@ def bare_step_worker(args) -> None:
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    data = load_data_config(str(REPO / "configs/data/embedded.yaml"), [f"seq_len={args.seq_len}", "num_workers=0"])
+    data = load_data_config(
+        str(REPO / "configs/data/embedded.yaml"), [f"seq_len={args.seq_len}", "num_workers=0"]
+    )
     loader = iter(build_data_loader(data, rank=0, world_size=1, micro_batch_size=args.micro_batch))
     batches = [next(loader) for _ in range(args.steps)]
     model = LoopLMForCausalLM(LoopLMConfig.from_preset("tiny"), attn_implementation="sdpa")

@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from data_pipelines.config import DataConfig, validate_data_config
+from data_pipelines.tokenizer import EMBEDDED, load_tokenizer, tokenizer_problem
 from looplm.config import PRESETS, LoopLMConfig
 from looplm.losses import PRIORS, REGULARIZERS
 
@@ -199,22 +200,8 @@ def gradient_accumulation(train: TrainSettings, seq_len: int, dp_size: int) -> i
 
 def config_problems(cfg: PretrainConfig, world_size: int) -> list[str]:
     """Every problem of a composed config for a run on ``world_size`` ranks."""
-    p: list[str] = []
     t, d, ds = cfg.train, cfg.data, cfg.deepspeed
-    if cfg.model.preset not in PRESETS:
-        p.append(f"model.preset {cfg.model.preset!r} is unknown; known: {sorted(PRESETS)}")
-    model_cfg = None
-    if cfg.init_from is None and not p:
-        try:
-            model_cfg = cfg.model.build_config()
-        except ValueError as e:
-            p.append(f"model: {e}")
-    elif (
-        cfg.init_from is not None
-        and not Path(cfg.init_from).is_dir()
-        and cfg.init_from.count("/") != 1
-    ):
-        p.append(f"init_from: no Ouro-format directory at {cfg.init_from}")
+    model_cfg, p = _model_config(cfg)
     if t.micro_batch_size < 1:
         p.append(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     if d.seq_len < 2:
@@ -227,11 +214,18 @@ def config_problems(cfg: PretrainConfig, world_size: int) -> list[str]:
                 f"of micro_batch_size x seq_len x data-parallel size "
                 f"({t.micro_batch_size} x {d.seq_len} x {world_size} = {per_pass})"
             )
-    if model_cfg is not None and d.seq_len > model_cfg.max_position_embeddings:
-        p.append(
-            f"data.seq_len ({d.seq_len}) exceeds the model's max_position_embeddings "
-            f"({model_cfg.max_position_embeddings})"
-        )
+    if model_cfg is not None:
+        if d.seq_len > model_cfg.max_position_embeddings:
+            p.append(
+                f"data.seq_len ({d.seq_len}) exceeds the model's max_position_embeddings "
+                f"({model_cfg.max_position_embeddings})"
+            )
+        vocab = _tokenizer_vocab_size(d.tokenizer)
+        if vocab is not None and vocab > model_cfg.vocab_size:
+            p.append(
+                f"the tokenizer {d.tokenizer!r} has {vocab} tokens, more than the model's "
+                f"vocab_size ({model_cfg.vocab_size})"
+            )
     if t.max_steps < 1:
         p.append(f"train.max_steps must be >= 1, got {t.max_steps}")
     if t.num_recurrent_steps is not None and t.num_recurrent_steps < 1:
@@ -259,6 +253,34 @@ def config_problems(cfg: PretrainConfig, world_size: int) -> list[str]:
         p.append("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
     p += validate_data_config(d)
     return p
+
+
+def _model_config(cfg: PretrainConfig) -> tuple[LoopLMConfig | None, list[str]]:
+    """The architecture the run will train (from init_from's config.json, else the model
+    settings), and the problems found on the way."""
+    if cfg.init_from is not None:
+        path = Path(cfg.init_from)
+        if path.is_dir():
+            try:
+                return LoopLMConfig.load(path), []
+            except (OSError, ValueError) as e:
+                return None, [f"init_from: {e}"]
+        if cfg.init_from.count("/") == 1 and not path.exists():
+            return None, []  # a hub id, fetched when the run starts
+        return None, [f"init_from: no Ouro-format directory at {cfg.init_from}"]
+    if cfg.model.preset not in PRESETS:
+        return None, [f"model.preset {cfg.model.preset!r} is unknown; known: {sorted(PRESETS)}"]
+    try:
+        return cfg.model.build_config(), []
+    except ValueError as e:
+        return None, [f"model: {e}"]
+
+
+def _tokenizer_vocab_size(name: str) -> int | None:
+    """The tokenizer's vocabulary size when it is on this machine, else None."""
+    if tokenizer_problem(name) is not None or (name != EMBEDDED and not Path(name).is_file()):
+        return None
+    return load_tokenizer(name).get_vocab_size()
 
 
 def _schedule_problems(cfg: PretrainConfig) -> list[str]:

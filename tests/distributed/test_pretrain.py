@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from looplm import LoopLMForCausalLM
+from looplm import LoopLMConfig, LoopLMForCausalLM
 from tests.distributed.launch import FAST, metrics, run, start, wait_for
 from train.export import export_checkpoint, load_checkpoint_model
 
@@ -197,3 +197,60 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, cache_dir):
     assert code == 0, out[-3000:]
     assert "resumed from" in out and "step_00000002" in out
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
+
+
+def test_kill_during_a_checkpoint_write_leaves_it_ignored_and_resume_exact(tmp_path, cache_dir):
+    steps = ["train.max_steps=4", "checkpoint.every_steps=1"]
+    reference_dir = tmp_path / "reference"
+    code, out = run("train.pretrain", job(reference_dir, cache_dir, *steps), tmp_path / "ref.log")
+    assert code == 0, out[-3000:]
+    run_dir = tmp_path / "run"
+    process = start("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "a.log")
+    root = run_dir / "checkpoints"
+    # Kill the moment a checkpoint is being written (its .partial folder exists).
+    wait_for(lambda: completed(run_dir) and list(root.glob(".*.partial")), process, poll=0.002)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert list(root.glob(".*.partial"))
+    code, out = run("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "b.log")
+    assert code == 0, out[-3000:]
+    assert not list(root.glob(".*.partial"))
+    assert [r["loss"] for r in metrics(run_dir)] == [r["loss"] for r in metrics(reference_dir)]
+
+
+def test_init_from_an_ouro_directory_starts_from_its_weights(tmp_path, cache_dir):
+    torch.manual_seed(5)
+    source = LoopLMForCausalLM(
+        LoopLMConfig.from_preset(
+            "tiny", hidden_size=64, intermediate_size=128, num_key_value_heads=2
+        )
+    )
+    source.save_pretrained(tmp_path / "released")
+    run_dir = tmp_path / "run"
+    code, out = run(
+        "train.pretrain",
+        job(
+            run_dir,
+            cache_dir,
+            "train.max_steps=1",
+            f"init_from={tmp_path / 'released'}",
+            "optim.lr=1e-9",
+            "deepspeed.precision=fp32",
+        ),
+        tmp_path / "log",
+    )
+    assert code == 0, out[-3000:]
+    trained = load_checkpoint_model(run_dir).state_dict()
+    for name, tensor in source.state_dict().items():
+        torch.testing.assert_close(trained[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_an_unusable_run_dir_is_a_clear_error(tmp_path, cache_dir):
+    (tmp_path / "a_file").write_text("")
+    code, out = run(
+        "train.pretrain",
+        job(tmp_path / "a_file" / "run", cache_dir, "train.max_steps=1"),
+        tmp_path / "log",
+    )
+    assert code != 0
+    assert "is not writable" in out

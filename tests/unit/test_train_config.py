@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
+from tests.conftest import OURO_TINY
 from train.config import config_problems, register_configs, to_object, validate
 from train.schedule import learning_rate
 
@@ -71,6 +72,8 @@ BAD = [
     (["deepspeed.precision=fp8"], "deepspeed.precision"),
     (["init_from=/nonexistent/ouro"], "init_from: no Ouro-format directory"),
     (["train.max_steps=0"], "train.max_steps must be >= 1"),
+    (["model.vocab_size=4096"], "has 8192 tokens, more than the model's vocab_size (4096)"),
+    ([f"init_from={OURO_TINY}"], "more than the model's vocab_size (384)"),
 ]
 
 
