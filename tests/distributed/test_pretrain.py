@@ -41,7 +41,7 @@ def completed(run_dir):
     return sorted(p.name for p in root.glob("step_*") if (p / "COMPLETE").is_file())
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+@pytest.mark.parametrize("zero", ["zero1", "zero2", "zero3", "zero3_offload"])
 def test_two_rank_run_logs_every_step_and_checkpoints(tmp_path, cache_dir, zero):
     run_dir = tmp_path / "run"
     code, out = run(
