@@ -2,12 +2,16 @@
 model's training step alone, in the same run.
 
     python scripts/bench_train.py [--steps 30] [--seq-len 256] [--micro-batch 8]
+    python scripts/bench_train.py --mfu --micro-batch 1   # one GPU: Ouro-1.4B, seq 4096, bf16
 
 (a) ``train.pretrain`` on one rank (torchrun, gloo, ZeRO-2, float32) reading the embedded
 corpus; its per-step tokens/s come from metrics.jsonl. (b) The same model and objective stepped
 by a bare loop (forward, backward, clip, AdamW) on the same packed batches, read beforehand. Each runs
 in its own process; peak memory is that process tree's maximum resident set. Target: the
 job's overhead (1 - a/b tokens/s) at most 10%.
+
+``--mfu`` (one GPU) trains an Ouro-1.4B-shaped model (T=4) at sequence 4096 in bf16 and prints
+the model FLOPs utilization the job logs, counting the loops (``train.metrics``); target 50%.
 """
 
 from __future__ import annotations
@@ -105,6 +109,28 @@ def run_bare(args, env: dict) -> tuple[list[float], float]:
     return json.loads(out.strip().splitlines()[-1]), peak
 
 
+def run_mfu(args, env: dict) -> None:
+    """The job's logged MFU for an Ouro-1.4B-shaped model on one GPU."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port=29733",
+            "-m", "train.pretrain", "model=ouro_1.4b", "data=embedded", "deepspeed=zero2",
+            "deepspeed.precision=bf16", f"run_dir={run_dir}", f"train.max_steps={args.steps}",
+            "data.seq_len=4096", f"train.micro_batch_size={args.micro_batch}",
+            f"train.global_batch_tokens={args.micro_batch * 4096 * args.accumulation}",
+            "checkpoint.every_steps=100000", "logging.wandb=false", "logging.plot_at_end=false",
+            "schedule.warmup_steps=1",
+        ]  # fmt: skip
+        _run(command, env)
+        records = [
+            json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+        ]
+    mfu = statistics.median(r["mfu"] for r in records[args.warmup :])
+    rate = statistics.median(r["tokens_per_s"] for r in records[args.warmup :])
+    print(f"Ouro-1.4B shape, T=4, seq 4096, bf16, micro batch {args.micro_batch}: {rate:,.0f} tokens/s, "
+          f"MFU {mfu:.1%} ({'PASS' if mfu >= 0.5 else 'FAIL'}: target >= 50%)")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -118,6 +144,8 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (torchrun sets 1 per rank)"
     )
+    parser.add_argument("--mfu", action="store_true", help="one GPU: MFU of Ouro-1.4B's shape")
+    parser.add_argument("--accumulation", type=int, default=4, help="--mfu: micro-batches a step")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -126,6 +154,9 @@ def main() -> None:
     env = dict(
         os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(REPO), WANDB_MODE="disabled"
     )
+    if args.mfu:
+        run_mfu(args, env)
+        return
     bare, bare_peak = run_bare(args, env)
     job, job_peak = run_job(args, env)
     bare_rate = statistics.median(bare[args.warmup :])
