@@ -244,11 +244,22 @@ class LossOutput:
     num_tokens: int  # target tokens the means are over
 
 
-def _targets(labels_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat positions [N] that have a target, and those targets [N]."""
+def _targets(labels_BS: torch.Tensor, gate_logits_BST: torch.Tensor):
+    """Flat positions [N] that have a target, those targets [N], and their gate logits [N, T]."""
     flat = labels_BS.reshape(-1)
     rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
-    return rows, flat[rows]
+    return rows, flat[rows], gate_logits_BST.reshape(-1, gate_logits_BST.shape[-1])[rows]
+
+
+def _head_losses(lm_head, step_hidden, rows_N, y_N, weights_TN, objective: Objective):
+    """(weighted sum, per-step cross-entropy [T, N]) of the target rows of every step."""
+    return lm_head(
+        [h.reshape(-1, h.shape[-1]) for h in step_hidden],
+        targets=y_N,
+        token_weights=weights_TN,
+        chunk_tokens=objective.chunk_tokens,
+        rows=rows_N,
+    )
 
 
 def _stats(ce_TN, log_p_NT, loss) -> LossOutput:
@@ -279,18 +290,11 @@ def stage1_loss(
     (so that sharded-parameter hooks run) with
     ``lm_head(hidden, targets=..., token_weights=..., chunk_tokens=..., rows=...)``.
     """
-    rows_N, y_N = _targets(labels_BS)
-    n = rows_N.shape[0]
-    log_p_NT = exit_log_pdf(gate_logits_BST.reshape(-1, gate_logits_BST.shape[-1])[rows_N])
+    rows_N, y_N, z_NT = _targets(labels_BS, gate_logits_BST)
+    log_p_NT = exit_log_pdf(z_NT)
     p_TN = log_p_NT.exp().T
-    denominator = max(n, 1)
-    weighted, ce_TN = lm_head(
-        [h.reshape(-1, h.shape[-1]) for h in step_hidden],
-        targets=y_N,
-        token_weights=p_TN / denominator,
-        chunk_tokens=objective.chunk_tokens,
-        rows=rows_N,
-    )
+    denominator = max(rows_N.shape[0], 1)
+    weighted, ce_TN = _head_losses(lm_head, step_hidden, rows_N, y_N, p_TN / denominator, objective)
     # value: sum_t p L / N; gradients: to the LM through `weighted`, to the gate through p.
     expected = (p_TN * ce_TN).sum() / denominator + (weighted - weighted.detach())
     regularizer = exit_regularizer(log_p_NT, objective).sum() / denominator
@@ -323,15 +327,9 @@ def stage2_loss(
     objective: Objective,
 ) -> LossOutput:
     """Stage II objective on one batch; the per-step losses carry no gradient."""
-    rows_N, y_N = _targets(labels_BS)
-    z_NT = gate_logits_BST.reshape(-1, gate_logits_BST.shape[-1])[rows_N]
+    rows_N, y_N, z_NT = _targets(labels_BS, gate_logits_BST)
+    no_weights = torch.zeros(len(step_hidden), rows_N.shape[0], device=y_N.device)
     with torch.no_grad():
-        _, ce_TN = lm_head(
-            [h.reshape(-1, h.shape[-1]) for h in step_hidden],
-            targets=y_N,
-            token_weights=torch.zeros(len(step_hidden), rows_N.shape[0], device=y_N.device),
-            chunk_tokens=objective.chunk_tokens,
-            rows=rows_N,
-        )
+        _, ce_TN = _head_losses(lm_head, step_hidden, rows_N, y_N, no_weights, objective)
     loss = stage2_gate_loss(ce_TN, z_NT, objective.gate_k, objective.gate_gamma)
     return _stats(ce_TN, exit_log_pdf(z_NT), loss)
