@@ -254,3 +254,17 @@ def test_an_unusable_run_dir_is_a_clear_error(tmp_path, cache_dir):
     )
     assert code != 0
     assert "is not writable" in out
+
+
+def test_zero3_resume_is_exact_too(tmp_path, cache_dir):
+    steps = ["deepspeed=zero3", "train.max_steps=4", "checkpoint.every_steps=2"]
+    code, out = run("train.pretrain", job(tmp_path / "ref", cache_dir, *steps), tmp_path / "a.log")
+    assert code == 0, out[-3000:]
+    run_dir = tmp_path / "run"
+    process = start("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "b.log")
+    wait_for(lambda: "step_00000002" in completed(run_dir), process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    code, out = run("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "c.log")
+    assert code == 0, out[-3000:]
+    assert [r["loss"] for r in metrics(run_dir)] == [r["loss"] for r in metrics(tmp_path / "ref")]
