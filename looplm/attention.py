@@ -88,8 +88,15 @@ class AttentionLayout:
 
     @classmethod
     def build(
-        cls, position_ids_BS: torch.Tensor, past_length: int, packed: bool, implementation: str
+        cls,
+        position_ids_BS: torch.Tensor,
+        past_length: int,
+        packed: bool,
+        implementation: str,
+        key_mask_BK: torch.Tensor | None = None,
     ) -> AttentionLayout:
+        """``key_mask_BK`` (bool, past and new tokens) marks padding keys (False) that no query
+        may see; a padding query still sees itself, so its (unused) output stays finite."""
         b, s = position_ids_BS.shape
         device = position_ids_BS.device
         if packed:
@@ -99,6 +106,12 @@ class AttentionLayout:
             causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()
             same_doc = doc[:, :, None] == doc[:, None, :]
             return cls(0, (same_doc & causal)[:, None])
+        if key_mask_BK is not None:
+            q_pos = torch.arange(s, device=device)[:, None] + past_length
+            k_pos = torch.arange(past_length + s, device=device)[None, :]
+            mask = (k_pos <= q_pos)[None] & key_mask_BK[:, None, :]
+            mask |= k_pos == q_pos
+            return cls(past_length, mask[:, None])
         if past_length and s > 1 and implementation != "flash":
             q_pos = torch.arange(s, device=device)[:, None] + past_length
             k_pos = torch.arange(past_length + s, device=device)[None, :]
@@ -126,7 +139,7 @@ def attend(
     implementation: str,
 ) -> torch.Tensor:
     """Causal attention of queries over keys; returns [B, S, N, D]."""
-    if implementation == "flash":
+    if implementation == "flash" and layout.mask is None:
         return _flash(q_BNSD, k_BGKD, v_BGKD, layout)
     groups = q_BNSD.shape[1] // k_BGKD.shape[1]
     if groups > 1:

@@ -127,8 +127,11 @@ def generate(
     exit_at_step: int | None = None,
     exit_threshold: float | None = None,
     generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decodes up to ``max_new_tokens`` after prompts of equal length ``input_ids`` [B, S].
+    """Decodes up to ``max_new_tokens`` after the prompts ``input_ids`` [B, S].
+
+    Prompts of different lengths are left-padded, with ``attention_mask`` [B, S] 0 at padding.
 
     Greedy by default, else sampling (temperature, top-k, top-p). A sequence stops at any of the
     EOS ids (default: the config's); finished rows are padded with ``pad_token_id`` (default: the
@@ -160,6 +163,7 @@ def generate(
             exit_at_step=exit_at_step,
             exit_threshold=exit_threshold,
             past_key_values=cache,
+            attention_mask=attention_mask,
         )
         logits = out.logits[:, -1]
         nxt = (
@@ -173,4 +177,6 @@ def generate(
         if finished.all():
             break
         step_input = nxt[:, None]
+        if attention_mask is not None:
+            attention_mask = torch.cat((attention_mask, torch.ones_like(step_input)), dim=1)
     return tokens

@@ -152,13 +152,15 @@ class LoopLMModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(
-        self, input_ids_BS, position_ids_BS, num_steps: int, cache=None
+        self, input_ids_BS, position_ids_BS, num_steps: int, cache=None, key_mask_BK=None
     ) -> LoopLMBodyOutput:
         past = cache.seen_tokens if cache is not None else 0
-        packed = bool((document_ids(position_ids_BS)[:, -1] > 0).any())
+        packed = key_mask_BK is None and bool((document_ids(position_ids_BS)[:, -1] > 0).any())
         if packed and cache is not None:
             raise ValueError("packed sequences (restarting position_ids) cannot use a KV cache")
-        layout = AttentionLayout.build(position_ids_BS, past, packed, self.implementation)
+        layout = AttentionLayout.build(
+            position_ids_BS, past, packed, self.implementation, key_mask_BK
+        )
         h = self.embed_tokens(input_ids_BS)
         cos, sin = rope_cos_sin(
             position_ids_BS, self.config.head_dim, self.config.rope_theta, h.dtype
@@ -248,6 +250,7 @@ class LoopLMForCausalLM(nn.Module):
         exit_threshold: float | None = None,
         objective: Objective | None = None,
         past_key_values=None,
+        attention_mask: torch.Tensor | None = None,
     ) -> LoopLMOutput:
         """Runs the loop.
 
@@ -264,14 +267,19 @@ class LoopLMForCausalLM(nn.Module):
             exit_threshold: Q-exit threshold q for ``logits`` (default: the config's).
             objective: the loss with labels (default: Stage I with beta 0.1).
             past_key_values: a ``LoopKVCache`` for incremental decoding.
+            attention_mask: [B, cached + S], 0 at padding (e.g. left-padded prompts); positions
+                then count only real tokens.
         """
         steps = self.config.total_ut_steps if num_steps is None else num_steps
         past = past_key_values.seen_tokens if past_key_values is not None else 0
+        key_mask = self._check_attention_mask(attention_mask, input_ids, past)
+        if position_ids is None and key_mask is not None:
+            position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         position_ids = self._check_inputs(
             input_ids, position_ids, labels, steps, exit_at_step, past
         )
         frozen_body = labels is not None and objective is not None and objective.kind == "stage2"
-        body = self._body(input_ids, position_ids, steps, past_key_values, frozen_body)
+        body = self._body(input_ids, position_ids, steps, past_key_values, frozen_body, key_mask)
         out = LoopLMOutput(
             exit_pdf=exit_log_pdf(body.gate_logits).exp(),
             gate_logits=body.gate_logits,
@@ -290,13 +298,13 @@ class LoopLMForCausalLM(nn.Module):
         out.logits = self._logits_at(step_hidden_TBSH, out.exit_steps, out.step_logits)
         return out
 
-    def _body(self, input_ids, position_ids, steps, cache, frozen: bool) -> LoopLMBodyOutput:
+    def _body(self, input_ids, position_ids, steps, cache, frozen: bool, key_mask=None):
         """The loop; ``frozen`` (Stage II) runs it without gradients and re-reads only the gate
         from the detached hidden states, so nothing but the gate can change."""
         if not frozen:
-            return self.model(input_ids, position_ids, steps, cache)
+            return self.model(input_ids, position_ids, steps, cache, key_mask)
         with torch.no_grad():
-            body = self.model(input_ids, position_ids, steps, cache)
+            body = self.model(input_ids, position_ids, steps, cache, key_mask)
         gate = self.model.early_exit_gate
         gate_logits_BST = torch.stack([gate(h).squeeze(-1) for h in body.step_hidden], dim=-1)
         return LoopLMBodyOutput(body.step_hidden, gate_logits_BST)
@@ -325,6 +333,20 @@ class LoopLMForCausalLM(nn.Module):
         # The head is linear, so the logits of the selected hidden state are the selected logits.
         chosen = step_hidden_TBSH.gather(0, index.expand(1, *step_hidden_TBSH.shape[1:]))[0]
         return self.lm_head(chosen)
+
+    @staticmethod
+    def _check_attention_mask(attention_mask, input_ids, past: int) -> torch.Tensor | None:
+        """The padding mask as bools [B, past + S], or None when there is no padding."""
+        if attention_mask is None:
+            return None
+        expected = (input_ids.shape[0], past + input_ids.shape[1])
+        if tuple(attention_mask.shape) != expected:
+            raise ValueError(
+                f"attention_mask {tuple(attention_mask.shape)} must cover the cached and the new "
+                f"tokens: {expected}"
+            )
+        key_mask = attention_mask.bool()
+        return None if bool(key_mask.all()) else key_mask
 
     def _check_inputs(self, input_ids, position_ids, labels, steps, exit_at_step, past):
         cfg = self.config

@@ -144,3 +144,33 @@ def test_bad_generation_arguments():
         m.generate(torch.zeros(1, 2, dtype=torch.long), 2, do_sample=True, temperature=0.0)
     with pytest.raises(ValueError, match="non-empty"):
         m.generate(torch.zeros(1, 0, dtype=torch.long), 2)
+
+
+@pytest.mark.parametrize("mode", ["full", "last"])
+def test_left_padded_batches_decode_like_each_prompt_alone(mode):
+    m = model()
+    prompts = [torch.randint(1, 61, (n,)) for n in (3, 6, 5)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :], mask[row, width - len(p) :] = p, 1
+    batched = m.generate(ids, 5, eos_token_id=[], kv_sharing=mode, attention_mask=mask)
+    for row, p in enumerate(prompts):
+        alone = m.generate(p[None], 5, eos_token_id=[], kv_sharing=mode)
+        assert torch.equal(batched[row, width:], alone[0, len(p) :])
+
+
+def test_padding_does_not_change_the_logits_of_real_tokens():
+    m = model()
+    ids = torch.randint(1, 61, (1, 6))
+    padded = torch.cat((torch.zeros(1, 3, dtype=torch.long), ids), dim=1)
+    mask = torch.cat((torch.zeros(1, 3), torch.ones(1, 6)), dim=1)
+    out = m(padded, attention_mask=mask, return_all_steps=True)
+    torch.testing.assert_close(out.step_logits[:, :, 3:], m(ids, return_all_steps=True).step_logits)
+    assert torch.isfinite(out.step_logits).all()
+
+
+def test_an_attention_mask_of_the_wrong_length_is_refused():
+    with pytest.raises(ValueError, match="must cover the cached and the new tokens"):
+        model()(torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 3))
