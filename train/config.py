@@ -157,6 +157,17 @@ class LoggingSettings:
 
 
 @dataclass
+class FaultSettings:
+    """Faults injected on rank 0 at given optimizer steps (1-based), to rehearse the guards on a
+    real run: every rank must then skip the update."""
+
+    nan_loss_at_steps: list[int] = field(default_factory=list)
+    """The step's loss becomes NaN."""
+    nan_grad_at_steps: list[int] = field(default_factory=list)
+    """The loss stays finite but its gradients become NaN."""
+
+
+@dataclass
 class PretrainConfig:
     """The pre-training job."""
 
@@ -173,6 +184,7 @@ class PretrainConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    faults: FaultSettings = field(default_factory=FaultSettings)
 
 
 def register_configs() -> None:

@@ -67,7 +67,9 @@ def deepspeed_config(
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        # A non-finite gradient norm on any rank skips the update on every rank, leaving weights
+        # and optimizer state untouched (fp32 and ZeRO-3 check it regardless).
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "checkpoint": {"load_universal": load_universal},

@@ -84,6 +84,18 @@ class _StopSignal:
         return bool(flag.item())
 
 
+class _NaNGradient(torch.autograd.Function):
+    """Identity whose gradient is NaN: a finite loss with non-finite gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
 def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     values = values.detach().double().cpu()
     if dist.is_initialized():
@@ -222,7 +234,8 @@ class Trainer:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         sums = torch.zeros(2 + 2 * self.num_steps, dtype=torch.float64)
-        for _ in range(self.accumulation):
+        skipped_before = engine.skipped_steps
+        for micro in range(self.accumulation):
             batch = next(batches)
             out = engine(
                 batch["input_ids"].to(engine.device),
@@ -231,11 +244,14 @@ class Trainer:
                 num_steps=self.num_steps,
                 objective=self.objective,
             )
-            engine.backward(out.loss)
+            loss = out.loss
+            if micro == self.accumulation - 1:
+                loss = self._inject_faults(loss)
+            engine.backward(loss)
             engine.step()
             sums += torch.cat(
                 [
-                    out.loss.detach().double().cpu().view(1),
+                    loss.detach().double().cpu().view(1),
                     out.exit_entropy.double().cpu().view(1),
                     out.loss_per_step.double().cpu(),
                     out.exit_pdf_mean.double().cpu(),
@@ -257,10 +273,21 @@ class Trainer:
             "exit_entropy": means[1].item(),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "lr": lr,
-            "skipped": False,
+            "skipped": engine.skipped_steps > skipped_before,
             "tokens_per_s": tokens_per_s,
             "mfu": self._mfu(tokens_per_s),
         }
+
+    def _inject_faults(self, loss: torch.Tensor) -> torch.Tensor:
+        """The configured faults of this step, on rank 0 only."""
+        step, faults = self.state.step + 1, self.cfg.faults
+        if self.rank != 0:
+            return loss
+        if step in faults.nan_loss_at_steps:
+            return loss * float("nan")
+        if step in faults.nan_grad_at_steps:
+            return _NaNGradient.apply(loss)
+        return loss
 
     def _mfu(self, tokens_per_s: float) -> float | None:
         if self.peak_flops is None:

@@ -268,3 +268,62 @@ def test_zero3_resume_is_exact_too(tmp_path, cache_dir):
     code, out = run("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "c.log")
     assert code == 0, out[-3000:]
     assert [r["loss"] for r in metrics(run_dir)] == [r["loss"] for r in metrics(tmp_path / "ref")]
+
+
+def _tensors(tree, prefix=""):
+    """Every tensor of a nested checkpoint structure, by path."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = (
+        tree.items()
+        if isinstance(tree, dict)
+        else enumerate(tree)
+        if isinstance(tree, list | tuple)
+        else ()
+    )
+    found = {}
+    for key, value in items:
+        found.update(_tensors(value, f"{prefix}/{key}"))
+    return found
+
+
+def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Identical bits (a NaN in ZeRO-3's partition padding equals itself)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.detach().view(bits), b.detach().view(bits))
+    return torch.equal(a, b)
+
+
+def _optimizer_tensors(checkpoint):
+    files = sorted((checkpoint / "deepspeed").glob("*optim_states.pt"))
+    assert files
+    return {
+        f.name + path: t
+        for f in files
+        for path, t in _tensors(torch.load(f, weights_only=False)).items()
+    }
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_a_non_finite_loss_or_gradient_on_one_rank_skips_the_update_everywhere(
+    tmp_path, cache_dir, zero
+):
+    run_dir = tmp_path / "run"
+    args = job(
+        run_dir, cache_dir, f"deepspeed={zero}", "train.max_steps=4", "checkpoint.every_steps=1",
+        "checkpoint.keep_last=10", "faults.nan_loss_at_steps=[2]", "faults.nan_grad_at_steps=[3]",
+    )  # fmt: skip
+    code, out = run("train.pretrain", args, tmp_path / "log")
+    assert code == 0, out[-3000:]
+    assert [r["skipped"] for r in metrics(run_dir)] == [False, True, True, False]
+    steps = [run_dir / "checkpoints" / f"step_{s:08d}" for s in (1, 2, 3, 4)]
+    weights = [load_checkpoint_model(p).state_dict() for p in steps]
+    optimizer = [_optimizer_tensors(p) for p in steps]
+    for later in (1, 2):  # after the skipped steps 2 and 3: bit-identical to step 1
+        assert all(_bit_equal(weights[0][k], weights[later][k]) for k in weights[0])
+        assert optimizer[0].keys() == optimizer[later].keys()
+        assert all(_bit_equal(optimizer[0][k], optimizer[later][k]) for k in optimizer[0])
+    assert any(not torch.equal(weights[0][k], weights[3][k]) for k in weights[0])  # step 4 trains
