@@ -19,6 +19,7 @@ from data_pipelines.config import DataConfig, validate_data_config
 from data_pipelines.tokenizer import EMBEDDED, load_tokenizer, tokenizer_problem
 from looplm.config import PRESETS, LoopLMConfig
 from looplm.losses import PRIORS, REGULARIZERS
+from train.stability import StabilitySettings, stability_problems
 
 SCHEDULES = ("wsd", "cosine", "constant")
 PRECISIONS = ("bf16", "fp32", "auto")
@@ -165,6 +166,9 @@ class FaultSettings:
     """The step's loss becomes NaN."""
     nan_grad_at_steps: list[int] = field(default_factory=list)
     """The loss stays finite but its gradients become NaN."""
+    spike_loss_at_steps: list[int] = field(default_factory=list)
+    """The step's last micro-batch loss is multiplied by spike_factor."""
+    spike_factor: float = 10.0
 
 
 @dataclass
@@ -184,6 +188,7 @@ class PretrainConfig:
     train: TrainSettings = field(default_factory=TrainSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    stability: StabilitySettings = field(default_factory=StabilitySettings)
     faults: FaultSettings = field(default_factory=FaultSettings)
 
 
@@ -195,6 +200,7 @@ def register_configs() -> None:
     cs.store(group="schedule", name="schema", node=ScheduleSettings)
     cs.store(group="deepspeed", name="schema", node=DeepSpeedSettings)
     cs.store(group="logging", name="schema", node=LoggingSettings)
+    cs.store(group="stability", name="schema", node=StabilitySettings)
 
 
 def to_object(cfg: DictConfig) -> PretrainConfig:
@@ -261,6 +267,7 @@ def config_problems(cfg: PretrainConfig, world_size: int) -> list[str]:
     if ds.precision not in PRECISIONS:
         p.append(f"deepspeed.precision must be one of {PRECISIONS}, got {ds.precision!r}")
     p += _schedule_problems(cfg)
+    p += stability_problems(cfg.stability)
     if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep_last < 1:
         p.append("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
     p += validate_data_config(d)

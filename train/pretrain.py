@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import hydra
@@ -34,6 +34,7 @@ from train.config import (
 from train.engine import build_engine, build_model
 from train.metrics import MetricsLogger, device_peak_flops, training_flops_per_token
 from train.schedule import learning_rate
+from train.stability import SpikeDetector
 
 logger = logging.getLogger("looplm.pretrain")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -46,6 +47,7 @@ class TrainerState:
     step: int = 0
     tokens: int = 0
     world_size: int = 1
+    loss_window: list[float] = field(default_factory=list)  # the spike guard's accepted losses
 
 
 def _environment() -> tuple[int, int, int]:
@@ -137,6 +139,7 @@ class Trainer:
             regularizer=cfg.train.regularizer,
         )
         self.state = TrainerState(world_size=self.world_size)
+        self.spikes = SpikeDetector(cfg.stability)
         rank_state = self._resume()
         self.loader = self._build_loader(rank_state)
         self.batches = iter(self.loader)
@@ -164,6 +167,7 @@ class Trainer:
             self.engine, self.latest, self.world_size, self.model.config
         )
         self.state = TrainerState(**{**trainer_state, "world_size": self.world_size})
+        self.spikes.load_state_dict({"history": self.state.loss_window})
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
         if self.rank == 0:
@@ -202,6 +206,7 @@ class Trainer:
 
     def save(self) -> Path:
         rank_state = {"data": self.loader.state_dict(), "rng": rng_state()}
+        self.state.loss_window = self.spikes.state_dict()["history"]
         return self.checkpoints.save(
             self.engine, self.state.step, asdict(self.state), rank_state, self.model.config
         )
@@ -227,14 +232,15 @@ class Trainer:
                 break
 
     def train_step(self, batches) -> dict:
-        """One optimizer step: gradient accumulation over micro-batches, then the update."""
+        """One optimizer step: gradient accumulation over micro-batches, the spike guard's
+        verdict on the step's loss (before its last backward), then the update."""
         cfg, engine = self.cfg, self.engine
         start = time.time()
         lr = learning_rate(self.state.step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         sums = torch.zeros(2 + 2 * self.num_steps, dtype=torch.float64)
-        skipped_before = engine.skipped_steps
+        skipped_before, spike = engine.skipped_steps, None
         for micro in range(self.accumulation):
             batch = next(batches)
             out = engine(
@@ -245,10 +251,9 @@ class Trainer:
                 objective=self.objective,
             )
             loss = out.loss
-            if micro == self.accumulation - 1:
+            last = micro == self.accumulation - 1
+            if last:
                 loss = self._inject_faults(loss)
-            engine.backward(loss)
-            engine.step()
             sums += torch.cat(
                 [
                     loss.detach().double().cpu().view(1),
@@ -257,9 +262,21 @@ class Trainer:
                     out.exit_pdf_mean.double().cpu(),
                 ]
             )
-        means = _mean_over_ranks(sums / self.accumulation)
+            if last:
+                means = _mean_over_ranks(sums / self.accumulation)
+                spike = self.spikes.judge(means[0].item())
+                if spike is not None:
+                    # Non-finite gradients make DeepSpeed skip the update on every rank.
+                    loss = _NaNGradient.apply(loss)
+            engine.backward(loss)
+            engine.step()
         self.state.step += 1
         self.state.tokens += cfg.train.global_batch_tokens
+        skipped = engine.skipped_steps > skipped_before
+        if not skipped:
+            self.spikes.accept(means[0].item())
+        if spike is not None and self.rank == 0:
+            logger.warning("step %d skipped: %s", self.state.step, spike)
         elapsed = time.time() - start
         tokens_per_s = cfg.train.global_batch_tokens / elapsed
         t = self.num_steps
@@ -273,7 +290,8 @@ class Trainer:
             "exit_entropy": means[1].item(),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "lr": lr,
-            "skipped": engine.skipped_steps > skipped_before,
+            "skipped": skipped,
+            "skip_reason": spike if spike is not None else ("non-finite" if skipped else None),
             "tokens_per_s": tokens_per_s,
             "mfu": self._mfu(tokens_per_s),
         }
@@ -287,6 +305,8 @@ class Trainer:
             return loss * float("nan")
         if step in faults.nan_grad_at_steps:
             return _NaNGradient.apply(loss)
+        if step in faults.spike_loss_at_steps:
+            return loss * faults.spike_factor
         return loss
 
     def _mfu(self, tokens_per_s: float) -> float | None:

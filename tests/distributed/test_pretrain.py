@@ -327,3 +327,25 @@ def test_a_non_finite_loss_or_gradient_on_one_rank_skips_the_update_everywhere(
         assert optimizer[0].keys() == optimizer[later].keys()
         assert all(_bit_equal(optimizer[0][k], optimizer[later][k]) for k in optimizer[0])
     assert any(not torch.equal(weights[0][k], weights[3][k]) for k in weights[0])  # step 4 trains
+
+
+def test_a_loss_spike_skips_its_update_and_the_window_is_checkpointed(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    args = job(
+        run_dir, cache_dir, "train.max_steps=5", "checkpoint.every_steps=1", "checkpoint.keep_last=10",
+        "stability.min_history=2", "stability.window=10", "faults.spike_loss_at_steps=[4]",
+    )  # fmt: skip
+    code, out = run("train.pretrain", args, tmp_path / "log")
+    assert code == 0, out[-3000:]
+    records = metrics(run_dir)
+    assert [r["skipped"] for r in records] == [False, False, False, True, False]
+    assert "the window mean" in records[3]["skip_reason"] and "step 4 skipped" in out
+    states = [
+        json.loads((run_dir / f"checkpoints/step_{s:08d}/trainer_state.json").read_text())
+        for s in (3, 4)
+    ]
+    assert states[0]["loss_window"] == states[1]["loss_window"] == [r["loss"] for r in records[:3]]
+    before, after = (
+        load_checkpoint_model(run_dir / f"checkpoints/step_{s:08d}").state_dict() for s in (3, 4)
+    )
+    assert all(_bit_equal(before[k], after[k]) for k in before)

@@ -28,7 +28,7 @@ def group_options(group: str) -> list[str]:
     "override",
     [
         f"{g}={o}"
-        for g in ("model", "data", "optim", "schedule", "deepspeed", "logging")
+        for g in ("model", "data", "optim", "schedule", "deepspeed", "logging", "stability")
         for o in group_options(g)
     ]
     + [f"experiment={o}" for o in group_options("experiment")],
