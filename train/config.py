@@ -22,6 +22,7 @@ from looplm.losses import PRIORS, REGULARIZERS
 from train.stability import StabilitySettings, stability_problems
 
 SCHEDULES = ("wsd", "cosine", "constant")
+BETA_SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("bf16", "fp32", "auto")
 OFFLOAD_DEVICES = ("none", "cpu")
 
@@ -126,7 +127,11 @@ class TrainSettings:
     num_recurrent_steps: int | None = None
     """T while training (default: the model's total_ut_steps); may differ from a checkpoint's."""
     beta: float = 0.1
-    """Weight of the exit-distribution regularizer (Stage I)."""
+    """Weight of the exit-distribution regularizer (Stage I) at the start of the run."""
+    beta_final: float | None = None
+    """Weight at the end of the run (None: beta throughout)."""
+    beta_schedule: str = "constant"
+    """How beta moves from beta to beta_final over the run: constant, linear or cosine."""
     prior: str = "uniform"
     """Exit prior: uniform, geometric or none."""
     prior_param: float = 0.5
@@ -248,8 +253,10 @@ def config_problems(cfg: PretrainConfig, world_size: int) -> list[str]:
         p.append(f"train.max_steps must be >= 1, got {t.max_steps}")
     if t.num_recurrent_steps is not None and t.num_recurrent_steps < 1:
         p.append(f"train.num_recurrent_steps must be >= 1, got {t.num_recurrent_steps}")
-    if t.beta < 0:
-        p.append(f"train.beta must be >= 0, got {t.beta}")
+    if t.beta < 0 or (t.beta_final is not None and t.beta_final < 0):
+        p.append(f"train.beta and train.beta_final must be >= 0, got {t.beta}, {t.beta_final}")
+    if t.beta_schedule not in BETA_SCHEDULES:
+        p.append(f"train.beta_schedule must be one of {BETA_SCHEDULES}, got {t.beta_schedule!r}")
     if t.prior not in PRIORS:
         p.append(f"train.prior must be one of {PRIORS}, got {t.prior!r}")
     if t.regularizer not in REGULARIZERS:

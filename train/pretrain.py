@@ -33,7 +33,7 @@ from train.config import (
 )
 from train.engine import build_engine, build_model
 from train.metrics import MetricsLogger, device_peak_flops, training_flops_per_token
-from train.schedule import learning_rate
+from train.schedule import exit_beta, learning_rate
 from train.stability import SpikeDetector
 
 logger = logging.getLogger("looplm.pretrain")
@@ -239,6 +239,8 @@ class Trainer:
         lr = learning_rate(self.state.step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
+        beta = exit_beta(self.state.step, cfg.train.max_steps, cfg.train)
+        objective = replace(self.objective, beta=beta)
         sums = torch.zeros(2 + 2 * self.num_steps, dtype=torch.float64)
         skipped_before, spike = engine.skipped_steps, None
         for micro in range(self.accumulation):
@@ -248,7 +250,7 @@ class Trainer:
                 position_ids=batch["position_ids"].to(engine.device),
                 labels=batch["labels"].to(engine.device),
                 num_steps=self.num_steps,
-                objective=self.objective,
+                objective=objective,
             )
             loss = out.loss
             last = micro == self.accumulation - 1
@@ -288,6 +290,8 @@ class Trainer:
             "loss_per_step": means[2 : 2 + t].tolist(),
             "exit_pdf_mean": means[2 + t :].tolist(),
             "exit_entropy": means[1].item(),
+            "mean_depth": sum((i + 1) * p for i, p in enumerate(means[2 + t :].tolist())),
+            "beta": beta,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "lr": lr,
             "skipped": skipped,

@@ -1,4 +1,5 @@
-"""Learning-rate schedules: warmup-stable-decay, cosine and constant, with linear warmup.
+"""Schedules of the learning rate (warmup-stable-decay, cosine, constant, with linear warmup)
+and of the exit regularizer's weight beta (the entropy-prior annealer).
 
 A schedule is a pure function of the optimizer step, so a resumed run needs no state for it.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from train.config import ScheduleSettings
+from train.config import ScheduleSettings, TrainSettings
 
 
 def learning_rate(step: int, peak: float, total_steps: int, s: ScheduleSettings) -> float:
@@ -29,3 +30,16 @@ def learning_rate(step: int, peak: float, total_steps: int, s: ScheduleSettings)
         progress = min((step - decay_start + 1) / decay_steps, 1.0)
         return peak + (final - peak) * progress
     raise ValueError(f"unknown schedule kind {s.kind!r}")
+
+
+def exit_beta(step: int, total_steps: int, t: TrainSettings) -> float:
+    """beta for optimizer step ``step`` (0-based): from train.beta to train.beta_final."""
+    final = t.beta if t.beta_final is None else t.beta_final
+    progress = min(step / max(total_steps - 1, 1), 1.0)
+    if t.beta_schedule == "constant" or final == t.beta:
+        return t.beta
+    if t.beta_schedule == "linear":
+        return t.beta + (final - t.beta) * progress
+    if t.beta_schedule == "cosine":
+        return final + (t.beta - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown beta schedule {t.beta_schedule!r}")

@@ -67,11 +67,17 @@ def test_two_rank_run_logs_every_step_and_checkpoints(tmp_path, cache_dir, zero)
         assert REQUIRED <= r.keys()
         assert len(r["loss_per_step"]) == len(r["exit_pdf_mean"]) == 4
         assert abs(sum(r["exit_pdf_mean"]) - 1) < 1e-4
+        assert 1.0 <= r["mean_depth"] <= 4.0 and r["beta"] == 0.1
         assert torch.isfinite(torch.tensor(r["loss"]))
     assert records[-1]["tokens"] == 4 * 512
     assert completed(run_dir) == ["step_00000002", "step_00000004"]
     state = json.loads((run_dir / "checkpoints/step_00000004/trainer_state.json").read_text())
-    assert state == {"step": 4, "tokens": 2048, "world_size": 2}
+    assert state == {
+        "step": 4,
+        "tokens": 2048,
+        "world_size": 2,
+        "loss_window": [r["loss"] for r in records],
+    }
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path, cache_dir):

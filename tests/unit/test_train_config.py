@@ -1,5 +1,6 @@
 """Every shipped config composes; bad configs fail before any process group starts."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from omegaconf.errors import ValidationError
 
 from tests.conftest import OURO_TINY
 from train.config import config_problems, register_configs, to_object, validate
-from train.schedule import learning_rate
+from train.schedule import exit_beta, learning_rate
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 register_configs()
@@ -104,3 +105,18 @@ def test_schedules_warm_up_linearly_and_end_where_configured(kind):
     assert lrs[-1] == pytest.approx(final, abs=0.01)
     if kind == "wsd":
         assert lrs[10:80] == [1.0] * 70 and lrs[80] < 1.0
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+def test_beta_schedules_anneal_from_beta_to_beta_final(kind):
+    cfg = to_object(
+        composed("train.beta=0.1", "train.beta_final=0.05", f"train.beta_schedule={kind}")
+    )
+    betas = [exit_beta(step, 101, cfg.train) for step in range(101)]
+    assert betas[0] == pytest.approx(0.1)
+    assert betas[-1] == pytest.approx(0.1 if kind == "constant" else 0.05)
+    if kind == "linear":
+        assert betas[50] == pytest.approx(0.075)
+    if kind == "cosine":
+        assert betas[25] == pytest.approx(0.05 + 0.05 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert all(a >= b for a, b in zip(betas, betas[1:], strict=False))
