@@ -1,14 +1,22 @@
 """Streaming records out of shard files, and what happens to bad ones.
 
-Every format is read as a stream from a record index on (a line, a paragraph, a row), so a
-resumed reader starts where the saved position says without loading the file. A record that
-cannot be used is reported to a `BadInputLog` with its file and line and skipped, or raises
-under the `error` policy. A remote read that fails is retried with exponential backoff from
-the record where it broke.
+Every shard is read through `datasets.load_dataset(..., streaming=True)`, one
+`IterableDataset` per shard, from a record index on (a line, a paragraph, a row), so a
+resumed reader starts where the saved position says without downloading or loading the
+file. Line formats go through the `text` builder, which decompresses `.gz` by suffix, and
+are parsed here line by line so a bad line is reported with its number; parquet and arrow
+go through their own builders. A record that cannot be used is reported to a
+`BadInputLog` with its file and line and skipped, or raises under the `error` policy. A
+remote read that fails is retried with exponential backoff from the record where it broke.
+
+`json.zst` is the one format read directly: fsspec's zstd stream reader, which `datasets`
+decompresses through, ends silently when the file ends inside a frame, so a truncated file
+would pass unnoticed; `_ZstdReader` raises there instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -20,17 +28,30 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import datasets
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 import zstandard
 
 from data_pipelines.shards import Shard
 
 logger = logging.getLogger(__name__)
 
+# `load_dataset` otherwise pings the Hub once per call, here once per shard opened.
+datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+
 _TRUNCATION_ERRORS = (EOFError, zstandard.ZstdError, gzip.BadGzipFile, zlib.error, pa.ArrowInvalid)
 _LOGGED_PER_KIND = 100
+_BUILDERS = {
+    "jsonl": "text",
+    "json.gz": "text",
+    "text": "text",
+    "parquet": "parquet",
+    "arrow": "arrow",
+}
+_ROWS_PER_BATCH = 1024
+_CHUNK_BYTES = 1 << 20
+"""Bytes of a line-format shard the `text` builder reads at a time."""
 
 
 class BadInputError(ValueError):
@@ -84,6 +105,9 @@ class ReadOptions:
     text_split: str = "paragraph"
     max_retries: int = 5
     retry_backoff_s: float = 1.0
+    salvage: bool = False
+    """Reading a truncated shard again up to its break, a line or a row at a time: the
+    builders lose the whole chunk or batch the file breaks in."""
 
 
 def read_raw(
@@ -97,13 +121,16 @@ def read_raw(
                 position = record.index + 1
                 yield record
             return
-        except _TRUNCATION_ERRORS as error:
-            log.report("truncated_file", f"{shard.path}:{position + 1}", repr(error))
-            return
-        except (BadInputError, ValueError):
+        except BadInputError:
             raise
         except Exception as error:
-            if not shard.remote:
+            if _is_truncation(error, shard):
+                if not options.salvage and shard.format != "json.zst":
+                    options = dataclasses.replace(options, salvage=True)
+                    continue
+                log.report("truncated_file", f"{shard.path}:{position + 1}", repr(error))
+                return
+            if isinstance(error, ValueError) or not shard.remote:
                 raise
             attempt += 1
             if attempt >= options.max_retries:
@@ -117,29 +144,99 @@ def read_raw(
             time.sleep(wait)
 
 
+def _is_truncation(error: Exception, shard: Shard) -> bool:
+    """A file that ends early: a decompressor or arrow error, or (local files) pyarrow's
+    errno-less OSError for a short message body."""
+    if isinstance(error, _TRUNCATION_ERRORS):
+        return True
+    return isinstance(error, OSError) and error.errno is None and not shard.remote
+
+
+def shard_dataset(shard: Shard, options: ReadOptions) -> datasets.IterableDataset:
+    """The streamed `datasets` view of one shard (split "train"): rows of {"text": line} for
+    line formats (undecoded, as latin-1, so that each line's UTF-8 is checked here), or of
+    `options.field` for parquet and arrow."""
+    builder = _BUILDERS[shard.format]
+    kwargs: dict[str, Any] = {}
+    if builder == "text":
+        whole = shard.format == "text" and options.text_split == "file"
+        kwargs = dict(
+            encoding="latin-1",
+            keep_linebreaks=True,
+            chunksize=1 if options.salvage else _CHUNK_BYTES,
+            sample_by="document" if whole else "line",
+        )
+    elif builder == "parquet":
+        kwargs = dict(columns=[options.field])
+    return datasets.load_dataset(
+        builder, data_files=[shard.path], split="train", streaming=True, **kwargs
+    )
+
+
 def _read_once(
     shard: Shard, start: int, options: ReadOptions, log: BadInputLog
 ) -> Iterator[RawRecord]:
-    if shard.format == "parquet":
-        yield from _parquet_records(shard, start, options.field, log)
-    elif shard.format == "arrow":
-        yield from _arrow_records(shard, start, options.field, log)
-    elif shard.format == "text":
-        yield from _text_records(shard, start, options.text_split)
-    else:
-        yield from _line_records(shard, start)
-
-
-def open_binary(shard: Shard):
-    """A binary file object for `shard`, decompressed for json.gz and json.zst; closing it
-    closes the underlying file."""
     if shard.format == "json.zst":
-        raw = open(shard.path, "rb") if not shard.remote else fsspec.open(shard.path, "rb").open()
-        return io.BufferedReader(_ZstdReader(raw))
-    compression = "gzip" if shard.format == "json.gz" else None
-    if shard.remote:
-        return fsspec.open(shard.path, "rb", compression=compression).open()
-    return gzip.open(shard.path, "rb") if compression else open(shard.path, "rb")
+        yield from _zst_line_records(shard, start)
+        return
+    dataset = shard_dataset(shard, options)
+    batch_size = 1 if options.salvage else _ROWS_PER_BATCH
+    if _BUILDERS[shard.format] != "text":
+        if options.field not in (dataset.features or {}):
+            log.report("missing_field", f"{shard.path}:1", f"no column {options.field!r}")
+            return
+        yield from _rows(dataset, options.field, start, lambda value: value, batch_size)
+    elif shard.format == "text" and options.text_split == "paragraph":
+        lines = _rows(dataset, "text", 0, _latin1_bytes, batch_size)
+        yield from (record for record in _paragraphs(lines) if record.index >= start)
+    elif shard.format == "text":
+        yield from _rows(
+            dataset, "text", start, lambda line: _latin1_bytes(line).rstrip(b"\r\n"), batch_size
+        )
+    else:
+        yield from _rows(dataset, "text", start, _latin1_bytes, batch_size)
+
+
+def _rows(
+    dataset: datasets.IterableDataset, column: str, start: int, convert, batch_size: int
+) -> Iterator[RawRecord]:
+    """Rows of `dataset` from `start` on (skipped by the stream, not loaded) as records."""
+    if start:
+        dataset = dataset.skip(start)
+    index = start
+    for table in dataset.with_format("arrow").iter(batch_size=batch_size):
+        for value in table.column(column).to_pylist():
+            yield RawRecord(index, index + 1, convert(value))
+            index += 1
+
+
+def _latin1_bytes(line: str) -> bytes:
+    return line.encode("latin-1")
+
+
+def _paragraphs(records: Iterator[RawRecord]) -> Iterator[RawRecord]:
+    """Lines grouped into paragraphs at blank lines (whitespace-only ones included), each
+    at the line where it starts; the `text` builder's own `sample_by="paragraph"` splits on
+    exactly two newlines and keeps no line numbers."""
+    index, first_line, lines = 0, 1, []
+    for record in records:
+        if record.value.strip():
+            if not lines:
+                first_line = record.line
+            lines.append(record.value)
+        elif lines:
+            yield RawRecord(index, first_line, b"".join(lines).rstrip(b"\r\n"))
+            index, lines = index + 1, []
+    if lines:
+        yield RawRecord(index, first_line, b"".join(lines).rstrip(b"\r\n"))
+
+
+def _zst_line_records(shard: Shard, start: int) -> Iterator[RawRecord]:
+    raw = fsspec.open(shard.path, "rb").open() if shard.remote else open(shard.path, "rb")
+    with io.BufferedReader(_ZstdReader(raw)) as file:
+        for index, line in enumerate(file):
+            if index >= start:
+                yield RawRecord(index, index + 1, line)
 
 
 class _ZstdReader(io.RawIOBase):
@@ -182,81 +279,49 @@ class _ZstdReader(io.RawIOBase):
         super().close()
 
 
-def _line_records(shard: Shard, start: int) -> Iterator[RawRecord]:
-    with open_binary(shard) as file:
-        for index, line in enumerate(file):
-            if index >= start:
-                yield RawRecord(index, index + 1, line)
+class ShardReader:
+    """One shard read for successive windows through one open stream.
 
+    A window may read records past its end (they are tokenized in batches), so the records
+    read since the last requested start are kept and replayed; a start outside them opens
+    the shard again at that record. What the stream reports at its end (a truncated file)
+    is reported again to a window that starts at or before the last record read, as a
+    fresh read would.
+    """
 
-def _text_records(shard: Shard, start: int, split: str) -> Iterator[RawRecord]:
-    with open_binary(shard) as file:
-        if split == "file":
-            if start == 0:
-                yield RawRecord(0, 1, file.read())
+    def __init__(self, shard: Shard, options: ReadOptions):
+        self.shard, self.options = shard, options
+        self._records: Iterator[RawRecord] | None = None
+        self._buffer: list[RawRecord] = []
+        self._next = 0
+        self._ended = False
+        self._end_reports: list[tuple[int, str, str, str]] = []
+        self._log: BadInputLog | None = None
+
+    def report(self, kind: str, where: str, detail: str) -> None:
+        """Forwarded to the current window's log, and kept for a window that re-reads."""
+        self._end_reports.append((self._next - 1, kind, where, detail))
+        self._log.report(kind, where, detail)
+
+    def records(self, start: int, log: BadInputLog) -> Iterator[RawRecord]:
+        """The shard's records from index `start` on, reports going to `log`."""
+        self._log = log
+        first = self._buffer[0].index if self._buffer else self._next
+        if self._records is None or not first <= start <= self._next:
+            self._records = read_raw(self.shard, start, self.options, self)
+            self._buffer, self._next, self._ended, self._end_reports = [], start, False, []
+        self._buffer = [record for record in self._buffer if record.index >= start]
+        yield from list(self._buffer)
+        if self._ended:
+            for last, kind, where, detail in self._end_reports:
+                if start <= last:
+                    log.report(kind, where, detail)
             return
-        if split == "line":
-            lines = enumerate(file)
-            yield from (
-                RawRecord(i, i + 1, line.rstrip(b"\r\n")) for i, line in lines if i >= start
-            )
-            return
-        yield from (record for record in _paragraphs(file) if record.index >= start)
-
-
-def _paragraphs(file) -> Iterator[RawRecord]:
-    index, first_line, lines = 0, 1, []
-    for number, line in enumerate(file, start=1):
-        if line.strip():
-            if not lines:
-                first_line = number
-            lines.append(line)
-        elif lines:
-            yield RawRecord(index, first_line, b"".join(lines).rstrip(b"\r\n"))
-            index, lines = index + 1, []
-    if lines:
-        yield RawRecord(index, first_line, b"".join(lines).rstrip(b"\r\n"))
-
-
-def _parquet_records(shard: Shard, start: int, field: str, log: BadInputLog) -> Iterator[RawRecord]:
-    with open_binary(shard) as file:
-        parquet = pq.ParquetFile(file)
-        if field not in parquet.schema_arrow.names:
-            log.report("missing_field", f"{shard.path}:1", f"no column {field!r}")
-            return
-        first = 0
-        for group in range(parquet.num_row_groups):
-            rows = parquet.metadata.row_group(group).num_rows
-            if first + rows > start:
-                table = parquet.read_row_group(group, columns=[field])
-                yield from _column_records(table.column(field), first, start)
-            first += rows
-
-
-def _arrow_records(shard: Shard, start: int, field: str, log: BadInputLog) -> Iterator[RawRecord]:
-    with open_binary(shard) as file:
-        source = pa.PythonFile(file, mode="r")
-        try:
-            batches = pa.ipc.open_stream(source)
-        except pa.ArrowInvalid:
-            file.seek(0)
-            reader = pa.ipc.open_file(pa.PythonFile(file, mode="r"))
-            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-        first = 0
-        for batch in batches:
-            if field not in batch.schema.names:
-                log.report("missing_field", f"{shard.path}:1", f"no column {field!r}")
-                return
-            if first + batch.num_rows > start:
-                yield from _column_records(batch.column(field), first, start)
-            first += batch.num_rows
-
-
-def _column_records(column, first: int, start: int) -> Iterator[RawRecord]:
-    for offset, value in enumerate(column.to_pylist()):
-        index = first + offset
-        if index >= start:
-            yield RawRecord(index, index + 1, value)
+        for record in self._records:
+            self._buffer.append(record)
+            self._next = record.index + 1
+            yield record
+        self._ended = True
 
 
 def parse_record(

@@ -61,7 +61,7 @@ class Shard:
 
     @property
     def remote(self) -> bool:
-        """A URL, read through fsspec with retries."""
+        """A URL, streamed (by `datasets`, over fsspec) with retries."""
         return "://" in self.path
 
 

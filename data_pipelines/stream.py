@@ -20,7 +20,7 @@ import numpy as np
 
 from data_pipelines.config import DataConfig, SourceConfig
 from data_pipelines.encoding import Document, DocumentEncoder
-from data_pipelines.readers import BadInputLog, ReadOptions, parse_record, read_raw
+from data_pipelines.readers import BadInputLog, ReadOptions, ShardReader, parse_record
 from data_pipelines.shards import Piece, Shard, epoch_pieces
 from data_pipelines.tokenized import read_token_window
 
@@ -100,6 +100,8 @@ class SourceStream:
         )
         self.position = position or StreamPosition()
         self._epoch_pieces: tuple[int, list[Piece]] = (-1, [])
+        self.reader: ShardReader | None = None
+        """The shard being read, kept open from one window to the next."""
         # A window re-read on resume was already counted before the state was saved.
         self.window = self._load_window(
             BadInputLog(cfg.on_bad_input, muted=True) if position else log
@@ -176,7 +178,9 @@ class SourceStream:
         builder = _WindowBuilder(self.cfg.shuffle_window, self.cfg.window_tokens)
         deferred = _DeferredLog(log)
         batch: list[tuple[int, object]] = []
-        for record in read_raw(shard, start, self.options, deferred):
+        if self.reader is None or self.reader.shard is not shard:
+            self.reader = ShardReader(shard, self.options)
+        for record in self.reader.records(start, deferred):
             deferred.index = record.index
             if record.index % piece.stride != piece.offset:
                 continue

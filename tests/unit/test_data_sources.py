@@ -6,6 +6,7 @@ import gzip
 import json
 import logging
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -19,7 +20,9 @@ from data_pipelines.readers import (
     RawRecord,
     ReadOptions,
     RemoteReadError,
+    ShardReader,
     read_raw,
+    shard_dataset,
 )
 from data_pipelines.shards import Shard
 from tests.unit.test_data_fixtures import (
@@ -74,7 +77,7 @@ def test_every_format_gives_the_jsonl_tokens(tmp_path, fmt):
     )
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "json.zst"])
+@pytest.mark.parametrize("fmt", ["jsonl", "json.gz", "json.zst", "parquet", "arrow", "text"])
 def test_resume_inside_row_groups_and_compressed_files(tmp_path, fmt):
     path = write_format(tmp_path, fmt)
     reference = take(loader_for(tmp_path, path, shuffle_window=5), 10)
@@ -83,6 +86,88 @@ def test_resume_inside_row_groups_and_compressed_files(tmp_path, fmt):
     second = loader_for(tmp_path, path, shuffle_window=5)
     second.load_state_dict(first.state_dict())
     assert_same_batches(reference, resumed + take(second, 6))
+
+
+def count_load_dataset_calls(monkeypatch) -> list[dict]:
+    """Wraps `datasets.load_dataset` (the real one still runs) and records each call."""
+    calls, real = [], datasets.load_dataset
+
+    def load_dataset(path, **kwargs):
+        dataset = real(path, **kwargs)
+        calls.append({"builder": path, "type": type(dataset), **kwargs})
+        return dataset
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("fmt", "builder"),
+    [
+        ("jsonl", "text"),
+        ("json.gz", "text"),
+        ("text", "text"),
+        ("parquet", "parquet"),
+        ("arrow", "arrow"),
+    ],
+)
+def test_shards_are_streamed_through_datasets_once_per_shard(tmp_path, monkeypatch, fmt, builder):
+    path = write_format(tmp_path, fmt)
+    calls = count_load_dataset_calls(monkeypatch)
+    take(loader_for(tmp_path, path, shuffle_window=5), 4)
+    assert len(calls) == 1, "every window of the shard is read from one open stream"
+    assert calls[0]["builder"] == builder
+    assert calls[0]["data_files"] == [path]
+    assert calls[0]["streaming"] is True and calls[0]["split"] == "train"
+    assert calls[0]["type"] is datasets.IterableDataset
+    dataset = shard_dataset(Shard(path, fmt), ReadOptions("text"))
+    assert isinstance(dataset, datasets.IterableDataset)
+
+
+def test_builtin_sources_are_streamed_through_datasets(tmp_path, monkeypatch):
+    calls = count_load_dataset_calls(monkeypatch)
+    sources = [
+        SourceConfig(name="qa", paths=["synthetic://multi_hop?num_docs=20&shards=2"]),
+        SourceConfig(name="code", paths=["stdlib://json/*.py"]),
+    ]
+    cfg = make_config(tmp_path, sources, shuffle_window=4)
+    take(build_data_loader(cfg, rank=0, world_size=1, micro_batch_size=2), 4)
+    files = {call["data_files"][0] for call in calls}
+    assert any(file.endswith(".jsonl") for file in files)
+    assert any(file.endswith(".py") for file in files)
+    assert all(call["streaming"] and call["type"] is datasets.IterableDataset for call in calls)
+
+
+def test_a_shard_reader_replays_what_a_window_read_past_its_end(tmp_path, monkeypatch):
+    path = write_format(tmp_path, "json.gz")
+    calls = count_load_dataset_calls(monkeypatch)
+    reader = ShardReader(Shard(path, "json.gz"), ReadOptions("text"))
+    log = BadInputLog("skip")
+    first = []
+    for record in reader.records(0, log):
+        first.append(record.index)
+        if record.index == 9:
+            break
+    again = [record.index for record in reader.records(6, log)]
+    assert first == list(range(10)) and again == list(range(6, len(DOCUMENTS)))
+    assert [record.index for record in reader.records(3, log)][:2] == [3, 4]
+    assert len(calls) == 2, "a start before the kept records opens the shard again"
+
+
+def test_a_parquet_shard_without_the_field_is_reported(tmp_path):
+    path = tmp_path / "body.parquet"
+    pq.write_table(pa.table({"body": DOCUMENTS}), path)
+    good = write_jsonl(tmp_path / "good.jsonl", DOCUMENTS[:5])
+    cfg = make_config(tmp_path, [SourceConfig(name="docs", paths=[str(path), str(good)])])
+    loader = build_data_loader(cfg, rank=0, world_size=1, micro_batch_size=2)
+    take(loader, 4)
+    assert loader.bad_input_counts()["missing_field"] >= 1
+
+
+def test_json_zst_is_the_one_format_read_directly(tmp_path, monkeypatch):
+    calls = count_load_dataset_calls(monkeypatch)
+    take(loader_for(tmp_path, write_format(tmp_path, "json.zst")), 2)
+    assert calls == []
 
 
 def write_bad_jsonl(tmp_path):
