@@ -1,7 +1,8 @@
 """An independent float64 re-implementation of the Ouro LoopLM and its objectives.
 
-Written from /work/shared/OURO.md §1-§2 alone, never from looplm's code, so that the tests
-compare two implementations that could not share a mistake. Plain functions over a state
+Written from the Ouro architecture description (layers, norms, exit gate, objectives)
+alone, never from looplm's code, so that the tests compare two implementations that could
+not share a mistake. Plain functions over a state
 dict of tensors with Ouro's key names; everything is computed in float64 (the weights are
 cast on entry), with explicit loops where a loop reads closer to the paper than a fused op.
 
