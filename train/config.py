@@ -8,6 +8,7 @@ Each config group has one dataclass; every YAML file of a group starts from it
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,20 +26,6 @@ SCHEDULES = ("wsd", "cosine", "constant")
 BETA_SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("bf16", "fp32", "auto")
 OFFLOAD_DEVICES = ("none", "cpu")
-
-_ARCHITECTURE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "rope_theta",
-    "max_position_embeddings",
-    "total_ut_steps",
-    "tie_word_embeddings",
-)
 
 
 @dataclass
@@ -64,8 +51,11 @@ class ModelSettings:
     """Recompute each (step, layer) in the backward pass."""
 
     def build_config(self, **extra: Any) -> LoopLMConfig:
+        architecture = {f.name for f in dataclasses.fields(LoopLMConfig)}
         overrides = {
-            k: getattr(self, k) for k in _ARCHITECTURE_FIELDS if getattr(self, k) is not None
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name in architecture and getattr(self, f.name) is not None
         }
         return LoopLMConfig.from_preset(self.preset, **overrides, **extra)
 
