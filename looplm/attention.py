@@ -77,11 +77,10 @@ class AttentionLayout:
     """What every attention call of one forward shares (computed once, used T x L times).
 
     ``mask`` is None for plain causal attention over the whole row (query i sees keys up to
-    past + i), else a boolean [B, 1, S, K] mask where True means "may attend".
+    cached + i), else a boolean [B, 1, S, K] mask where True means "may attend".
     ``cu_seqlens``/``max_seqlen`` describe packed documents for flash-attn's varlen kernel.
     """
 
-    past_length: int
     mask: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
@@ -102,21 +101,19 @@ class AttentionLayout:
         if packed:
             doc = document_ids(position_ids_BS)
             if implementation == "flash":
-                return cls(0, None, *_cu_seqlens(doc))
+                return cls(None, *_cu_seqlens(doc))
             causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()
             same_doc = doc[:, :, None] == doc[:, None, :]
-            return cls(0, (same_doc & causal)[:, None])
+            return cls((same_doc & causal)[:, None])
+        chunk_after_cache = past_length and s > 1 and implementation != "flash"
+        if key_mask_BK is None and not chunk_after_cache:
+            return cls()
+        q_pos = torch.arange(s, device=device)[:, None] + past_length
+        k_pos = torch.arange(past_length + s, device=device)[None, :]
+        mask = (k_pos <= q_pos)[None]
         if key_mask_BK is not None:
-            q_pos = torch.arange(s, device=device)[:, None] + past_length
-            k_pos = torch.arange(past_length + s, device=device)[None, :]
-            mask = (k_pos <= q_pos)[None] & key_mask_BK[:, None, :]
-            mask |= k_pos == q_pos
-            return cls(past_length, mask[:, None])
-        if past_length and s > 1 and implementation != "flash":
-            q_pos = torch.arange(s, device=device)[:, None] + past_length
-            k_pos = torch.arange(past_length + s, device=device)[None, :]
-            return cls(past_length, (k_pos <= q_pos)[None, None].expand(b, 1, s, -1))
-        return cls(past_length)
+            mask = (mask & key_mask_BK[:, None, :]) | (k_pos == q_pos)
+        return cls(mask.expand(b, s, -1)[:, None])
 
 
 def _cu_seqlens(doc_BS: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -129,10 +129,6 @@ class LoopLMConfig:
     # ---- derived quantities ----------------------------------------------------------
 
     @property
-    def num_recurrent_steps(self) -> int:
-        return self.total_ut_steps
-
-    @property
     def eos_token_ids(self) -> list[int]:
         if self.eos_token_id is None:
             return []
