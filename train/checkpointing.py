@@ -162,17 +162,42 @@ class CheckpointManager:
         return final
 
     def _prune(self) -> None:
+        """Keeps the newest keep_last checkpoints, and the newest good one (a rollback's
+        target) even when it is older."""
         done = self.complete()
-        for old in done[: max(len(done) - self.keep_last, 0)]:
-            shutil.rmtree(old, ignore_errors=True)
+        keep = set(done[-self.keep_last :])
+        good = self.latest_good()
+        if good is not None:
+            keep.add(good)
+        for old in done:
+            if old not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def trainer_state(self, path: Path) -> dict:
+        return json.loads((path / "trainer_state.json").read_text())
 
     def saved_world_size(self, path: Path) -> int:
-        return json.loads((path / "trainer_state.json").read_text())["world_size"]
+        return self.trainer_state(path)["world_size"]
 
-    def load(
-        self, engine, path: Path, world_size: int, model_config: LoopLMConfig
-    ) -> tuple[dict, dict | None]:
-        """Restores the engine from ``path``; returns (trainer state, this rank's state).
+    def latest_good(self, before_step: int | None = None) -> Path | None:
+        """The newest complete checkpoint saved with no spike in its recent past, of a step
+        before ``before_step``."""
+        for path in reversed(self.complete()):
+            state = self.trainer_state(path)
+            if state.get("good", True) and (before_step is None or state["step"] < before_step):
+                return path
+        return None
+
+    def load_weights(self, engine, path: Path, world_size: int) -> None:
+        """Restores only the engine (weights and optimizer state) from ``path``."""
+        if self.saved_world_size(path) != world_size:
+            self._convert_to_universal(path)
+            engine.load_checkpoint(str(path), tag=UNIVERSAL_TAG, load_module_strict=True)
+        else:
+            engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_module_strict=True)
+
+    def load(self, engine, path: Path, world_size: int, model_config: LoopLMConfig) -> dict | None:
+        """Restores the engine from ``path``; returns this rank's state.
 
         A checkpoint of another number of ranks is loaded through DeepSpeed's universal
         format (the engine must have been built with ``load_universal``); the rank states
@@ -187,14 +212,10 @@ class CheckpointManager:
                 f"{path} holds a checkpoint of another model (differs in {differences}); "
                 "use a new run_dir, or the same model settings to resume"
             )
-        trainer_state = json.loads((path / "trainer_state.json").read_text())
-        if trainer_state["world_size"] != world_size:
-            self._convert_to_universal(path)
-            engine.load_checkpoint(str(path), tag=UNIVERSAL_TAG, load_module_strict=True)
-            return trainer_state, None
-        engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_module_strict=True)
-        rank_file = path / f"rank_{self.rank:05d}.pt"
-        return trainer_state, torch.load(rank_file, weights_only=False)
+        self.load_weights(engine, path, world_size)
+        if self.saved_world_size(path) != world_size:
+            return None
+        return torch.load(path / f"rank_{self.rank:05d}.pt", weights_only=False)
 
     def _convert_to_universal(self, path: Path) -> None:
         """Rank 0 converts the checkpoint to DeepSpeed's universal format, once."""

@@ -20,6 +20,7 @@ from data_pipelines.config import DataConfig, validate_data_config
 from data_pipelines.tokenizer import EMBEDDED, load_tokenizer, tokenizer_problem
 from looplm.config import PRESETS, LoopLMConfig
 from looplm.losses import PRIORS, REGULARIZERS
+from train.curriculum import Curriculum, CurriculumSettings, stage_problems
 from train.stability import StabilitySettings, stability_problems
 
 SCHEDULES = ("wsd", "cosine", "constant")
@@ -112,8 +113,8 @@ class TrainSettings:
     micro_batch_size x seq_len x gradient accumulation x data-parallel size."""
     micro_batch_size: int = 4
     """Sequences per rank per forward."""
-    max_steps: int = 1000
-    """Optimizer steps of the run."""
+    max_steps: int | None = 1000
+    """Optimizer steps of the run; with a curriculum, a cap (None: run every stage)."""
     num_recurrent_steps: int | None = None
     """T while training (default: the model's total_ut_steps); may differ from a checkpoint's."""
     beta: float = 0.1
@@ -185,6 +186,7 @@ class PretrainConfig:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     stability: StabilitySettings = field(default_factory=StabilitySettings)
     faults: FaultSettings = field(default_factory=FaultSettings)
+    curriculum: CurriculumSettings = field(default_factory=CurriculumSettings)
 
 
 def register_configs() -> None:
@@ -196,6 +198,7 @@ def register_configs() -> None:
     cs.store(group="deepspeed", name="schema", node=DeepSpeedSettings)
     cs.store(group="logging", name="schema", node=LoggingSettings)
     cs.store(group="stability", name="schema", node=StabilitySettings)
+    cs.store(group="curriculum", name="schema", node=CurriculumSettings)
 
 
 def to_object(cfg: DictConfig) -> PretrainConfig:
@@ -219,7 +222,8 @@ def config_problems(cfg: PretrainConfig, world_size: int) -> list[str]:
         p.append(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     if d.seq_len < 2:
         p.append(f"data.seq_len must be >= 2, got {d.seq_len}")
-    if t.micro_batch_size >= 1 and d.seq_len >= 1:
+    stages = cfg.curriculum.stages
+    if t.micro_batch_size >= 1 and d.seq_len >= 1 and not stages:
         per_pass = t.micro_batch_size * d.seq_len * world_size
         if t.global_batch_tokens < per_pass or t.global_batch_tokens % per_pass:
             p.append(
@@ -239,7 +243,9 @@ def config_problems(cfg: PretrainConfig, world_size: int) -> list[str]:
                 f"the tokenizer {d.tokenizer!r} has {vocab} tokens, more than the model's "
                 f"vocab_size ({model_cfg.vocab_size})"
             )
-    if t.max_steps < 1:
+    if t.max_steps is None and not stages:
+        p.append("train.max_steps is needed when the run has no curriculum stages")
+    if t.max_steps is not None and t.max_steps < 1:
         p.append(f"train.max_steps must be >= 1, got {t.max_steps}")
     if t.num_recurrent_steps is not None and t.num_recurrent_steps < 1:
         p.append(f"train.num_recurrent_steps must be >= 1, got {t.num_recurrent_steps}")
@@ -264,6 +270,16 @@ def config_problems(cfg: PretrainConfig, world_size: int) -> list[str]:
     if ds.precision not in PRECISIONS:
         p.append(f"deepspeed.precision must be one of {PRECISIONS}, got {ds.precision!r}")
     p += _schedule_problems(cfg)
+    if stages and t.micro_batch_size >= 1:
+        p += stage_problems(
+            stages,
+            micro_batch_size=t.micro_batch_size,
+            dp_size=world_size,
+            base=curriculum_base(cfg, model_cfg),
+            sources=[source.name for source in d.sources],
+            max_positions=model_cfg.max_position_embeddings if model_cfg else None,
+            parameter_names=_parameter_names(model_cfg) if model_cfg else None,
+        )
     p += stability_problems(cfg.stability)
     if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep_last < 1:
         p.append("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
@@ -290,6 +306,40 @@ def _model_config(cfg: PretrainConfig) -> tuple[LoopLMConfig | None, list[str]]:
         return cfg.model.build_config(), []
     except ValueError as e:
         return None, [f"model: {e}"]
+
+
+def curriculum_base(cfg: PretrainConfig, model_cfg: LoopLMConfig | None) -> dict:
+    """The run's own settings, which the first stage of a curriculum starts from."""
+    t = cfg.train
+    return {
+        "seq_len": cfg.data.seq_len,
+        "global_batch_tokens": t.global_batch_tokens,
+        "lr": cfg.optim.lr,
+        "beta": t.beta,
+        "num_recurrent_steps": t.num_recurrent_steps
+        or (model_cfg.total_ut_steps if model_cfg else 1),
+        "rope_theta": model_cfg.rope_theta if model_cfg else 10000.0,
+    }
+
+
+def build_curriculum(
+    cfg: PretrainConfig, model_cfg: LoopLMConfig, world_size: int
+) -> Curriculum | None:
+    """The run's curriculum on ``world_size`` data-parallel ranks; None when it has no stages."""
+    if not cfg.curriculum.stages:
+        return None
+    base = curriculum_base(cfg, model_cfg)
+    return Curriculum.resolve(cfg.curriculum.stages, base, cfg.train.micro_batch_size, world_size)
+
+
+def _parameter_names(model_cfg: LoopLMConfig) -> list[str]:
+    """Parameter names of the model (built on the meta device: no memory, no time)."""
+    import torch
+
+    from looplm import LoopLMForCausalLM
+
+    with torch.device("meta"):
+        return [name for name, _ in LoopLMForCausalLM(model_cfg).named_parameters()]
 
 
 def _tokenizer_vocab_size(name: str) -> int | None:

@@ -33,16 +33,30 @@ def build_model(cfg: PretrainConfig) -> LoopLMForCausalLM:
     return model
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices; none on norms, biases and the gate bias."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def parameter_groups(
+    model: torch.nn.Module,
+    weight_decay: float,
+    stage_trainable: list[tuple[bool, ...]] | None = None,
+) -> list[dict]:
+    """Weight decay on matrices; none on norms, biases and the gate bias.
+
+    ``stage_trainable`` gives, per parameter, whether it trains in each curriculum stage; the
+    groups are then split further so that each group trains in the same stages (its
+    ``stage_trainable``), and the trainer gives a group LR 0 in the stages it sits out."""
+    groups: dict[tuple, dict] = {}
+    for index, param in enumerate(model.parameters()):
+        if not param.requires_grad:
+            continue
+        decay = param.dim() >= 2
+        stages = None if stage_trainable is None else stage_trainable[index]
+        group = groups.setdefault(
+            (decay, stages),
+            {"params": [], "weight_decay": weight_decay if decay else 0.0},
+        )
+        if stages is not None:
+            group["stage_trainable"] = list(stages)
+        group["params"].append(param)
+    return list(groups.values())
 
 
 def deepspeed_config(
@@ -79,16 +93,21 @@ def deepspeed_config(
 
 
 def build_engine(
-    cfg: PretrainConfig, model: torch.nn.Module, accumulation: int, load_universal: bool = False
+    cfg: PretrainConfig,
+    model: torch.nn.Module,
+    accumulation: int,
+    load_universal: bool = False,
+    stage_trainable: list[tuple[bool, ...]] | None = None,
 ):
     """The DeepSpeed engine around ``model`` with AdamW; ``load_universal`` prepares it to load
-    a checkpoint written by another number of ranks."""
+    a checkpoint written by another number of ranks; ``stage_trainable`` is as in
+    ``parameter_groups``."""
     import deepspeed
 
     precision = resolve_precision(cfg.deepspeed.precision)
     o = cfg.optim
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, o.weight_decay),
+        parameter_groups(model, o.weight_decay, stage_trainable),
         lr=o.lr,
         betas=tuple(o.betas),
         eps=o.eps,
@@ -100,3 +119,48 @@ def build_engine(
         config=deepspeed_config(cfg, accumulation, precision, load_universal),
     )
     return engine, precision
+
+
+def set_accumulation(engine, accumulation: int) -> None:
+    """Micro-batches per rank of the next optimizer step (a curriculum's batch may change at
+    every step). The trainer marks the accumulation boundary itself, so DeepSpeed's counter of
+    micro-steps since the run began never decides where a step ends."""
+    if engine.gradient_accumulation_steps() != accumulation:
+        dp = engine.dp_world_size
+        engine.set_train_batch_size(accumulation * engine.train_micro_batch_size_per_gpu() * dp)
+        if hasattr(engine.optimizer, "gradient_accumulation_steps"):
+            engine.optimizer.gradient_accumulation_steps = accumulation
+
+
+def pre_step_grad_norm(engine) -> float:
+    """Global L2 norm of the accumulated gradients after the step's last backward and before
+    its update: what gradient clipping will see. Call on every rank."""
+    import deepspeed
+    from deepspeed.utils import safe_get_local_grad
+
+    if engine.zero_optimization_stage() == 3:
+        total = torch.zeros(1, dtype=torch.float64)
+        for param in engine.module.parameters():
+            grad = safe_get_local_grad(param)
+            if grad is not None:
+                total += grad.detach().double().pow(2).sum().cpu()
+        deepspeed.comm.all_reduce(total)
+        return total.sqrt().item()
+    norm = float(engine.optimizer.scaled_global_norm())
+    return norm / getattr(engine.optimizer, "loss_scale", 1.0) if norm >= 0 else float("nan")
+
+
+def skip_update(engine) -> None:
+    """Makes the coming ``engine.step()`` skip its update on every rank, leaving weights and
+    optimizer state untouched: a NaN gradient (in one small parameter) trips DeepSpeed's
+    overflow check, which all ranks agree on."""
+    from deepspeed.utils import safe_get_local_grad, safe_set_full_grad, safe_set_local_grad
+
+    param = min(
+        engine.module.parameters(), key=lambda p: p.ds_numel if hasattr(p, "ds_id") else p.numel()
+    )
+    if hasattr(param, "ds_id"):
+        grad = safe_get_local_grad(param)
+        safe_set_local_grad(param, torch.full_like(grad, float("nan")))
+    else:
+        safe_set_full_grad(param, torch.full(param.shape, float("nan"), dtype=torch.float32))

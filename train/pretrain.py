@@ -26,15 +26,23 @@ from looplm import Objective
 from train.checkpointing import CheckpointManager, rng_state, set_rng_state
 from train.config import (
     PretrainConfig,
+    build_curriculum,
     gradient_accumulation,
     register_configs,
     to_object,
     validate,
 )
-from train.engine import build_engine, build_model
+from train.curriculum import Stage, StepPlan, trainable_mask
+from train.engine import (
+    build_engine,
+    build_model,
+    pre_step_grad_norm,
+    set_accumulation,
+    skip_update,
+)
 from train.metrics import MetricsLogger, device_peak_flops, training_flops_per_token
 from train.schedule import exit_beta, learning_rate
-from train.stability import SpikeDetector
+from train.stability import RollbackGuard, SpikeDetector
 
 logger = logging.getLogger("looplm.pretrain")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -46,8 +54,16 @@ class TrainerState:
 
     step: int = 0
     tokens: int = 0
+    """Tokens consumed (all ranks); the curriculum's position is a function of it."""
     world_size: int = 1
-    loss_window: list[float] = field(default_factory=list)  # the spike guard's accepted losses
+    stage: str | None = None
+    """Name of the curriculum stage in force (for the record; recomputed from tokens)."""
+    loss_window: list[float] = field(default_factory=list)  # the spike guards' accepted values
+    grad_norm_window: list[float] = field(default_factory=list)
+    guard: dict = field(default_factory=dict)
+    """The rollback guard's spikes, rollbacks and lowered-LR window."""
+    good: bool = True
+    """No spike in the recent past when saved: a checkpoint a rollback may return to."""
 
 
 def _environment() -> tuple[int, int, int]:
@@ -116,21 +132,27 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         _check_run_dir(self.run_dir)
         self._init_distributed(local_rank)
-        self.accumulation = gradient_accumulation(cfg.train, cfg.data.seq_len, self.world_size)
         torch.manual_seed(cfg.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.rank)
         self.checkpoints.remove_partial()
         self.latest = self.checkpoints.latest()
-        saved_ranks = (
-            self.checkpoints.saved_world_size(self.latest) if self.latest else self.world_size
-        )
-        self.reshaped = saved_ranks != self.world_size
+        self.state = TrainerState(world_size=self.world_size)
+        if self.latest is not None:
+            saved = self.checkpoints.trainer_state(self.latest)
+            self.state = TrainerState(**{**saved, "world_size": self.world_size})
+        self.reshaped = self.latest is not None and saved["world_size"] != self.world_size
         self.model = build_model(cfg)
-        self.num_steps = cfg.train.num_recurrent_steps or self.model.config.total_ut_steps
+        self.curriculum = build_curriculum(cfg, self.model.config, self.world_size)
+        self.stage: Stage | None = None
+        plan = self.plan()
+        self._apply_model_settings(plan.stage)
+        self.trainable = dict.fromkeys((n for n, _ in self.model.named_parameters()), True)
+        if self.curriculum and any(s.trainable for s in self.curriculum.stages):
+            self._freeze_by_stage()
         self.engine, self.precision = build_engine(
-            cfg, self.model, self.accumulation, self.reshaped
+            cfg, self.model, plan.accumulation, self.reshaped, self._stage_groups()
         )
         self.objective = Objective(
             beta=cfg.train.beta,
@@ -138,17 +160,20 @@ class Trainer:
             prior_param=cfg.train.prior_param,
             regularizer=cfg.train.regularizer,
         )
-        self.state = TrainerState(world_size=self.world_size)
-        self.spikes = SpikeDetector(cfg.stability)
+        self.loss_spikes = SpikeDetector(cfg.stability, "loss")
+        self.grad_spikes = SpikeDetector(cfg.stability, "grad_norm")
+        self.guard = RollbackGuard(cfg.stability)
         rank_state = self._resume()
         self.loader = self._build_loader(rank_state)
         self.batches = iter(self.loader)
+        self.total_steps = self._total_steps()
         self.metrics = MetricsLogger(
-            self.run_dir, self.rank == 0, self.state.step, cfg.train.log_every, cfg.train.max_steps
+            self.run_dir, self.rank == 0, self.state.step, cfg.train.log_every, self.total_steps
         )
-        peak = device_peak_flops()
-        flops = training_flops_per_token(self.model.config, cfg.data.seq_len, self.num_steps)
-        self.flops_per_token, self.peak_flops = flops, peak
+        self.peak_flops = device_peak_flops()
+        if self.curriculum is not None and self.rank == 0:
+            for line in self.curriculum.describe():
+                logger.info("curriculum: %s", line)
 
     def _init_distributed(self, local_rank: int) -> None:
         import deepspeed
@@ -158,16 +183,120 @@ class Trainer:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend)
 
+    # ---- the plan of each step ----------------------------------------------------------
+
+    def plan(self) -> StepPlan:
+        """What the next optimizer step does: its stage, micro-batches, LR and beta."""
+        cfg, step = self.cfg, self.state.step
+        if self.curriculum is not None:
+            return self.curriculum.plan(self.state.tokens)
+        stage = Stage(
+            index=0,
+            name="main",
+            start=0,
+            end=cfg.train.max_steps * cfg.train.global_batch_tokens,
+            weights=None,
+            seq_len=cfg.data.seq_len,
+            global_batch_tokens=cfg.train.global_batch_tokens,
+            batch_ramp_from=cfg.train.global_batch_tokens,
+            batch_ramp_tokens=0,
+            lr=cfg.optim.lr,
+            lr_final=cfg.optim.lr * cfg.schedule.min_lr_ratio,
+            lr_schedule=cfg.schedule.kind,
+            warmup_tokens=0,
+            beta=cfg.train.beta,
+            beta_final=cfg.train.beta if cfg.train.beta_final is None else cfg.train.beta_final,
+            beta_schedule=cfg.train.beta_schedule,
+            num_recurrent_steps=cfg.train.num_recurrent_steps or self.model.config.total_ut_steps,
+            rope_theta=self.model.config.rope_theta,
+            trainable=None,
+        )
+        return StepPlan(
+            stage=stage,
+            accumulation=gradient_accumulation(cfg.train, cfg.data.seq_len, self.world_size),
+            tokens=cfg.train.global_batch_tokens,
+            lr=learning_rate(step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule),
+            beta=exit_beta(step, cfg.train.max_steps, cfg.train),
+        )
+
+    def _total_steps(self) -> int:
+        limit = self.cfg.train.max_steps
+        if self.curriculum is None:
+            return limit
+        steps = self.curriculum.total_steps()
+        return steps if limit is None else min(limit, steps)
+
+    def finished(self) -> bool:
+        limit = self.cfg.train.max_steps
+        if limit is not None and self.state.step >= limit:
+            return True
+        return self.curriculum is not None and self.state.tokens >= self.curriculum.total_tokens
+
+    def _apply_model_settings(self, stage: Stage) -> None:
+        """The stage's loop depth and RoPE base; a curriculum also writes them into the model's
+        config, so checkpoints and exports carry them."""
+        self.num_steps = stage.num_recurrent_steps
+        if self.curriculum is not None:
+            self.model.config.total_ut_steps = stage.num_recurrent_steps
+            self.model.config.rope_theta = stage.rope_theta
+        self.flops_per_token = training_flops_per_token(
+            self.model.config, stage.seq_len, self.num_steps
+        )
+
+    def _enter_stage(self, stage: Stage) -> None:
+        """Switches data, depth, RoPE base and trainable parameters when a stage begins (or
+        when a run starts or resumes inside it)."""
+        if self.stage is not None and self.stage.index == stage.index:
+            return
+        entering = self.stage is not None or self.state.tokens == stage.start
+        self.stage, self.state.stage = stage, stage.name
+        self.loader.set_stage(stage.weights, stage.seq_len)
+        self._apply_model_settings(stage)
+        names = list(self.trainable)
+        self.trainable = dict(zip(names, trainable_mask(names, stage.trainable), strict=True))
+        if self.rank == 0 and self.curriculum is not None:
+            logger.info(
+                "%s stage %d %r at step %d, %d tokens (T %d, seq_len %d, rope_theta %g)",
+                "entering" if entering else "resuming in",
+                stage.index,
+                stage.name,
+                self.state.step,
+                self.state.tokens,
+                stage.num_recurrent_steps,
+                stage.seq_len,
+                stage.rope_theta,
+            )
+
+    def _freeze_by_stage(self) -> None:
+        """Parameters a stage leaves out get zero gradients (so they do not count in the
+        gradient norm either); their parameter groups get LR 0."""
+        for name, param in self.model.named_parameters():
+            param.register_hook(
+                lambda grad, name=name: grad if self.trainable[name] else torch.zeros_like(grad)
+            )
+
+    def _stage_groups(self) -> list[tuple[bool, ...]] | None:
+        """For each parameter, whether it trains in each stage (None: always)."""
+        if self.curriculum is None or not any(s.trainable for s in self.curriculum.stages):
+            return None
+        names = [n for n, _ in self.model.named_parameters()]
+        masks = [trainable_mask(names, s.trainable) for s in self.curriculum.stages]
+        return [tuple(mask[i] for mask in masks) for i in range(len(names))]
+
+    # ---- resume and save ----------------------------------------------------------------
+
     def _resume(self) -> dict | None:
-        """Restores the engine and trainer state from the latest checkpoint; returns this
-        rank's saved state (None when there is none or the number of ranks changed)."""
+        """Restores the engine and the guards from the latest checkpoint; returns this rank's
+        saved state (None when there is none or the number of ranks changed)."""
         if self.latest is None:
             return None
-        trainer_state, rank_state = self.checkpoints.load(
+        rank_state = self.checkpoints.load(
             self.engine, self.latest, self.world_size, self.model.config
         )
-        self.state = TrainerState(**{**trainer_state, "world_size": self.world_size})
-        self.spikes.load_state_dict({"history": self.state.loss_window})
+        self.loss_spikes.load_state_dict({"history": self.state.loss_window})
+        self.grad_spikes.load_state_dict({"history": self.state.grad_norm_window})
+        if self.state.guard:
+            self.guard.load_state_dict(self.state.guard)
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
         if self.rank == 0:
@@ -206,25 +335,32 @@ class Trainer:
 
     def save(self) -> Path:
         rank_state = {"data": self.loader.state_dict(), "rng": rng_state()}
-        self.state.loss_window = self.spikes.state_dict()["history"]
+        self.state.loss_window = self.loss_spikes.state_dict()["history"]
+        self.state.grad_norm_window = self.grad_spikes.state_dict()["history"]
+        self.state.guard = self.guard.state_dict()
+        self.state.good = not self.guard.recent_spikes(self.state.step)
         return self.checkpoints.save(
             self.engine, self.state.step, asdict(self.state), rank_state, self.model.config
         )
 
+    # ---- the loop -----------------------------------------------------------------------
+
     def train(self) -> None:
-        """Optimizer steps until train.max_steps or a stop signal."""
+        """Optimizer steps until the run's end (train.max_steps, the curriculum's last token)
+        or a stop signal."""
         cfg = self.cfg
         if self.rank == 0 and cfg.logging.wandb:
             self.metrics.attach_wandb(
                 self.run_dir, cfg.logging.wandb_project, cfg.logging.wandb_mode, asdict(cfg)
             )
         stop = _StopSignal()
-        while self.state.step < cfg.train.max_steps:
+        while not self.finished():
             record = self.train_step(self.batches)
+            rolled_back = record["rollback"] is not None
             self.metrics.log(record)
             stopping = stop.agreed()
-            last = self.state.step == cfg.train.max_steps
-            if stopping or last or self.state.step % cfg.checkpoint.every_steps == 0:
+            due = self.state.step % cfg.checkpoint.every_steps == 0
+            if stopping or rolled_back or self.finished() or due:
                 self.save()
             if stopping:
                 if self.rank == 0:
@@ -232,18 +368,24 @@ class Trainer:
                 break
 
     def train_step(self, batches) -> dict:
-        """One optimizer step: gradient accumulation over micro-batches, the spike guard's
-        verdict on the step's loss (before its last backward), then the update."""
-        cfg, engine = self.cfg, self.engine
+        """One optimizer step: the plan of the step, gradient accumulation over its
+        micro-batches, the guards' verdict on its loss and gradient norm, then the update (or
+        its skip), and a rollback when spikes keep coming."""
+        engine = self.engine
         start = time.time()
-        lr = learning_rate(self.state.step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule)
+        plan = self.plan()
+        self._enter_stage(plan.stage)
+        set_accumulation(engine, plan.accumulation)
+        lr = plan.lr * self.guard.lr_factor(self.state.step)
         for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        beta = exit_beta(self.state.step, cfg.train.max_steps, cfg.train)
-        objective = replace(self.objective, beta=beta)
+            trains = group.get("stage_trainable")
+            group["lr"] = lr if trains is None or trains[plan.stage.index] else 0.0
+        objective = replace(self.objective, beta=plan.beta)
         sums = torch.zeros(2 + 2 * self.num_steps, dtype=torch.float64)
-        skipped_before, spike = engine.skipped_steps, None
-        for micro in range(self.accumulation):
+        skipped_before = engine.skipped_steps
+        for micro in range(plan.accumulation):
+            last = micro == plan.accumulation - 1
+            engine.set_gradient_accumulation_boundary(last)
             batch = next(batches)
             out = engine(
                 batch["input_ids"].to(engine.device),
@@ -252,10 +394,7 @@ class Trainer:
                 num_steps=self.num_steps,
                 objective=objective,
             )
-            loss = out.loss
-            last = micro == self.accumulation - 1
-            if last:
-                loss = self._inject_faults(loss)
+            loss = self._inject_faults(out.loss) if last else out.loss
             sums += torch.cat(
                 [
                     loss.detach().double().cpu().view(1),
@@ -264,41 +403,81 @@ class Trainer:
                     out.exit_pdf_mean.double().cpu(),
                 ]
             )
-            if last:
-                means = _mean_over_ranks(sums / self.accumulation)
-                spike = self.spikes.judge(means[0].item())
-                if spike is not None:
-                    # Non-finite gradients make DeepSpeed skip the update on every rank.
-                    loss = _NaNGradient.apply(loss)
             engine.backward(loss)
-            engine.step()
+        means = _mean_over_ranks(sums / plan.accumulation)
+        loss_value, grad_norm = means[0].item(), pre_step_grad_norm(engine)
+        spike = self.loss_spikes.judge(loss_value) or self.grad_spikes.judge(grad_norm)
+        if spike is not None:
+            skip_update(engine)
+        engine.step()
         self.state.step += 1
-        self.state.tokens += cfg.train.global_batch_tokens
+        self.state.tokens += plan.tokens
         skipped = engine.skipped_steps > skipped_before
         if not skipped:
-            self.spikes.accept(means[0].item())
-        if spike is not None and self.rank == 0:
-            logger.warning("step %d skipped: %s", self.state.step, spike)
+            self.loss_spikes.accept(loss_value)
+            self.grad_spikes.accept(grad_norm)
+        reason = spike if spike is not None else ("non-finite" if skipped else None)
+        rollback = None
+        if reason is not None:
+            if self.rank == 0:
+                logger.warning("step %d skipped: %s", self.state.step, reason)
+            if self.guard.record_spike(self.state.step):
+                rollback = self.roll_back()
         elapsed = time.time() - start
-        tokens_per_s = cfg.train.global_batch_tokens / elapsed
+        tokens_per_s = plan.tokens / elapsed
         t = self.num_steps
-        grad_norm = engine.get_global_grad_norm()
+        exit_pdf = means[2 + t :].tolist()
         return {
             "step": self.state.step,
             "tokens": self.state.tokens,
-            "loss": means[0].item(),
+            "stage": plan.stage.name,
+            "loss": loss_value,
             "loss_per_step": means[2 : 2 + t].tolist(),
-            "exit_pdf_mean": means[2 + t :].tolist(),
+            "exit_pdf_mean": exit_pdf,
             "exit_entropy": means[1].item(),
-            "mean_depth": sum((i + 1) * p for i, p in enumerate(means[2 + t :].tolist())),
-            "beta": beta,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "mean_depth": sum((i + 1) * p for i, p in enumerate(exit_pdf)),
+            "beta": plan.beta,
+            "grad_norm": grad_norm,
             "lr": lr,
+            "batch_tokens": plan.tokens,
             "skipped": skipped,
-            "skip_reason": spike if spike is not None else ("non-finite" if skipped else None),
+            "skip_reason": reason,
+            "rollback": rollback,
+            "rollbacks": len(self.guard.rollbacks),
             "tokens_per_s": tokens_per_s,
             "mfu": self._mfu(tokens_per_s),
         }
+
+    def roll_back(self) -> dict:
+        """Restores the weights and optimizer state of the last good checkpoint before the
+        current run of spikes. The data stream stays where it is, so the steps since that
+        checkpoint are never trained on again; the LR is lowered for a while."""
+        first_spike = self.guard.spike_steps[0]
+        target = self.checkpoints.latest_good(before_step=first_spike)
+        if target is None:
+            raise RuntimeError(
+                f"stopping at step {self.state.step}: {len(self.guard.spike_steps)} spikes since "
+                f"step {first_spike} and no good checkpoint before it to roll back to"
+            )
+        saved = self.checkpoints.trainer_state(target)
+        skipped_tokens = self.state.tokens - saved["tokens"]
+        self.guard.rolled_back(self.state.step, saved["step"], skipped_tokens)
+        self.checkpoints.load_weights(self.engine, target, self.world_size)
+        self.loss_spikes.load_state_dict({"history": saved["loss_window"]})
+        self.grad_spikes.load_state_dict({"history": saved.get("grad_norm_window", [])})
+        factor, until = self.cfg.stability.lr_factor, self.guard.lowered_until
+        if self.rank == 0:
+            logger.warning(
+                "step %d: rolled back to the weights of step %d (%s); %d tokens since then are "
+                "skipped, LR x %g until step %d",
+                self.state.step,
+                saved["step"],
+                target,
+                skipped_tokens,
+                factor,
+                until,
+            )
+        return {"to_step": saved["step"], "skipped_tokens": skipped_tokens, "lr_factor": factor}
 
     def _inject_faults(self, loss: torch.Tensor) -> torch.Tensor:
         """The configured faults of this step, on rank 0 only."""
