@@ -1,6 +1,7 @@
 """Incremental decoding with a KV cache per (recurrent step, layer), and KV sharing.
 
-Shape legend: B batch, G key/value heads, K cached tokens, D head dim, T steps, L layers.
+Shape legend: B batch, S new tokens, G key/value heads, K cached tokens, D head dim, T steps,
+L layers.
 
 Sharing modes (OURO.md §2, decode-time KV sharing):
 - ``full``: one cache per (step, layer), slot ``step * L + layer``, as the release keeps it.
@@ -8,6 +9,22 @@ Sharing modes (OURO.md §2, decode-time KV sharing):
   prefill costs >10 points); afterwards each layer keeps one cache, holding the last step's
   K/V (or the mean over steps) of every token. At a decode step t, the new token attends to
   that shared cache plus its own step-t K/V. Decode KV memory is 1/T of ``full``.
+
+Early exit (``generate(..., early_exit=True)``): the prompt still runs every step; each decoded
+token then stops at its exit step (``exit_at_step`` or Q-exit), and a forward stops the loop
+once every row has exited, skipping the remaining steps. Rows of a batch that exited before
+the others keep being computed with the batch (dense tensors, no re-gathering of the cache),
+but nothing of those later steps is kept: their logits come from the exit step, and their
+K/V are treated as those of skipped steps, so that a row decodes the same alone or in any batch.
+Only a forward whose rows all exit early saves compute. The K/V of a token past its exit step:
+- ``full``: every later step's slot gets a copy of the exit step's K/V, so that every
+  (step, layer) cache keeps one entry per token and later tokens attend at every step.
+- ``last``: the shared cache gets the exit step's K/V (the last step computed for the token).
+- ``average``: the shared cache gets the mean over the steps computed for the token, from
+  the first step to its exit step.
+A token that exits at the last step is cached exactly as without early exit. Later tokens
+attend to these filled entries, so after the first early exit the stream may differ from the
+one decoded with all steps; the step that exits yields the same logits either way.
 """
 
 from __future__ import annotations
@@ -56,43 +73,108 @@ class LoopKVCache:
 
         return update
 
-    def end_forward(self, new_tokens: int) -> None:
-        """Called by the model after every step ran over the new tokens."""
-        if self.mode != "full":
-            if self.sharing:
-                for layer in range(self.num_layers):
-                    (old_k, old_v), (new_k, new_v) = (
-                        self.shared[layer],
-                        self._combine(self.pending, layer),
-                    )
-                    self.shared[layer] = (
-                        torch.cat((old_k, new_k), 2),
-                        torch.cat((old_v, new_v), 2),
-                    )
-            else:
-                self.shared = {
-                    layer: self._combine(self.per_step, layer) for layer in range(self.num_layers)
-                }
-                self.per_step = {}
-            self.pending = {}
+    def end_forward(self, new_tokens: int, exit_steps_BS: torch.Tensor | None = None) -> None:
+        """Called by the model once the loop is over the new tokens. ``exit_steps_BS`` [B, S]:
+        the 0-based exit step of each new token when the loop may have stopped early (the steps
+        after it are filled as the module docstring says); None when every step ran."""
+        exits = _ExitSteps(exit_steps_BS) if exit_steps_BS is not None else None
+        if self.mode == "full":
+            if exits is not None:
+                self._fill_after_exit(new_tokens, exits)
+        elif self.sharing:
+            for layer in range(self.num_layers):
+                (old_k, old_v), (new_k, new_v) = (
+                    self.shared[layer],
+                    self._combine(self.pending, layer, exits),
+                )
+                self.shared[layer] = (
+                    torch.cat((old_k, new_k), 2),
+                    torch.cat((old_v, new_v), 2),
+                )
+        else:
+            self.shared = {
+                layer: self._combine(self.per_step, layer, exits)
+                for layer in range(self.num_layers)
+            }
+            self.per_step = {}
+        self.pending = {}
         self.seen_tokens += new_tokens
 
-    def _combine(self, caches, layer: int):
+    def _combine(self, caches, layer: int, exits: _ExitSteps | None):
+        """The shared K/V of the new tokens: their exit step's (last) or the mean up to it."""
         steps = [caches[(s, layer)] for s in range(self.num_steps) if (s, layer) in caches]
-        if len(steps) != self.num_steps:
-            raise ValueError(
-                f"the cache was made for {self.num_steps} steps but the forward ran {len(steps)}"
-            )
+        if exits is None:
+            if len(steps) != self.num_steps:
+                raise ValueError(
+                    f"the cache was made for {self.num_steps} steps but the forward ran "
+                    f"{len(steps)}"
+                )
+            exits = _ExitSteps.at_last(self.num_steps)
         if self.mode == "last":
-            return steps[-1]
-        keys = torch.stack([k for k, _ in steps]).mean(0)
-        values = torch.stack([v for _, v in steps]).mean(0)
-        return keys, values
+            return exits.select(steps.__getitem__)
+
+        def mean_up_to(step: int):
+            keys = torch.stack([k for k, _ in steps[: step + 1]]).mean(0)
+            values = torch.stack([v for _, v in steps[: step + 1]]).mean(0)
+            return keys, values
+
+        return exits.select(mean_up_to)
+
+    def _fill_after_exit(self, new_tokens: int, exits: _ExitSteps) -> None:
+        """Full mode: at every step after a new token's exit step, that token's K/V become a
+        copy of its exit step's K/V, in slots of steps that ran and of steps that were skipped."""
+        past = self.seen_tokens
+        for layer in range(self.num_layers):
+            computed = [
+                self.per_step[(s, layer)]
+                for s in range(self.num_steps)
+                if (s, layer) in self.per_step and self.per_step[(s, layer)][0].shape[2] > past
+            ]
+            new_kv = [(k[:, :, past:], v[:, :, past:]) for k, v in computed]
+            exit_k, exit_v = exits.select(new_kv.__getitem__)
+            for step in range(self.num_steps):
+                if step < len(computed):
+                    if step <= exits.steps[0]:
+                        continue
+                    after_exit = (exits.steps_BS < step)[:, None, :, None]
+                    new_k = torch.where(after_exit, exit_k, new_kv[step][0])
+                    new_v = torch.where(after_exit, exit_v, new_kv[step][1])
+                else:
+                    new_k, new_v = exit_k, exit_v
+                old_k, old_v = self.per_step.get(
+                    (step, layer), (exit_k[:, :, :0], exit_v[:, :, :0])
+                )
+                self.per_step[(step, layer)] = (
+                    torch.cat((old_k[:, :, :past], new_k), dim=2),
+                    torch.cat((old_v[:, :, :past], new_v), dim=2),
+                )
 
     def num_bytes(self) -> int:
         """Memory held by cached keys and values."""
         tensors = [t for kv in (*self.per_step.values(), *self.shared.values()) for t in kv]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _ExitSteps:
+    """The 0-based exit step of every new token [B, S], and the distinct ones in order."""
+
+    def __init__(self, steps_BS: torch.Tensor | None, steps: list[int] | None = None):
+        self.steps_BS = steps_BS
+        self.steps = steps if steps is not None else steps_BS.unique().tolist()
+
+    @classmethod
+    def at_last(cls, num_steps: int) -> _ExitSteps:
+        """Every token read out at the last step."""
+        return cls(None, [num_steps - 1])
+
+    def select(self, kv_of_step):
+        """K/V [B, G, S, D] holding, for every token, ``kv_of_step(e)`` at its exit step e."""
+        keys, values = kv_of_step(self.steps[-1])
+        for step in self.steps[:-1]:
+            here = (self.steps_BS == step)[:, None, :, None]
+            step_k, step_v = kv_of_step(step)
+            keys, values = torch.where(here, step_k, keys), torch.where(here, step_v, values)
+        return keys, values
 
 
 def _sample(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float, generator):
@@ -126,6 +208,7 @@ def generate(
     num_steps: int | None = None,
     exit_at_step: int | None = None,
     exit_threshold: float | None = None,
+    early_exit: bool = False,
     generator: torch.Generator | None = None,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -136,7 +219,9 @@ def generate(
     Greedy by default, else sampling (temperature, top-k, top-p). A sequence stops at any of the
     EOS ids (default: the config's); finished rows are padded with ``pad_token_id`` (default: the
     first EOS id). The token at each position comes from the step chosen by ``exit_at_step`` or
-    Q-exit with ``exit_threshold`` (default: the config's threshold). Returns [B, S + new].
+    Q-exit with ``exit_threshold`` (default: the config's threshold). With ``early_exit`` a
+    decoded token skips the steps after its exit (see the module docstring); the prompt always
+    runs every step. Returns [B, S + new].
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(
@@ -162,6 +247,7 @@ def generate(
             num_steps=steps,
             exit_at_step=exit_at_step,
             exit_threshold=exit_threshold,
+            early_exit=early_exit and cache.seen_tokens > 0,
             past_key_values=cache,
             attention_mask=attention_mask,
         )

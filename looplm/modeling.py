@@ -1,7 +1,7 @@
 """The Ouro LoopLM: one decoder stack applied T times, read out after every step.
 
-Shape legend: T recurrent steps, B batch, S sequence, H hidden, V vocab, N heads,
-G key/value heads, D head dim, L layers.
+Shape legend: T recurrent steps, t steps run so far (or before an early exit), B batch,
+S sequence, H hidden, V vocab, N heads, G key/value heads, D head dim, L layers.
 
     h = embed(ids)
     for step in 1..T:                       # the same layers every step
@@ -12,7 +12,9 @@ G key/value heads, D head dim, L layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -132,8 +134,8 @@ class LMHead(nn.Linear):
 
 @dataclass
 class LoopLMBodyOutput:
-    step_hidden: list[torch.Tensor]  # T x [B, S, H] normed hidden state after each step
-    gate_logits: torch.Tensor  # [B, S, T] exit-gate logits z_t (lambda_t = sigmoid(z_t))
+    step_hidden: list[torch.Tensor]  # t x [B, S, H] normed hidden state after each step run
+    gate_logits: torch.Tensor  # [B, S, t] exit-gate logits z_t (lambda_t = sigmoid(z_t))
 
 
 class LoopLMModel(nn.Module):
@@ -152,8 +154,17 @@ class LoopLMModel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(
-        self, input_ids_BS, position_ids_BS, num_steps: int, cache=None, key_mask_BK=None
+        self,
+        input_ids_BS,
+        position_ids_BS,
+        num_steps: int,
+        cache=None,
+        key_mask_BK=None,
+        exit_rule: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> LoopLMBodyOutput:
+        """Runs up to ``num_steps`` steps. ``exit_rule`` maps the gate logits [B, S, t] of the
+        steps run so far to each token's 0-based exit step (t for a token that has not exited);
+        given, the loop stops once every token has exited and the cache learns the exit steps."""
         past = cache.seen_tokens if cache is not None else 0
         packed = key_mask_BK is None and bool((document_ids(position_ids_BS)[:, -1] > 0).any())
         if packed and cache is not None:
@@ -165,7 +176,7 @@ class LoopLMModel(nn.Module):
         cos, sin = rope_cos_sin(
             position_ids_BS, self.config.head_dim, self.config.rope_theta, h.dtype
         )
-        step_hidden, gate_logits = [], []
+        step_hidden, gate_logits, exit_steps_BS = [], [], None
         last = len(self.layers) - 1
         for step in range(num_steps):
             for index, layer in enumerate(self.layers):
@@ -173,8 +184,12 @@ class LoopLMModel(nn.Module):
                 h = self._run_layer(layer, h, cos, sin, layout, slot, final_norm=index == last)
             step_hidden.append(h)
             gate_logits.append(self.early_exit_gate(h).squeeze(-1))
+            if exit_rule is not None:
+                exit_steps_BS = exit_rule(torch.stack(gate_logits, dim=-1))
+                if bool((exit_steps_BS <= step).all()):
+                    break
         if cache is not None:
-            cache.end_forward(input_ids_BS.shape[1])
+            cache.end_forward(input_ids_BS.shape[1], exit_steps_BS)
         return LoopLMBodyOutput(step_hidden, torch.stack(gate_logits, dim=-1))
 
     def _run_layer(self, layer, h, cos, sin, layout, slot, final_norm: bool):
@@ -195,9 +210,9 @@ class LoopLMOutput:
     """What a forward returns; fields not asked for are None."""
 
     logits: torch.Tensor | None = None  # [B, S, V] at the chosen exit step of each token
-    step_logits: torch.Tensor | None = None  # [T, B, S, V] (return_all_steps=True)
-    exit_pdf: torch.Tensor | None = None  # [B, S, T], sums to 1 over T
-    gate_logits: torch.Tensor | None = None  # [B, S, T]
+    step_logits: torch.Tensor | None = None  # [t, B, S, V] (return_all_steps=True)
+    exit_pdf: torch.Tensor | None = None  # [B, S, T], sums to 1 over T; None after an early exit
+    gate_logits: torch.Tensor | None = None  # [B, S, t]
     exit_steps: torch.Tensor | None = None  # [B, S] 0-based step each token's logits come from
     loss: torch.Tensor | None = None
     loss_per_step: torch.Tensor | None = None  # [T]
@@ -248,6 +263,7 @@ class LoopLMForCausalLM(nn.Module):
         return_all_steps: bool = False,
         exit_at_step: int | None = None,
         exit_threshold: float | None = None,
+        early_exit: bool = False,
         objective: Objective | None = None,
         past_key_values=None,
         attention_mask: torch.Tensor | None = None,
@@ -265,12 +281,17 @@ class LoopLMForCausalLM(nn.Module):
             return_all_steps: also return ``step_logits`` [T, B, S, V].
             exit_at_step: 1-based step whose logits form ``logits``.
             exit_threshold: Q-exit threshold q for ``logits`` (default: the config's).
+            early_exit: stop the loop once every token has exited by the rule above, skipping
+                the remaining steps (inference only). ``step_logits`` then holds the steps
+                that ran, and a cache fills the skipped steps' K/V (see looplm.generation).
             objective: the loss with labels (default: Stage I with beta 0.1).
             past_key_values: a ``LoopKVCache`` for incremental decoding.
             attention_mask: [B, cached + S], 0 at padding (e.g. left-padded prompts); positions
                 then count only real tokens.
         """
         steps = self.config.total_ut_steps if num_steps is None else num_steps
+        if early_exit and labels is not None:
+            raise ValueError("early_exit is for inference; a loss needs every step")
         past = past_key_values.seen_tokens if past_key_values is not None else 0
         key_mask = self._check_attention_mask(attention_mask, input_ids, past)
         if position_ids is None and key_mask is not None:
@@ -279,9 +300,22 @@ class LoopLMForCausalLM(nn.Module):
             input_ids, position_ids, labels, steps, exit_at_step, past
         )
         frozen_body = labels is not None and objective is not None and objective.kind == "stage2"
-        body = self._body(input_ids, position_ids, steps, past_key_values, frozen_body, key_mask)
+        exit_rule = (
+            partial(
+                self._exit_steps,
+                exit_at_step=exit_at_step,
+                exit_threshold=exit_threshold,
+                num_steps=steps,
+            )
+            if early_exit
+            else None
+        )
+        body = self._body(
+            input_ids, position_ids, steps, past_key_values, frozen_body, key_mask, exit_rule
+        )
+        ran_every_step = body.gate_logits.shape[-1] == steps
         out = LoopLMOutput(
-            exit_pdf=exit_log_pdf(body.gate_logits).exp(),
+            exit_pdf=exit_log_pdf(body.gate_logits).exp() if ran_every_step else None,
             gate_logits=body.gate_logits,
             past_key_values=past_key_values,
         )
@@ -294,15 +328,17 @@ class LoopLMForCausalLM(nn.Module):
         step_hidden_TBSH = torch.stack(body.step_hidden)
         if return_all_steps:
             out.step_logits = self.lm_head(step_hidden_TBSH)
-        out.exit_steps = self._exit_steps(body.gate_logits, exit_at_step, exit_threshold)
+        out.exit_steps = self._exit_steps(body.gate_logits, exit_at_step, exit_threshold, steps)
         out.logits = self._logits_at(step_hidden_TBSH, out.exit_steps, out.step_logits)
         return out
 
-    def _body(self, input_ids, position_ids, steps, cache, frozen: bool, key_mask=None):
+    def _body(
+        self, input_ids, position_ids, steps, cache, frozen: bool, key_mask=None, exit_rule=None
+    ):
         """The loop; ``frozen`` (Stage II) runs it without gradients and re-reads only the gate
         from the detached hidden states, so nothing but the gate can change."""
         if not frozen:
-            return self.model(input_ids, position_ids, steps, cache, key_mask)
+            return self.model(input_ids, position_ids, steps, cache, key_mask, exit_rule)
         with torch.no_grad():
             body = self.model(input_ids, position_ids, steps, cache, key_mask)
         gate = self.model.early_exit_gate
@@ -315,15 +351,20 @@ class LoopLMForCausalLM(nn.Module):
         fn = stage1_loss if objective.kind == "stage1" else stage2_loss
         return fn(body.step_hidden, body.gate_logits, labels, self.lm_head, objective)
 
-    def _exit_steps(self, gate_logits_BST, exit_at_step, exit_threshold) -> torch.Tensor:
+    def _exit_steps(self, gate_logits_BSt, exit_at_step, exit_threshold, num_steps: int):
+        """0-based exit step [B, S] of every token: ``exit_at_step``, else Q-exit. Given the gate
+        logits of only the first t < num_steps steps, a token not exited by then gets t."""
+        ran = gate_logits_BSt.shape[-1]
         if exit_at_step is not None:
-            return torch.full(
-                gate_logits_BST.shape[:2], exit_at_step - 1, device=gate_logits_BST.device
-            )
+            step = min(exit_at_step - 1, ran)
+            return torch.full(gate_logits_BSt.shape[:2], step, device=gate_logits_BSt.device)
         q = self.config.early_exit_threshold if exit_threshold is None else exit_threshold
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"exit_threshold must lie in [0, 1], got {q}")
-        return q_exit_steps(gate_logits_BST, q)
+        if ran < num_steps:
+            # Q-exit counts the CDF of its last column as 1: an extra column stands for "later".
+            gate_logits_BSt = F.pad(gate_logits_BSt, (0, 1))
+        return q_exit_steps(gate_logits_BSt, q)
 
     def _logits_at(self, step_hidden_TBSH, exit_steps_BS, step_logits_TBSV=None) -> torch.Tensor:
         index = exit_steps_BS[None, ..., None].long()
