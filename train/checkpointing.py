@@ -196,18 +196,26 @@ class CheckpointManager:
         else:
             engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_module_strict=True)
 
-    def load(self, engine, path: Path, world_size: int, model_config: LoopLMConfig) -> dict | None:
+    def load(
+        self,
+        engine,
+        path: Path,
+        world_size: int,
+        model_config: LoopLMConfig,
+        may_differ: tuple[str, ...] = (),
+    ) -> dict | None:
         """Restores the engine from ``path``; returns this rank's state.
 
-        A checkpoint of another number of ranks is loaded through DeepSpeed's universal
-        format (the engine must have been built with ``load_universal``); the rank states
-        then do not apply and None is returned for them.
+        The saved model config must equal ``model_config`` but in the fields ``may_differ``
+        (those a curriculum changes between stages). A checkpoint of another number of ranks
+        is loaded through DeepSpeed's universal format (the engine must have been built with
+        ``load_universal``); the rank states then do not apply and None is returned for them.
         """
-        saved_config = LoopLMConfig.load(path / MODEL_CONFIG)
-        if saved_config.to_dict() != model_config.to_dict():
-            differences = sorted(
-                k for k, v in model_config.to_dict().items() if saved_config.to_dict().get(k) != v
-            )
+        saved, current = LoopLMConfig.load(path / MODEL_CONFIG).to_dict(), model_config.to_dict()
+        differences = sorted(
+            k for k, v in current.items() if saved.get(k) != v and k not in may_differ
+        )
+        if differences:
             raise ValueError(
                 f"{path} holds a checkpoint of another model (differs in {differences}); "
                 "use a new run_dir, or the same model settings to resume"

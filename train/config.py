@@ -164,6 +164,9 @@ class FaultSettings:
     """The loss stays finite but its gradients become NaN."""
     spike_loss_at_steps: list[int] = field(default_factory=list)
     """The step's last micro-batch loss is multiplied by spike_factor."""
+    spike_grad_at_steps: list[int] = field(default_factory=list)
+    """The loss stays as it is but the gradients of its last micro-batch are multiplied by
+    spike_factor."""
     spike_factor: float = 10.0
 
 

@@ -232,7 +232,13 @@ class Curriculum:
         """One line per stage, for the log."""
         return [
             f"stage {s.index} {s.name!r}: tokens [{s.start:,}, {s.end:,}), seq_len {s.seq_len}, "
-            f"batch {s.global_batch_tokens:,} tokens, lr {s.lr:g} -> {s.lr_final:g} "
+            f"batch {s.global_batch_tokens:,} tokens"
+            + (
+                f" (ramp from {s.batch_ramp_from:,} over {s.batch_ramp_tokens:,} tokens)"
+                if s.batch_ramp_tokens
+                else ""
+            )
+            + f", lr {s.lr:g} -> {s.lr_final:g} "
             f"({s.lr_schedule}), beta {s.beta:g} -> {s.beta_final:g}, T {s.num_recurrent_steps}, "
             f"rope_theta {s.rope_theta:g}, trainable {list(s.trainable) if s.trainable else 'all'}"
             for s in self.stages

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines.loader import build_data_loader
-from looplm import Objective
+from looplm import LoopLMForCausalLM, Objective
 from train.checkpointing import CheckpointManager, rng_state, set_rng_state
 from train.config import (
     PretrainConfig,
@@ -102,16 +102,18 @@ class _StopSignal:
         return bool(flag.item())
 
 
-class _NaNGradient(torch.autograd.Function):
-    """Identity whose gradient is NaN: a finite loss with non-finite gradients."""
+class _ScaledGradient(torch.autograd.Function):
+    """Identity whose gradient is scaled by ``factor`` (NaN: non-finite gradients of a finite
+    loss)."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, factor: float):
+        ctx.factor = factor
         return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        return torch.full_like(grad, float("nan"))
+        return grad * ctx.factor, None
 
 
 def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -143,7 +145,7 @@ class Trainer:
             saved = self.checkpoints.trainer_state(self.latest)
             self.state = TrainerState(**{**saved, "world_size": self.world_size})
         self.reshaped = self.latest is not None and saved["world_size"] != self.world_size
-        self.model = build_model(cfg)
+        self.model = self.build_model()
         self.curriculum = build_curriculum(cfg, self.model.config, self.world_size)
         self.stage: Stage | None = None
         plan = self.plan()
@@ -154,12 +156,7 @@ class Trainer:
         self.engine, self.precision = build_engine(
             cfg, self.model, plan.accumulation, self.reshaped, self._stage_groups()
         )
-        self.objective = Objective(
-            beta=cfg.train.beta,
-            prior=cfg.train.prior,
-            prior_param=cfg.train.prior_param,
-            regularizer=cfg.train.regularizer,
-        )
+        self.objective = self.build_objective()
         self.loss_spikes = SpikeDetector(cfg.stability, "loss")
         self.grad_spikes = SpikeDetector(cfg.stability, "grad_norm")
         self.guard = RollbackGuard(cfg.stability)
@@ -174,6 +171,17 @@ class Trainer:
         if self.curriculum is not None and self.rank == 0:
             for line in self.curriculum.describe():
                 logger.info("curriculum: %s", line)
+
+    def build_model(self) -> LoopLMForCausalLM:
+        """The model to train (a job deriving from this trainer may freeze parts of it)."""
+        return build_model(self.cfg)
+
+    def build_objective(self) -> Objective:
+        """The loss of every step; its beta is replaced by the plan's at each step."""
+        t = self.cfg.train
+        return Objective(
+            beta=t.beta, prior=t.prior, prior_param=t.prior_param, regularizer=t.regularizer
+        )
 
     def _init_distributed(self, local_rank: int) -> None:
         import deepspeed
@@ -231,6 +239,13 @@ class Trainer:
         if limit is not None and self.state.step >= limit:
             return True
         return self.curriculum is not None and self.state.tokens >= self.curriculum.total_tokens
+
+    def _stage_ended(self) -> bool:
+        """Whether the last step ended a curriculum stage (its checkpoint is always written:
+        a branch point, such as the 2.6B model's, and an exact boundary to resume at)."""
+        if self.curriculum is None or self.finished():
+            return False
+        return self.curriculum.stage_at(self.state.tokens).index != self.stage.index
 
     def _apply_model_settings(self, stage: Stage) -> None:
         """The stage's loop depth and RoPE base; a curriculum also writes them into the model's
@@ -290,8 +305,9 @@ class Trainer:
         saved state (None when there is none or the number of ranks changed)."""
         if self.latest is None:
             return None
+        managed = ("total_ut_steps", "rope_theta") if self.curriculum is not None else ()
         rank_state = self.checkpoints.load(
-            self.engine, self.latest, self.world_size, self.model.config
+            self.engine, self.latest, self.world_size, self.model.config, managed
         )
         self.loss_spikes.load_state_dict({"history": self.state.loss_window})
         self.grad_spikes.load_state_dict({"history": self.state.grad_norm_window})
@@ -359,7 +375,7 @@ class Trainer:
             rolled_back = record["rollback"] is not None
             self.metrics.log(record)
             stopping = stop.agreed()
-            due = self.state.step % cfg.checkpoint.every_steps == 0
+            due = self.state.step % cfg.checkpoint.every_steps == 0 or self._stage_ended()
             if stopping or rolled_back or self.finished() or due:
                 self.save()
             if stopping:
@@ -487,9 +503,11 @@ class Trainer:
         if step in faults.nan_loss_at_steps:
             return loss * float("nan")
         if step in faults.nan_grad_at_steps:
-            return _NaNGradient.apply(loss)
+            return _ScaledGradient.apply(loss, float("nan"))
         if step in faults.spike_loss_at_steps:
             return loss * faults.spike_factor
+        if step in faults.spike_grad_at_steps:
+            return _ScaledGradient.apply(loss, faults.spike_factor)
         return loss
 
     def _mfu(self, tokens_per_s: float) -> float | None:

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[2]
 
 # A CPU-sized model and batch that a 2-core machine steps through in well under a second.
@@ -115,3 +117,52 @@ def wait_for(predicate, process, timeout: float = 240.0, poll: float = 0.2) -> N
             os.killpg(process.pid, signal.SIGKILL)
             raise TimeoutError("the awaited state did not come")
         time.sleep(poll)
+
+
+def job(run_dir, cache_dir, *extra) -> list[str]:
+    """The overrides of a FAST job writing into run_dir."""
+    return [*FAST, f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", *extra]
+
+
+def completed(run_dir: Path) -> list[str]:
+    """Names of the complete checkpoints of a run, oldest first."""
+    root = run_dir / "checkpoints"
+    return sorted(p.name for p in root.glob("step_*") if (p / "COMPLETE").is_file())
+
+
+def tensors(tree, prefix=""):
+    """Every tensor of a nested checkpoint structure, by path."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = (
+        tree.items()
+        if isinstance(tree, dict)
+        else enumerate(tree)
+        if isinstance(tree, list | tuple)
+        else ()
+    )
+    found = {}
+    for key, value in items:
+        found.update(tensors(value, f"{prefix}/{key}"))
+    return found
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Identical bits (a NaN in ZeRO-3's partition padding equals itself)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.detach().view(bits), b.detach().view(bits))
+    return torch.equal(a, b)
+
+
+def optimizer_tensors(checkpoint: Path) -> dict:
+    """Every tensor of every rank's DeepSpeed optimizer state of a checkpoint."""
+    files = sorted((checkpoint / "deepspeed").glob("*optim_states.pt"))
+    assert files
+    return {
+        f.name + path: t
+        for f in files
+        for path, t in tensors(torch.load(f, weights_only=False)).items()
+    }

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from looplm import LoopLMConfig, LoopLMForCausalLM
-from tests.distributed.launch import FAST, metrics, run, start, wait_for
+from tests.distributed.launch import (
+    bit_equal,
+    completed,
+    job,
+    metrics,
+    optimizer_tensors,
+    run,
+    start,
+    wait_for,
+)
 from train.export import export_checkpoint, load_checkpoint_model
 
 pytestmark = pytest.mark.distributed
@@ -25,20 +34,6 @@ REQUIRED = {
     "skipped",
     "tokens_per_s",
 }
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data_cache")
-
-
-def job(run_dir, cache_dir, *extra):
-    return [*FAST, f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", *extra]
-
-
-def completed(run_dir):
-    root = run_dir / "checkpoints"
-    return sorted(p.name for p in root.glob("step_*") if (p / "COMPLETE").is_file())
 
 
 @pytest.mark.parametrize("zero", ["zero1", "zero2", "zero3", "zero3_offload"])
@@ -280,43 +275,6 @@ def test_zero3_resume_is_exact_too(tmp_path, cache_dir):
     assert [r["loss"] for r in metrics(run_dir)] == [r["loss"] for r in metrics(tmp_path / "ref")]
 
 
-def _tensors(tree, prefix=""):
-    """Every tensor of a nested checkpoint structure, by path."""
-    if isinstance(tree, torch.Tensor):
-        return {prefix: tree}
-    items = (
-        tree.items()
-        if isinstance(tree, dict)
-        else enumerate(tree)
-        if isinstance(tree, list | tuple)
-        else ()
-    )
-    found = {}
-    for key, value in items:
-        found.update(_tensors(value, f"{prefix}/{key}"))
-    return found
-
-
-def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Identical bits (a NaN in ZeRO-3's partition padding equals itself)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.is_floating_point():
-        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        return torch.equal(a.detach().view(bits), b.detach().view(bits))
-    return torch.equal(a, b)
-
-
-def _optimizer_tensors(checkpoint):
-    files = sorted((checkpoint / "deepspeed").glob("*optim_states.pt"))
-    assert files
-    return {
-        f.name + path: t
-        for f in files
-        for path, t in _tensors(torch.load(f, weights_only=False)).items()
-    }
-
-
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_a_non_finite_loss_or_gradient_on_one_rank_skips_the_update_everywhere(
     tmp_path, cache_dir, zero
@@ -331,11 +289,11 @@ def test_a_non_finite_loss_or_gradient_on_one_rank_skips_the_update_everywhere(
     assert [r["skipped"] for r in metrics(run_dir)] == [False, True, True, False]
     steps = [run_dir / "checkpoints" / f"step_{s:08d}" for s in (1, 2, 3, 4)]
     weights = [load_checkpoint_model(p).state_dict() for p in steps]
-    optimizer = [_optimizer_tensors(p) for p in steps]
+    optimizer = [optimizer_tensors(p) for p in steps]
     for later in (1, 2):  # after the skipped steps 2 and 3: bit-identical to step 1
-        assert all(_bit_equal(weights[0][k], weights[later][k]) for k in weights[0])
+        assert all(bit_equal(weights[0][k], weights[later][k]) for k in weights[0])
         assert optimizer[0].keys() == optimizer[later].keys()
-        assert all(_bit_equal(optimizer[0][k], optimizer[later][k]) for k in optimizer[0])
+        assert all(bit_equal(optimizer[0][k], optimizer[later][k]) for k in optimizer[0])
     assert any(not torch.equal(weights[0][k], weights[3][k]) for k in weights[0])  # step 4 trains
 
 
@@ -358,4 +316,4 @@ def test_a_loss_spike_skips_its_update_and_the_window_is_checkpointed(tmp_path, 
     before, after = (
         load_checkpoint_model(run_dir / f"checkpoints/step_{s:08d}").state_dict() for s in (3, 4)
     )
-    assert all(_bit_equal(before[k], after[k]) for k in before)
+    assert all(bit_equal(before[k], after[k]) for k in before)
