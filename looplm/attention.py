@@ -5,12 +5,18 @@ Shape legend: B batch, S query length, K key length, N heads, G key/value heads,
 Packed sequences carry their document boundaries in ``position_ids``: a position that does
 not continue the previous one (``pos[i] != pos[i-1] + 1``) starts a new document, and
 attention never crosses a document boundary.
+
+Sequence parallelism (DeepSpeed-Ulysses) enters through ``SequenceParallel``: each rank holds a
+contiguous slice of every sequence; around the attention kernel, an all-to-all trades the
+sequence split for a head split, so the kernel sees whole sequences with 1/P of the heads.
+The communication itself lives with the training code; here it is only an interface.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +78,21 @@ def document_ids(position_ids_BS: torch.Tensor) -> torch.Tensor:
     return restart.long().cumsum(dim=1)
 
 
+class SequenceParallel(Protocol):
+    """How the slices of a sequence split over P ranks meet in attention."""
+
+    def gather_positions(self, position_ids_BS: torch.Tensor) -> torch.Tensor:
+        """The whole sequences' position ids [B, P x S] from every rank's slice [B, S]."""
+
+    def heads_to_sequence(self, x_BNSD: torch.Tensor) -> torch.Tensor:
+        """[B, N, S, D] (all heads, this rank's slice) -> [B, N / P, P x S, D] (this rank's
+        heads, the whole sequence)."""
+
+    def sequence_to_heads(self, out_BSND: torch.Tensor) -> torch.Tensor:
+        """[B, P x S, N / P, D] -> [B, S, N, D]: the attention output back to this rank's
+        slice, all heads."""
+
+
 @dataclass
 class AttentionLayout:
     """What every attention call of one forward shares (computed once, used T x L times).
@@ -84,6 +105,8 @@ class AttentionLayout:
     mask: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
+    sequence_parallel: SequenceParallel | None = None
+    """Set when the layout describes whole sequences split over ranks (see above)."""
 
     @classmethod
     def build(

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from looplm.attention import (
     AttentionLayout,
+    SequenceParallel,
     apply_rope,
     attend,
     document_ids,
@@ -81,7 +82,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_slot is not None:
             k, v = cache_slot(k, v)
+        sp = layout.sequence_parallel
+        if sp is not None:
+            q, k, v = sp.heads_to_sequence(q), sp.heads_to_sequence(k), sp.heads_to_sequence(v)
         out_BSND = attend(q, k, v, layout, self.implementation)
+        if sp is not None:
+            out_BSND = sp.sequence_to_heads(out_BSND)
         return self.o_proj(out_BSND.reshape(b, s, -1))
 
 
@@ -152,6 +158,8 @@ class LoopLMModel(nn.Module):
         self.early_exit_gate = nn.Linear(config.hidden_size, 1, bias=True)
         self.implementation = implementation
         self.gradient_checkpointing = False
+        self.sequence_parallel: SequenceParallel | None = None
+        """Set by a training job that splits every sequence over ranks (Ulysses)."""
 
     def forward(
         self,
@@ -166,12 +174,15 @@ class LoopLMModel(nn.Module):
         steps run so far to each token's 0-based exit step (t for a token that has not exited);
         given, the loop stops once every token has exited and the cache learns the exit steps."""
         past = cache.seen_tokens if cache is not None else 0
-        packed = key_mask_BK is None and bool((document_ids(position_ids_BS)[:, -1] > 0).any())
+        sp = self.sequence_parallel
+        if sp is not None and (cache is not None or key_mask_BK is not None):
+            raise ValueError("sequence parallelism is for training: no KV cache, no padding mask")
+        whole_BS = position_ids_BS if sp is None else sp.gather_positions(position_ids_BS)
+        packed = key_mask_BK is None and bool((document_ids(whole_BS)[:, -1] > 0).any())
         if packed and cache is not None:
             raise ValueError("packed sequences (restarting position_ids) cannot use a KV cache")
-        layout = AttentionLayout.build(
-            position_ids_BS, past, packed, self.implementation, key_mask_BK
-        )
+        layout = AttentionLayout.build(whole_BS, past, packed, self.implementation, key_mask_BK)
+        layout.sequence_parallel = sp
         h = self.embed_tokens(input_ids_BS)
         cos, sin = rope_cos_sin(
             position_ids_BS, self.config.head_dim, self.config.rope_theta, h.dtype

@@ -99,6 +99,9 @@ class DeepSpeedSettings:
     """none or cpu (stage 3 only)."""
     precision: str = "auto"
     """bf16, fp32, or auto: bf16 where the device supports it, else fp32."""
+    sequence_parallel_size: int = 1
+    """Ranks that split every sequence (DeepSpeed-Ulysses); the data-parallel size is the
+    world size divided by it. Heads, key/value heads and seq_len must divide by it."""
     overlap_comm: bool = True
     reduce_bucket_size: int = 50_000_000
     stage3_prefetch_bucket_size: int = 50_000_000
@@ -178,7 +181,10 @@ class PretrainConfig:
     """Checkpoints, metrics.jsonl and plots; re-running on the same run_dir resumes."""
     seed: int = 0
     init_from: str | None = None
-    """An Ouro-format directory (or hub id) whose weights start the run."""
+    """An Ouro-format directory (or hub id), or a looplm checkpoint or run directory, whose
+    weights start the run."""
+    init_required: bool = False
+    """Set by experiments that continue a trained model: init_from must then be given."""
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimSettings = field(default_factory=OptimSettings)
@@ -221,18 +227,23 @@ def config_problems(cfg: PretrainConfig, world_size: int) -> list[str]:
     """Every problem of a composed config for a run on ``world_size`` ranks."""
     t, d, ds = cfg.train, cfg.data, cfg.deepspeed
     model_cfg, p = _model_config(cfg)
+    if cfg.init_required and cfg.init_from is None:
+        p.append("init_from is required: this experiment continues a trained model")
     if t.micro_batch_size < 1:
         p.append(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     if d.seq_len < 2:
         p.append(f"data.seq_len must be >= 2, got {d.seq_len}")
     stages = cfg.curriculum.stages
+    sp = ds.sequence_parallel_size
+    p += _sequence_parallel_problems(cfg, model_cfg, world_size)
+    dp_size = world_size // sp if sp >= 1 and world_size % sp == 0 else world_size
     if t.micro_batch_size >= 1 and d.seq_len >= 1 and not stages:
-        per_pass = t.micro_batch_size * d.seq_len * world_size
+        per_pass = t.micro_batch_size * d.seq_len * dp_size
         if t.global_batch_tokens < per_pass or t.global_batch_tokens % per_pass:
             p.append(
                 f"train.global_batch_tokens ({t.global_batch_tokens}) must be a positive multiple "
                 f"of micro_batch_size x seq_len x data-parallel size "
-                f"({t.micro_batch_size} x {d.seq_len} x {world_size} = {per_pass})"
+                f"({t.micro_batch_size} x {d.seq_len} x {dp_size} = {per_pass})"
             )
     if model_cfg is not None:
         if d.seq_len > model_cfg.max_position_embeddings:
@@ -277,7 +288,7 @@ def config_problems(cfg: PretrainConfig, world_size: int) -> list[str]:
         p += stage_problems(
             stages,
             micro_batch_size=t.micro_batch_size,
-            dp_size=world_size,
+            dp_size=dp_size,
             base=curriculum_base(cfg, model_cfg),
             sources=[source.name for source in d.sources],
             max_positions=model_cfg.max_position_embeddings if model_cfg else None,
@@ -294,7 +305,14 @@ def _model_config(cfg: PretrainConfig) -> tuple[LoopLMConfig | None, list[str]]:
     """The architecture the run will train (from init_from's config.json, else the model
     settings), and the problems found on the way."""
     if cfg.init_from is not None:
+        from train.export import MODEL_CONFIG, is_run_checkpoint, resolve_checkpoint
+
         path = Path(cfg.init_from)
+        if path.is_dir() and is_run_checkpoint(path):
+            try:
+                return LoopLMConfig.load(resolve_checkpoint(path) / MODEL_CONFIG), []
+            except (OSError, ValueError) as e:
+                return None, [f"init_from: {e}"]
         if path.is_dir():
             try:
                 return LoopLMConfig.load(path), []
@@ -309,6 +327,39 @@ def _model_config(cfg: PretrainConfig) -> tuple[LoopLMConfig | None, list[str]]:
         return cfg.model.build_config(), []
     except ValueError as e:
         return None, [f"model: {e}"]
+
+
+def _sequence_parallel_problems(
+    cfg: PretrainConfig, model_cfg: LoopLMConfig | None, world_size: int
+) -> list[str]:
+    sp = cfg.deepspeed.sequence_parallel_size
+    if sp < 1:
+        return [f"deepspeed.sequence_parallel_size must be >= 1, got {sp}"]
+    if sp == 1:
+        return []
+    p = []
+    if world_size % sp:
+        p.append(
+            f"deepspeed.sequence_parallel_size ({sp}) must divide the number of ranks "
+            f"({world_size})"
+        )
+    seq_lens = [cfg.data.seq_len] + [s.seq_len for s in cfg.curriculum.stages if s.seq_len]
+    if any(length % sp for length in seq_lens):
+        p.append(f"every seq_len ({seq_lens}) must divide by sequence_parallel_size ({sp})")
+    if model_cfg is not None and (
+        model_cfg.num_attention_heads % sp or model_cfg.num_key_value_heads % sp
+    ):
+        p.append(
+            f"sequence_parallel_size ({sp}) must divide the attention heads "
+            f"({model_cfg.num_attention_heads}) and key/value heads "
+            f"({model_cfg.num_key_value_heads})"
+        )
+    return p
+
+
+def data_parallel_size(cfg: PretrainConfig, world_size: int) -> int:
+    """Ranks that read different data: the world size over the sequence-parallel size."""
+    return world_size // cfg.deepspeed.sequence_parallel_size
 
 
 def curriculum_base(cfg: PretrainConfig, model_cfg: LoopLMConfig | None) -> dict:
@@ -332,7 +383,8 @@ def build_curriculum(
     if not cfg.curriculum.stages:
         return None
     base = curriculum_base(cfg, model_cfg)
-    return Curriculum.resolve(cfg.curriculum.stages, base, cfg.train.micro_batch_size, world_size)
+    dp_size = data_parallel_size(cfg, world_size)
+    return Curriculum.resolve(cfg.curriculum.stages, base, cfg.train.micro_batch_size, dp_size)
 
 
 def _parameter_names(model_cfg: LoopLMConfig) -> list[str]:

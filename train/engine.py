@@ -22,8 +22,13 @@ def resolve_precision(setting: str) -> str:
 
 
 def build_model(cfg: PretrainConfig) -> LoopLMForCausalLM:
-    """A fresh model from ``cfg.model``, or the weights of ``cfg.init_from``."""
-    if cfg.init_from:
+    """A fresh model from ``cfg.model``, or the weights of ``cfg.init_from`` (an Ouro-format
+    directory or hub id, or a looplm checkpoint or run directory)."""
+    from train.export import is_run_checkpoint, load_checkpoint_model
+
+    if cfg.init_from and is_run_checkpoint(cfg.init_from):
+        model = load_checkpoint_model(cfg.init_from, cfg.model.attn_implementation)
+    elif cfg.init_from:
         model = LoopLMForCausalLM.from_pretrained(
             cfg.init_from, dtype=torch.float32, attn_implementation=cfg.model.attn_implementation
         )

@@ -21,7 +21,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def load_checkpoint_model(path: str | Path) -> LoopLMForCausalLM:
+def is_run_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a looplm checkpoint or a run directory holding one (rather than an
+    Ouro-format model directory)."""
+    path = Path(path)
+    return (path / MODEL_CONFIG).is_file() or (path / "checkpoints").is_dir()
+
+
+def load_checkpoint_model(path: str | Path, attn_implementation: str = "sdpa") -> LoopLMForCausalLM:
     """The model of a checkpoint, with its float32 master weights (any ZeRO stage)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -29,7 +36,7 @@ def load_checkpoint_model(path: str | Path) -> LoopLMForCausalLM:
     config = LoopLMConfig.load(checkpoint / MODEL_CONFIG)
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
     with torch.device("meta"):
-        model = LoopLMForCausalLM(config)
+        model = LoopLMForCausalLM(config, attn_implementation)
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -27,6 +27,7 @@ from train.checkpointing import CheckpointManager, rng_state, set_rng_state
 from train.config import (
     PretrainConfig,
     build_curriculum,
+    data_parallel_size,
     gradient_accumulation,
     register_configs,
     to_object,
@@ -42,6 +43,7 @@ from train.engine import (
 )
 from train.metrics import MetricsLogger, device_peak_flops, training_flops_per_token
 from train.schedule import exit_beta, learning_rate
+from train.sequence_parallel import local_slice, sequence_parallel_group, token_share
 from train.stability import RollbackGuard, SpikeDetector
 
 logger = logging.getLogger("looplm.pretrain")
@@ -145,7 +147,11 @@ class Trainer:
             saved = self.checkpoints.trainer_state(self.latest)
             self.state = TrainerState(**{**saved, "world_size": self.world_size})
         self.reshaped = self.latest is not None and saved["world_size"] != self.world_size
+        self.sp = sequence_parallel_group(cfg.deepspeed.sequence_parallel_size)
+        self.dp_size = data_parallel_size(cfg, self.world_size)
+        self.dp_rank = self.rank // cfg.deepspeed.sequence_parallel_size
         self.model = self.build_model()
+        self.model.model.sequence_parallel = self.sp
         self.curriculum = build_curriculum(cfg, self.model.config, self.world_size)
         self.stage: Stage | None = None
         plan = self.plan()
@@ -221,7 +227,7 @@ class Trainer:
         )
         return StepPlan(
             stage=stage,
-            accumulation=gradient_accumulation(cfg.train, cfg.data.seq_len, self.world_size),
+            accumulation=gradient_accumulation(cfg.train, cfg.data.seq_len, self.dp_size),
             tokens=cfg.train.global_batch_tokens,
             lr=learning_rate(step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule),
             beta=exit_beta(step, cfg.train.max_steps, cfg.train),
@@ -341,8 +347,8 @@ class Trainer:
                 )
         loader = build_data_loader(
             data_cfg,
-            rank=self.rank,
-            world_size=self.world_size,
+            rank=self.dp_rank,
+            world_size=self.dp_size,
             micro_batch_size=cfg.train.micro_batch_size,
         )
         if rank_state is not None:
@@ -402,7 +408,7 @@ class Trainer:
         for micro in range(plan.accumulation):
             last = micro == plan.accumulation - 1
             engine.set_gradient_accumulation_boundary(last)
-            batch = next(batches)
+            batch = local_slice(next(batches), self.sp)
             out = engine(
                 batch["input_ids"].to(engine.device),
                 position_ids=batch["position_ids"].to(engine.device),
@@ -411,7 +417,8 @@ class Trainer:
                 objective=objective,
             )
             loss = self._inject_faults(out.loss) if last else out.loss
-            sums += torch.cat(
+            share = token_share(batch["labels"], self.sp)
+            sums += share * torch.cat(
                 [
                     loss.detach().double().cpu().view(1),
                     out.exit_entropy.double().cpu().view(1),
@@ -419,7 +426,7 @@ class Trainer:
                     out.exit_pdf_mean.double().cpu(),
                 ]
             )
-            engine.backward(loss)
+            engine.backward(loss * share if self.sp is not None else loss)
         means = _mean_over_ranks(sums / plan.accumulation)
         loss_value, grad_norm = means[0].item(), pre_step_grad_norm(engine)
         spike = self.loss_spikes.judge(loss_value) or self.grad_spikes.judge(grad_norm)

@@ -222,13 +222,16 @@ def test_the_ouro_recipe_config_is_the_papers_plan():
     assert any("long_ct" in p and "multiple" in p for p in config_problems(cfg, 256))
 
 
-@pytest.mark.parametrize("experiment", ["ouro_2.6b", "tiny_ouro_1.4b", "tiny_ouro_2.6b"])
+@pytest.mark.parametrize(
+    "experiment", ["ouro_2.6b", "tiny_ouro_1.4b", "tiny_ouro_2.6b", "long_context"]
+)
 def test_the_recipe_twins_compose_and_validate(experiment):
     overrides = [f"experiment={experiment}"]
-    if "2.6b" in experiment:  # init_from, the upcycled checkpoint, must be given
-        with pytest.raises(Exception, match="init_from"):
-            composed(*overrides)
-        overrides.append("init_from=null")
+    if "2.6b" in experiment or experiment == "long_context":  # the checkpoint to start from
+        assert "init_from is required" in " ".join(config_problems(composed(*overrides), 2))
+        overrides.append("init_required=false")
+        if experiment == "long_context":  # the architecture init_from would bring
+            overrides.append("model=ouro_1.4b")
         if experiment == "tiny_ouro_2.6b":
             overrides.append("model.num_hidden_layers=4")
     cfg = composed(*overrides)
@@ -236,5 +239,9 @@ def test_the_recipe_twins_compose_and_validate(experiment):
     assert config_problems(cfg, world_size=world) == []
     model_cfg, _ = _model_config(cfg)
     names = [s.name for s in build_curriculum(cfg, model_cfg, world).stages]
+    if experiment == "long_context":  # 64K tokens, split over 8 ranks, 16 groups
+        assert names == ["long_16k", "long_64k"] and cfg.deepspeed.sequence_parallel_size == 8
+        assert build_curriculum(cfg, model_cfg, world).stages[-1].seq_len == 65536
+        return
     assert names[-3:] == ["ct_annealing", "long_ct", "mid_training"]
     assert names[0] == ("stable_1a" if "1.4b" in experiment else "stable_1b")

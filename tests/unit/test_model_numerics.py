@@ -220,3 +220,14 @@ def test_activation_checkpointing_gives_identical_loss_and_gradients(attn):
     for name, grad in grads_off.items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(grads_on[name], grad, atol=1e-14, rtol=0, msg=name)
+
+
+def test_a_changed_rope_base_takes_effect_and_matches_the_reference():
+    """A curriculum stage sets ``config.rope_theta`` on the live model (long-context stages
+    raise it 10K -> 40K -> 1M); the next forward uses it."""
+    model, ids = tiny_model(), token_ids(2, 16)
+    before = model(ids, return_all_steps=True).step_logits
+    model.config.rope_theta = 40000.0
+    after = model(ids, return_all_steps=True).step_logits
+    assert (before - after).abs().max() > 1e-3
+    close(after, reference_forward(model, ids)[0])

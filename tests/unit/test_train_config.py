@@ -75,6 +75,28 @@ BAD = [
     (["train.max_steps=0"], "train.max_steps must be >= 1"),
     (["model.vocab_size=4096"], "has 8192 tokens, more than the model's vocab_size (4096)"),
     ([f"init_from={OURO_TINY}"], "more than the model's vocab_size (384)"),
+    (["train.max_steps=null"], "train.max_steps is needed when the run has no curriculum"),
+    (["deepspeed.sequence_parallel_size=3"], "sequence_parallel_size (3) must divide the number"),
+    (
+        [
+            "deepspeed.sequence_parallel_size=2",
+            "model.num_attention_heads=2",
+            "model.num_key_value_heads=1",
+        ],
+        "must divide the attention heads (2) and key/value heads (1)",
+    ),
+    (
+        [
+            "deepspeed.sequence_parallel_size=2",
+            "data.seq_len=255",
+            "train.global_batch_tokens=2040",
+        ],
+        "every seq_len ([255]) must divide by sequence_parallel_size (2)",
+    ),
+    (
+        ["deepspeed.sequence_parallel_size=2", "train.global_batch_tokens=1536"],
+        "micro_batch_size x seq_len x data-parallel size (4 x 256 x 1 = 1024)",
+    ),
 ]
 
 
