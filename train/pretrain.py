@@ -64,6 +64,8 @@ class TrainerState:
     grad_norm_window: list[float] = field(default_factory=list)
     guard: dict = field(default_factory=dict)
     """The rollback guard's spikes, rollbacks and lowered-LR window."""
+    skipped_steps: int = 0
+    """Updates skipped so far (non-finite values and spikes)."""
     good: bool = True
     """No spike in the recent past when saved: a checkpoint a rollback may return to."""
 
@@ -436,6 +438,7 @@ class Trainer:
         self.state.step += 1
         self.state.tokens += plan.tokens
         skipped = engine.skipped_steps > skipped_before
+        self.state.skipped_steps += int(skipped)
         if not skipped:
             self.loss_spikes.accept(loss_value)
             self.grad_spikes.accept(grad_norm)
@@ -465,6 +468,7 @@ class Trainer:
             "batch_tokens": plan.tokens,
             "skipped": skipped,
             "skip_reason": reason,
+            "skipped_steps": self.state.skipped_steps,
             "rollback": rollback,
             "rollbacks": len(self.guard.rollbacks),
             "tokens_per_s": tokens_per_s,

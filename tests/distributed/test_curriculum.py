@@ -124,7 +124,7 @@ def test_repeated_spikes_roll_back_skip_the_window_and_lower_the_lr(tmp_path, ca
         assert data == expected
     state = json.loads((back / "trainer_state.json").read_text())
     assert state["guard"]["rollbacks"] == [{"step": 6, "to_step": 3, "skipped_tokens": 1536}]
-    assert records[-1]["rollbacks"] == 1
+    assert records[-1]["rollbacks"] == 1 and records[-1]["skipped_steps"] == 2
 
 
 def test_more_rollbacks_than_allowed_end_the_run_with_a_clear_message(tmp_path, cache_dir):

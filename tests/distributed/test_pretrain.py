@@ -75,6 +75,7 @@ def test_two_rank_run_logs_every_step_and_checkpoints(tmp_path, cache_dir, zero)
         "loss_window": [r["loss"] for r in records],
         "grad_norm_window": [r["grad_norm"] for r in records],
         "guard": {"spike_steps": [], "rollbacks": [], "lowered_until": 0},
+        "skipped_steps": 0,
         "good": True,
     }
 
