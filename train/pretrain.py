@@ -395,7 +395,7 @@ class Trainer:
         """One optimizer step: the plan of the step, gradient accumulation over its
         micro-batches, the guards' verdict on its loss and gradient norm, then the update (or
         its skip), and a rollback when spikes keep coming."""
-        engine = self.engine
+        cfg, engine = self.cfg, self.engine
         start = time.time()
         plan = self.plan()
         self._enter_stage(plan.stage)
@@ -431,7 +431,8 @@ class Trainer:
             engine.backward(loss * share if self.sp is not None else loss)
         means = _mean_over_ranks(sums / plan.accumulation)
         loss_value, grad_norm = means[0].item(), pre_step_grad_norm(engine)
-        spike = self.loss_spikes.judge(loss_value) or self.grad_spikes.judge(grad_norm)
+        loss_spike = self.loss_spikes.judge(loss_value)
+        spike = loss_spike or self.grad_spikes.judge(grad_norm)
         if spike is not None:
             skip_update(engine)
         engine.step()
@@ -447,7 +448,8 @@ class Trainer:
         if reason is not None:
             if self.rank == 0:
                 logger.warning("step %d skipped: %s", self.state.step, reason)
-            if self.guard.record_spike(self.state.step):
+            counts = loss_spike is not None or spike is None or cfg.stability.grad_norm_rollback
+            if counts and self.guard.record_spike(self.state.step):
                 rollback = self.roll_back()
         elapsed = time.time() - start
         tokens_per_s = plan.tokens / elapsed
@@ -478,21 +480,30 @@ class Trainer:
     def roll_back(self) -> dict:
         """Restores the weights and optimizer state of the last good checkpoint before the
         current run of spikes. The data stream stays where it is, so the steps since that
-        checkpoint are never trained on again; the LR is lowered for a while."""
+        checkpoint are never trained on again; the LR is lowered for a while. Without such a
+        checkpoint (early in a run) the weights stay and only the LR is lowered."""
         first_spike = self.guard.spike_steps[0]
         target = self.checkpoints.latest_good(before_step=first_spike)
+        factor = self.cfg.stability.lr_factor
         if target is None:
-            raise RuntimeError(
-                f"stopping at step {self.state.step}: {len(self.guard.spike_steps)} spikes since "
-                f"step {first_spike} and no good checkpoint before it to roll back to"
-            )
+            self.guard.rolled_back(self.state.step, None, 0)
+            if self.rank == 0:
+                logger.warning(
+                    "step %d: %d spikes since step %d and no good checkpoint before them: the "
+                    "weights stay, LR x %g until step %d",
+                    self.state.step,
+                    self.cfg.stability.rollback_after,
+                    first_spike,
+                    factor,
+                    self.guard.lowered_until,
+                )
+            return {"to_step": None, "skipped_tokens": 0, "lr_factor": factor}
         saved = self.checkpoints.trainer_state(target)
         skipped_tokens = self.state.tokens - saved["tokens"]
         self.guard.rolled_back(self.state.step, saved["step"], skipped_tokens)
         self.checkpoints.load_weights(self.engine, target, self.world_size)
         self.loss_spikes.load_state_dict({"history": saved["loss_window"]})
         self.grad_spikes.load_state_dict({"history": saved.get("grad_norm_window", [])})
-        factor, until = self.cfg.stability.lr_factor, self.guard.lowered_until
         if self.rank == 0:
             logger.warning(
                 "step %d: rolled back to the weights of step %d (%s); %d tokens since then are "
@@ -502,7 +513,7 @@ class Trainer:
                 target,
                 skipped_tokens,
                 factor,
-                until,
+                self.guard.lowered_until,
             )
         return {"to_step": saved["step"], "skipped_tokens": skipped_tokens, "lr_factor": factor}
 

@@ -6,11 +6,13 @@ spike: the trainer skips its update on every rank. Accepted steps enter the wind
 windows are part of every checkpoint, so a resumed run judges exactly as the uninterrupted one
 would.
 
-``rollback_after`` spikes within ``rollback_within`` steps mean the weights have gone bad: the
+``rollback_after`` spikes (of the loss, non-finite steps, and with ``grad_norm_rollback`` also of
+the gradient norm) within ``rollback_within`` steps mean the weights have gone bad: the
 trainer restores the weights and optimizer state of the last good checkpoint (one saved with
 no spike in its recent past), keeps reading data from where it is (the offending window is
 never trained on), and multiplies the LR by ``lr_factor`` for ``lr_factor_steps`` steps (the
-conservative-LR guard). More than ``max_rollbacks`` rollbacks end the run.
+conservative-LR guard); before any good checkpoint exists, only the LR is lowered. More than
+``max_rollbacks`` rollbacks end the run.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ class StabilitySettings:
     grad_norm_ratio_threshold: float = 4.0
     rollback_after: int = 3
     """Spikes within rollback_within steps that trigger a rollback (0: never roll back)."""
+    grad_norm_rollback: bool = False
+    """Whether grad-norm spikes count toward a rollback. Off by default: clipping already
+    bounds the update such a gradient would make, while loss spikes and non-finite steps are
+    what signal damaged weights; every spike is skipped either way."""
     rollback_within: int = 50
     max_rollbacks: int = 3
     """Rollbacks allowed in a run; one more ends it with an error."""
@@ -121,8 +127,9 @@ class RollbackGuard:
         """Whether a spike happened within rollback_within steps before ``step``."""
         return any(x > step - self.settings.rollback_within for x in self.spike_steps)
 
-    def rolled_back(self, step: int, to_step: int, skipped_tokens: int) -> None:
-        """Records a rollback at ``step``; raises once the run has used up its rollbacks."""
+    def rolled_back(self, step: int, to_step: int | None, skipped_tokens: int) -> None:
+        """Records a rollback at ``step`` (``to_step`` None: no checkpoint to return to, only
+        the LR is lowered); raises once the run has used up its rollbacks."""
         s = self.settings
         self.rollbacks.append({"step": step, "to_step": to_step, "skipped_tokens": skipped_tokens})
         self.spike_steps = []

@@ -90,6 +90,7 @@ def test_repeated_spikes_roll_back_skip_the_window_and_lower_the_lr(tmp_path, ca
         "train.max_steps=9", "checkpoint.every_steps=3", "checkpoint.keep_last=10",
         "schedule=constant", "stability.min_history=2", "stability.rollback_after=2",
         "stability.rollback_within=5", "stability.lr_factor=0.25", "stability.lr_factor_steps=2",
+        "stability.grad_norm_rollback=true",
     ]  # fmt: skip
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
     code, out = run("train.pretrain", job(reference_dir, cache_dir, *common), tmp_path / "r")
