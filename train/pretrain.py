@@ -30,7 +30,6 @@ from train.config import (
     data_parallel_size,
     gradient_accumulation,
     register_configs,
-    to_object,
     validate,
 )
 from train.curriculum import Stage, StepPlan, trainable_mask
@@ -557,18 +556,23 @@ class Trainer:
 register_configs()
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="pretrain", version_base=None)
-def main(raw: DictConfig) -> None:
+def run_job(trainer_class: type[Trainer], raw: DictConfig) -> None:
+    """Runs a composed job with ``trainer_class`` (this trainer or one derived from it): the
+    config goes to run_dir/config.yaml, the loader and metrics close even after an error."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = to_object(raw)
-    trainer = Trainer(cfg)
+    trainer = trainer_class(OmegaConf.to_object(raw))
     if trainer.rank == 0:
-        (Path(cfg.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(raw))
+        (Path(trainer.cfg.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(raw))
     try:
         trainer.train()
     finally:
         trainer.close()
     trainer.finish()
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="pretrain", version_base=None)
+def main(raw: DictConfig) -> None:
+    run_job(Trainer, raw)
 
 
 if __name__ == "__main__":
