@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
+import logging
 from pathlib import Path
 
 import torch
 
 from looplm import LoopLMConfig, LoopLMForCausalLM
 from train.checkpointing import DEEPSPEED_TAG, MODEL_CONFIG, CheckpointManager
+
+logger = logging.getLogger(__name__)
+
+SOURCE_DIR = "source_model"
+"""Where a job that exports a changed copy of its source writes a run checkpoint given as
+``init_from``, as an Ouro-format directory."""
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -47,3 +55,21 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, dtype: str | None =
     """Writes the checkpoint at ``path`` as an Ouro-format directory; returns ``out_dir``."""
     load_checkpoint_model(path).save_pretrained(out_dir, dtype=dtype)
     return Path(out_dir)
+
+
+def prepare_source(init_from: str, run_dir: Path) -> str:
+    """The Ouro-format directory (or hub id) the job starts from and exports into: ``init_from``
+    itself, or, for a looplm run or checkpoint, the float32 weights of its checkpoint written
+    once into ``run_dir/source_model``, so that a resumed job and its export keep to that
+    checkpoint while the source run goes on. The first rank to take the lock writes it."""
+    if not is_run_checkpoint(init_from):
+        return init_from
+    target = run_dir / SOURCE_DIR
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / f".{SOURCE_DIR}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            checkpoint = resolve_checkpoint(init_from)
+            export_checkpoint(checkpoint, target)
+            logger.info("wrote the weights of %s as %s", checkpoint, target)
+    return str(target)

@@ -13,7 +13,6 @@ source model directory in which every other tensor keeps its bits.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -32,14 +31,12 @@ from safetensors.torch import save_file
 from looplm import LoopLMForCausalLM, Objective
 from looplm.checkpoint import INDEX_NAME, WEIGHTS_NAME, resolve_model_dir
 from train.config import PretrainConfig, config_problems
-from train.export import export_checkpoint, is_run_checkpoint, resolve_checkpoint
+from train.export import SOURCE_DIR, prepare_source
 from train.pretrain import CONFIG_DIR, Trainer, run_job
 
 logger = logging.getLogger("looplm.gate_tuning")
 
 GATE_PREFIX = "model.early_exit_gate."
-SOURCE_DIR = "source_model"
-"""Where a run checkpoint given as ``init_from`` is written as an Ouro-format directory."""
 
 
 @dataclass
@@ -85,24 +82,6 @@ def gate_tuning_problems(cfg: GateTuningConfig, world_size: int) -> list[str]:
     if cfg.export_dir is not None and Path(cfg.export_dir).resolve() in sources:
         p.append(f"export_dir {cfg.export_dir} would overwrite the source model")
     return p
-
-
-def prepare_source(init_from: str, run_dir: Path) -> str:
-    """The Ouro-format directory (or hub id) the job starts from and exports into: ``init_from``
-    itself, or, for a looplm run or checkpoint, the float32 weights of its checkpoint written
-    once into ``run_dir/source_model``, so that a resumed job and its export keep to that
-    checkpoint while the source run goes on. The first rank to take the lock writes it."""
-    if not is_run_checkpoint(init_from):
-        return init_from
-    target = run_dir / SOURCE_DIR
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / f".{SOURCE_DIR}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").is_file():
-            checkpoint = resolve_checkpoint(init_from)
-            export_checkpoint(checkpoint, target)
-            logger.info("wrote the weights of %s as %s", checkpoint, target)
-    return str(target)
 
 
 def export_tuned_gate(source: str, gate: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
