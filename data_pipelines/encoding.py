@@ -1,8 +1,9 @@
 """Turning parsed records into token arrays: plain documents and ChatML conversations.
 
-A `Document` is the token ids of one record, EOS included, plus which tokens are targets
-(None: all of them). Records are encoded a window at a time with one `encode_batch_fast`
-call, which is where the tokenizer spends its time.
+Records are encoded a batch at a time with one `encode_batch_fast` call, which is where the
+tokenizer spends its time, and come back as one `Documents`: every document's ids (EOS
+included) laid end to end, with each document's length, so that nothing downstream works
+one document at a time.
 """
 
 from __future__ import annotations
@@ -15,13 +16,38 @@ from data_pipelines.tokenizer import IM_END, IM_START, load_tokenizer, token_id
 
 
 @dataclass
-class Document:
-    """One document's tokens and, for SFT, which of them are targets."""
+class Documents:
+    """Documents laid end to end."""
 
     tokens: np.ndarray
-    """int32 token ids; the last one is EOS."""
+    """int32 token ids of every document, each ending with EOS."""
+    lengths: np.ndarray
+    """int64 tokens per document, EOS included."""
     targets: np.ndarray | None = None
-    """bool per token, True where the token is a target; None when every token is."""
+    """bool per token, True where the token is a target (SFT); None when every token is."""
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def head(self, count: int) -> Documents:
+        """The first `count` documents."""
+        size = int(self.lengths[:count].sum())
+        targets = None if self.targets is None else self.targets[:size]
+        return Documents(self.tokens[:size], self.lengths[:count], targets)
+
+    @staticmethod
+    def concatenate(parts: list[Documents]) -> Documents:
+        """`parts` one after the other (at least one part)."""
+        if len(parts) == 1:
+            return parts[0]
+        targets = None
+        if parts[0].targets is not None:
+            targets = np.concatenate([part.targets for part in parts])
+        return Documents(
+            np.concatenate([part.tokens for part in parts]),
+            np.concatenate([part.lengths for part in parts]),
+            targets,
+        )
 
 
 class DocumentEncoder:
@@ -37,28 +63,36 @@ class DocumentEncoder:
             self.newline = self._ids(["\n"])[0]
             self.headers: dict[str, np.ndarray] = {}
 
-    def encode(self, payloads: list) -> list[Document]:
-        """Encode a window of payloads (texts, or lists of (role, content) for SFT)."""
+    def encode(self, payloads: list) -> Documents:
+        """Encode a batch of payloads (texts, or lists of (role, content) for SFT)."""
         if self.kind == "sft":
             return self._encode_conversations(payloads)
-        return [self._with_eos(ids) for ids in self._ids(payloads)]
+        tokens: list[int] = []
+        lengths = []
+        for encoding in self._encodings(payloads):
+            ids = encoding.ids
+            tokens += ids
+            tokens.append(self.eos)
+            lengths.append(len(ids) + 1)
+        return Documents(np.array(tokens, dtype=np.int32), np.array(lengths, dtype=np.int64))
+
+    def _encodings(self, texts: list[str]):
+        return self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
 
     def _ids(self, texts: list[str]) -> list[np.ndarray]:
-        encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-        return [np.asarray(encoding.ids, dtype=np.int32) for encoding in encodings]
+        return [np.asarray(encoding.ids, dtype=np.int32) for encoding in self._encodings(texts)]
 
-    def _with_eos(self, ids: np.ndarray) -> Document:
-        tokens = np.empty(len(ids) + 1, dtype=np.int32)
-        tokens[:-1] = ids
-        tokens[-1] = self.eos
-        return Document(tokens)
-
-    def _encode_conversations(self, conversations: list[list[tuple[str, str]]]) -> list[Document]:
+    def _encode_conversations(self, conversations: list[list[tuple[str, str]]]) -> Documents:
         contents = [content for messages in conversations for _, content in messages]
         encoded = iter(self._ids(contents))
-        return [self._render(messages, encoded) for messages in conversations]
+        rendered = [self._render(messages, encoded) for messages in conversations]
+        return Documents(
+            np.concatenate([tokens for tokens, _ in rendered]),
+            np.array([len(tokens) for tokens, _ in rendered], dtype=np.int64),
+            np.concatenate([targets for _, targets in rendered]),
+        )
 
-    def _render(self, messages: list[tuple[str, str]], encoded) -> Document:
+    def _render(self, messages: list[tuple[str, str]], encoded) -> tuple[np.ndarray, np.ndarray]:
         """ChatML: `<|im_start|>role\\ncontent<|im_end|>\\n` per message, then EOS.
 
         Targets are the assistant's content and its closing `<|im_end|>`.
@@ -78,7 +112,7 @@ class DocumentEncoder:
                 targets.append(np.full(len(piece), target))
         pieces.append(np.array([self.eos], dtype=np.int32))
         targets.append(np.zeros(1, dtype=bool))
-        return Document(np.concatenate(pieces), np.concatenate(targets))
+        return np.concatenate(pieces), np.concatenate(targets)
 
     def _header(self, role: str) -> np.ndarray:
         if role not in self.headers:

@@ -58,5 +58,6 @@ def _restart_positions(position_ids: np.ndarray) -> None:
     """Make a document continued from the previous sequence start again at position 0."""
     first = position_ids[0]
     if first:
-        starts = np.flatnonzero(position_ids == 0)
-        position_ids[: starts[0] if len(starts) else len(position_ids)] -= first
+        # Positions are >= 0, so the first 0 (the next document's start) is the minimum.
+        start = int(position_ids.argmin())
+        position_ids[: start if position_ids[start] == 0 else len(position_ids)] -= first

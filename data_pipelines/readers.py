@@ -3,7 +3,7 @@
 Every shard is read through `datasets.load_dataset(..., streaming=True)`, one
 `IterableDataset` per shard, from a record index on (a line, a paragraph, a row), so a
 resumed reader starts where the saved position says without downloading or loading the
-file. Line formats go through the `text` builder, which decompresses `.gz` by suffix, and
+file; files that are one record each share one stream (`WholeFileReader`). Line formats go through the `text` builder, which decompresses `.gz` by suffix, and
 are parsed here line by line so a bad line is reported with its number; parquet and arrow
 go through their own builders. A record that cannot be used is reported to a
 `BadInputLog` with its file and line and skipped, or raises under the `error` policy. A
@@ -23,10 +23,11 @@ import json
 import logging
 import time
 import zlib
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from itertools import islice, takewhile
+from typing import Any, NamedTuple
 
 import datasets
 import fsspec
@@ -49,9 +50,12 @@ _BUILDERS = {
     "parquet": "parquet",
     "arrow": "arrow",
 }
+_JSON_FORMATS = ("jsonl", "json.gz", "json.zst")
 _ROWS_PER_BATCH = 1024
 _CHUNK_BYTES = 1 << 20
 """Bytes of a line-format shard the `text` builder reads at a time."""
+_FILES_PER_STREAM = 1024
+"""Whole files read through one `datasets` stream at most."""
 
 
 class BadInputError(ValueError):
@@ -88,8 +92,7 @@ class BadInputLog:
             logger.warning("further %s records are counted but not logged", kind)
 
 
-@dataclass(frozen=True)
-class RawRecord:
+class RawRecord(NamedTuple):
     """A record before parsing: its index in the shard, its line, and its raw value."""
 
     index: int
@@ -159,18 +162,33 @@ def shard_dataset(shard: Shard, options: ReadOptions) -> datasets.IterableDatase
     builder = _BUILDERS[shard.format]
     kwargs: dict[str, Any] = {}
     if builder == "text":
-        whole = shard.format == "text" and options.text_split == "file"
-        kwargs = dict(
-            encoding="latin-1",
-            keep_linebreaks=True,
-            chunksize=1 if options.salvage else _CHUNK_BYTES,
-            sample_by="document" if whole else "line",
+        kwargs = _text_options(
+            whole=is_whole_file(shard, options),
+            chunk_bytes=1 if options.salvage else _CHUNK_BYTES,
         )
     elif builder == "parquet":
         kwargs = dict(columns=[options.field])
     return datasets.load_dataset(
         builder, data_files=[shard.path], split="train", streaming=True, **kwargs
     )
+
+
+def is_whole_file(shard: Shard, options: ReadOptions) -> bool:
+    """Whether `shard` is one record: a `text` file read whole (`text_split: file`)."""
+    return shard.format == "text" and options.text_split == "file"
+
+
+def _text_options(whole: bool, chunk_bytes: int) -> dict[str, Any]:
+    return dict(
+        encoding="latin-1",
+        keep_linebreaks=True,
+        chunksize=chunk_bytes,
+        sample_by="document" if whole else "line",
+    )
+
+
+def _whole_file(text: str) -> bytes:
+    return _latin1_bytes(text).rstrip(b"\r\n")
 
 
 def _read_once(
@@ -190,9 +208,7 @@ def _read_once(
         lines = _rows(dataset, "text", 0, _latin1_bytes, batch_size)
         yield from (record for record in _paragraphs(lines) if record.index >= start)
     elif shard.format == "text":
-        yield from _rows(
-            dataset, "text", start, lambda line: _latin1_bytes(line).rstrip(b"\r\n"), batch_size
-        )
+        yield from _rows(dataset, "text", start, _whole_file, batch_size)
     else:
         yield from _rows(dataset, "text", start, _latin1_bytes, batch_size)
 
@@ -324,6 +340,56 @@ class ShardReader:
         self._ended = True
 
 
+class WholeFileReader:
+    """Shards of one record each (see `is_whole_file`) read through one `datasets` stream
+    over the files a slot reads next.
+
+    `load_dataset` costs more than reading and tokenizing a typical source file, so it runs
+    once per run of up to `_FILES_PER_STREAM` files rather than once per file. A file the
+    stream fails on is read alone by `read_raw`, which retries or reports it as it does for
+    any shard, and the stream reopens at the file after it.
+    """
+
+    def __init__(self, options: ReadOptions):
+        self.options = options
+        self._paths: deque[str] = deque()
+        """Files left in the open stream, in its order."""
+        self._rows: Iterator[str] = iter(())
+
+    def records(
+        self, shard: Shard, following: Iterable[Shard], log: BadInputLog
+    ) -> Iterator[RawRecord]:
+        """The record of `shard`; `following` are the shards the slot reads after it, of
+        which those up to the first that is not a whole file join a stream opened here."""
+        try:
+            if not self._paths or self._paths[0] != shard.path:
+                whole = takewhile(lambda other: is_whole_file(other, self.options), following)
+                self._open([shard, *islice(whole, _FILES_PER_STREAM - 1)])
+            self._paths.popleft()
+            text = next(self._rows)
+        except Exception as error:
+            logger.debug("the stream of whole files failed at %s (%r)", shard.path, error)
+            self._paths.clear()
+            yield from read_raw(shard, 0, self.options, log)
+            return
+        yield RawRecord(0, 1, _whole_file(text))
+
+    def _open(self, shards: list[Shard]) -> None:
+        paths = [shard.path for shard in shards]
+        dataset = datasets.load_dataset(
+            "text",
+            data_files=paths,
+            split="train",
+            streaming=True,
+            **_text_options(whole=True, chunk_bytes=_CHUNK_BYTES),
+        )
+        if dataset.num_shards != len(paths):
+            raise ValueError(f"{len(paths)} files resolved to {dataset.num_shards}")
+        tables = dataset.with_format("arrow").iter(batch_size=1)
+        self._rows = (table.column("text")[0].as_py() for table in tables)
+        self._paths = deque(paths)
+
+
 def parse_record(
     record: RawRecord, shard: Shard, options: ReadOptions, kind: str, log: BadInputLog
 ):
@@ -331,59 +397,66 @@ def parse_record(
 
     Returns None, after reporting to `log`, when the record is unusable.
     """
-    where = f"{shard.path}:{record.line}"
-    value = record.value
+    try:
+        return _payload(record.value, shard.format, options.field, kind)
+    except _Unusable as problem:
+        log.report(problem.kind, f"{shard.path}:{record.line}", str(problem))
+        return None
+
+
+class _Unusable(Exception):
+    """Why a record cannot be used: a bad-input kind and the detail."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind = kind
+
+
+def _payload(value, fmt: str, field: str, kind: str):
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError as error:
-            log.report("undecodable", where, str(error))
-            return None
-    if shard.format in ("jsonl", "json.gz", "json.zst"):
-        value = _json_field(value, options.field, where, log)
-        if value is None:
-            return None
+            raise _Unusable("undecodable", str(error)) from None
+    if fmt in _JSON_FORMATS:
+        value = _json_field(value, field)
     if kind == "sft":
-        return _messages(value, where, log)
+        return _messages(value)
     if not isinstance(value, str):
-        log.report("missing_field", where, f"{options.field!r} is {type(value).__name__}, not text")
-        return None
-    if not value.strip():
-        log.report("empty_document", where, "no text")
-        return None
+        raise _Unusable("missing_field", f"{field!r} is {type(value).__name__}, not text")
+    if _blank(value):
+        raise _Unusable("empty_document", "no text")
     return value
 
 
-def _json_field(line: str, field: str, where: str, log: BadInputLog):
-    if not line.strip():
-        log.report("empty_document", where, "blank line")
-        return None
+def _blank(text: str) -> bool:
+    """Whether `text` is empty or all whitespace (`not text.strip()`, without the copy)."""
+    return not text or text.isspace()
+
+
+def _json_field(line: str, field: str):
+    if _blank(line):
+        raise _Unusable("empty_document", "blank line")
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        log.report("malformed", where, str(error))
-        return None
+        raise _Unusable("malformed", str(error)) from None
     if not isinstance(record, dict) or record.get(field) is None:
-        log.report("missing_field", where, f"no field {field!r}")
-        return None
+        raise _Unusable("missing_field", f"no field {field!r}")
     return record[field]
 
 
-def _messages(value, where: str, log: BadInputLog) -> list[tuple[str, str]] | None:
+def _messages(value) -> list[tuple[str, str]]:
     if not isinstance(value, list) or not value:
-        log.report("bad_messages", where, "not a non-empty list of messages")
-        return None
+        raise _Unusable("bad_messages", "not a non-empty list of messages")
     messages = []
     for message in value:
         if not isinstance(message, dict):
-            log.report("bad_messages", where, f"message {message!r} is not a mapping")
-            return None
+            raise _Unusable("bad_messages", f"message {message!r} is not a mapping")
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not isinstance(content, str):
-            log.report("bad_messages", where, "a message lacks a text role or content")
-            return None
+            raise _Unusable("bad_messages", "a message lacks a text role or content")
         messages.append((role, content))
     if not any(role == "assistant" for role, _ in messages):
-        log.report("bad_messages", where, "no assistant message, so nothing to learn")
-        return None
+        raise _Unusable("bad_messages", "no assistant message, so nothing to learn")
     return messages

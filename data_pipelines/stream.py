@@ -14,13 +14,22 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from data_pipelines.config import DataConfig, SourceConfig
-from data_pipelines.encoding import Document, DocumentEncoder
-from data_pipelines.readers import BadInputLog, ReadOptions, ShardReader, parse_record
+from data_pipelines.encoding import DocumentEncoder, Documents
+from data_pipelines.readers import (
+    BadInputLog,
+    RawRecord,
+    ReadOptions,
+    ShardReader,
+    WholeFileReader,
+    is_whole_file,
+    parse_record,
+)
 from data_pipelines.shards import Piece, Shard, epoch_pieces
 from data_pipelines.tokenized import read_token_window
 
@@ -43,8 +52,9 @@ class Window:
     """A window's documents laid end to end, with what packing needs per token."""
 
     tokens: np.ndarray
+    """Token ids, in the dtype they were read or tokenized in."""
     labels: np.ndarray
-    """The next token of the same document where it is a target, else IGNORE_INDEX."""
+    """The next token of the same document where it is a target, else IGNORE_INDEX (int32)."""
     positions: np.ndarray
     """Position of each token in its document."""
     end: int | None
@@ -54,14 +64,24 @@ class Window:
         return len(self.tokens)
 
 
-def make_window(
-    tokens: np.ndarray, lengths: np.ndarray, targets: np.ndarray | None, end: int | None
-) -> Window:
-    """Labels and in-document positions for documents laid end to end (all vectorised)."""
-    tokens = tokens.astype(np.int64)
+def make_window(documents: Documents, end: int | None, order: np.ndarray | None = None) -> Window:
+    """The window of `documents` (rearranged into `order` when given) with labels and
+    in-document positions, all vectorised, in 32-bit integers where they fit, since a window
+    of long documents is larger than the CPU caches."""
+    tokens, lengths, targets = documents.tokens, documents.lengths, documents.targets
+    index = np.int32 if len(tokens) < 2**31 else np.int64
+    if order is not None:
+        starts = (np.cumsum(lengths) - lengths)[order]
+        lengths = lengths[order]
     ends = np.cumsum(lengths)
-    positions = np.arange(len(tokens)) - np.repeat(ends - lengths, lengths)
-    labels = np.empty_like(tokens)
+    positions = np.arange(len(tokens), dtype=index)
+    positions -= np.repeat((ends - lengths).astype(index), lengths)
+    if order is not None:
+        gather = np.repeat(starts.astype(index), lengths)
+        gather += positions
+        tokens = tokens[gather]
+        targets = None if targets is None else targets[gather]
+    labels = np.empty(len(tokens), dtype=np.int32)
     labels[:-1] = tokens[1:]
     if targets is not None:
         labels[:-1][~targets[1:]] = IGNORE_INDEX
@@ -102,6 +122,7 @@ class SourceStream:
         self._epoch_pieces: tuple[int, list[Piece]] = (-1, [])
         self.reader: ShardReader | None = None
         """The shard being read, kept open from one window to the next."""
+        self.files = WholeFileReader(self.options)
         # A window re-read on resume was already counted before the state was saved.
         self.window = self._load_window(
             BadInputLog(cfg.on_bad_input, muted=True) if position else log
@@ -155,20 +176,14 @@ class SourceStream:
         start = self.position.window_start
         if shard.format == "tokens":
             limits = (self.cfg.shuffle_window, self.cfg.window_tokens)
-            tokens, lengths, end = read_token_window(
-                shard, start, piece.offset, piece.stride, *limits
-            )
-            order = self._order(piece.shard, len(lengths))
-            if order is not None:
-                tokens, lengths = _reorder(tokens, lengths, order)
-            return make_window(tokens, lengths, None, end)
-        documents, end = self._read_documents(shard, start, piece, log)
-        order = self._order(piece.shard, len(documents))
-        if order is not None:
-            documents = [documents[i] for i in order]
-        return _window_of(documents, end)
+            documents, end = read_token_window(shard, start, piece.offset, piece.stride, *limits)
+        else:
+            documents, end = self._read_documents(shard, start, piece, log)
+        return make_window(documents, end, self._order(piece.shard, len(documents)))
 
-    def _read_documents(self, shard: Shard, start: int, piece: Piece, log: BadInputLog):
+    def _read_documents(
+        self, shard: Shard, start: int, piece: Piece, log: BadInputLog
+    ) -> tuple[Documents, int | None]:
         """The window's documents from record `start` on, and the record index after the last
         one (None when the shard ended before the window filled).
 
@@ -177,26 +192,37 @@ class SourceStream:
         """
         builder = _WindowBuilder(self.cfg.shuffle_window, self.cfg.window_tokens)
         deferred = _DeferredLog(log)
-        batch: list[tuple[int, object]] = []
-        if self.reader is None or self.reader.shard is not shard:
-            self.reader = ShardReader(shard, self.options)
-        for record in self.reader.records(start, deferred):
+        indices: list[int] = []
+        payloads: list = []
+        for record in self._records(shard, start, deferred):
             deferred.index = record.index
             if record.index % piece.stride != piece.offset:
                 continue
             payload = parse_record(record, shard, self.options, self.cfg.kind, deferred)
             if payload is not None:
-                batch.append((record.index, payload))
-            if len(batch) == builder.batch_size():
-                builder.add(batch, self.encoder)
-                batch = []
+                indices.append(record.index)
+                payloads.append(payload)
+            if len(payloads) == builder.batch_size():
+                builder.add(indices, payloads, self.encoder)
+                indices, payloads = [], []
                 if builder.full():
                     break
-        if batch:
-            builder.add(batch, self.encoder)
-        end = builder.indices[-1] + 1 if builder.full() else None
+        if payloads:
+            builder.add(indices, payloads, self.encoder)
+        end = builder.last_index + 1 if builder.full() else None
         deferred.commit(end)
-        return builder.documents, end
+        return builder.documents(), end
+
+    def _records(self, shard: Shard, start: int, log: _DeferredLog) -> Iterator[RawRecord]:
+        if start == 0 and is_whole_file(shard, self.options):
+            pieces = self._pieces()
+            following = (
+                self.shards[pieces[i].shard] for i in range(self.position.piece + 1, len(pieces))
+            )
+            return self.files.records(shard, following, log)
+        if self.reader is None or self.reader.shard is not shard:
+            self.reader = ShardReader(shard, self.options)
+        return self.reader.records(start, log)
 
     def _order(self, shard: int, count: int) -> np.ndarray | None:
         if not self.cfg.shuffle or count < 2:
@@ -219,30 +245,39 @@ class _WindowBuilder:
 
     def __init__(self, size: int, max_tokens: int):
         self.size, self.max_tokens = size, max_tokens
-        self.documents: list[Document] = []
-        self.indices: list[int] = []
-        self.tokens = 0
+        self.parts: list[Documents] = []
+        self.count = self.tokens = 0
+        self.last_index = -1
+        """Record index of the last document taken."""
 
     def batch_size(self) -> int:
         """Documents to tokenize next: enough to fill the window at the mean length so far,
         so that little is tokenized past the window's end."""
-        room = self.size - len(self.documents)
-        if not self.documents:
+        room = self.size - self.count
+        if not self.count:
             return min(_TOKENIZE_BATCH, room)
-        mean = self.tokens / len(self.documents)
+        mean = self.tokens / self.count
         return max(1, min(_TOKENIZE_BATCH, room, math.ceil((self.max_tokens - self.tokens) / mean)))
 
     def full(self) -> bool:
-        return len(self.documents) == self.size or self.tokens >= self.max_tokens
+        return self.count == self.size or self.tokens >= self.max_tokens
 
-    def add(self, batch: list[tuple[int, object]], encoder: DocumentEncoder) -> None:
-        documents = encoder.encode([payload for _, payload in batch])
-        for (index, _), document in zip(batch, documents, strict=True):
-            if self.full():
-                return
-            self.documents.append(document)
-            self.indices.append(index)
-            self.tokens += len(document.tokens)
+    def add(self, indices: list[int], payloads: list, encoder: DocumentEncoder) -> None:
+        """Tokenize a batch and take its documents up to the window's limits."""
+        assert not self.full()
+        documents = encoder.encode(payloads)
+        totals = self.tokens + np.cumsum(documents.lengths)
+        reaching = int(np.searchsorted(totals, self.max_tokens))
+        keep = min(len(documents), self.size - self.count, reaching + 1)
+        self.parts.append(documents.head(keep) if keep < len(documents) else documents)
+        self.count += keep
+        self.tokens = int(totals[keep - 1])
+        self.last_index = indices[keep - 1]
+
+    def documents(self) -> Documents:
+        if not self.parts:
+            return Documents(np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64))
+        return Documents.concatenate(self.parts)
 
 
 class _DeferredLog:
@@ -263,25 +298,3 @@ class _DeferredLog:
         for index, kind, where, detail in self.reports:
             if end is None or index < end:
                 self.log.report(kind, where, detail)
-
-
-def _window_of(documents: list[Document], end: int | None) -> Window:
-    if not documents:
-        return make_window(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), None, end)
-    lengths = np.array([len(document.tokens) for document in documents])
-    tokens = np.concatenate([document.tokens for document in documents])
-    targets = None
-    if documents[0].targets is not None:
-        targets = np.concatenate([document.targets for document in documents])
-    return make_window(tokens, lengths, targets, end)
-
-
-def _reorder(
-    tokens: np.ndarray, lengths: np.ndarray, order: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Documents laid end to end, rearranged into `order`, without a Python loop."""
-    starts = np.cumsum(lengths) - lengths
-    new_lengths = lengths[order]
-    new_starts = np.cumsum(new_lengths) - new_lengths
-    gather = np.arange(new_lengths.sum()) + np.repeat(starts[order] - new_starts, new_lengths)
-    return tokens[gather], new_lengths

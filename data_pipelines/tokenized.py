@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipelines.config import DataConfig, SourceConfig
-from data_pipelines.encoding import DocumentEncoder
+from data_pipelines.encoding import DocumentEncoder, Documents
 from data_pipelines.readers import BadInputLog, ReadOptions, parse_record, read_raw
 from data_pipelines.shards import TOKENS_META, Shard, resolve_shards
 
@@ -36,7 +36,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 @dataclass
 class TokenShard:
-    """A memory-mapped pre-tokenized shard."""
+    """A pre-tokenized shard: plain array views of its memory-mapped files (indexing an
+    `np.memmap` itself runs Python code for every slice taken)."""
 
     tokens: np.ndarray
     ends: np.ndarray
@@ -56,37 +57,37 @@ def open_token_shard(path: str) -> TokenShard:
     meta = json.loads((Path(path).parent / META_FILE).read_text())
     tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
     ends = np.load(path[: -len(".bin")] + ".idx.npy", mmap_mode="r")
-    return TokenShard(tokens, ends)
+    return TokenShard(np.asarray(tokens), np.asarray(ends))
 
 
 def read_token_window(
     shard: Shard, start: int, offset: int, stride: int, size: int, max_tokens: int
-) -> tuple[np.ndarray, np.ndarray, int | None]:
+) -> tuple[Documents, int | None]:
     """The window of documents owned by a slot (index % stride == offset) from index `start`
     on: up to `size` documents or `max_tokens` tokens (the document reaching it included).
 
-    Returns their tokens end to end, their lengths, and the index after the last one, or
-    None when the shard ended before the window filled.
+    Returns the documents (tokens in the shard's dtype, no copy when `stride` is 1) and the
+    index after the last one, or None when the shard ended before the window filled.
     """
     token_shard = open_token_shard(shard.path)
     first = start + (offset - start) % stride
-    indices = np.arange(first, len(token_shard), stride)[:size]
-    ends = np.asarray(token_shard.ends[indices])
-    starts = np.where(indices > 0, np.asarray(token_shard.ends[np.maximum(indices - 1, 0)]), 0)
+    indices = np.arange(first, min(len(token_shard), first + size * stride), stride)
+    ends = token_shard.ends[indices]
+    starts = np.where(indices > 0, token_shard.ends[np.maximum(indices - 1, 0)], 0)
     lengths = ends - starts
     count = min(int(np.searchsorted(np.cumsum(lengths), max_tokens)) + 1, len(indices))
     indices, starts, lengths = indices[:count], starts[:count], lengths[:count]
     full = count == size or lengths.sum() >= max_tokens
     end = int(indices[-1]) + 1 if full and count else None
     if not count:
-        return np.zeros(0, dtype=np.int32), lengths, end
+        return Documents(np.zeros(0, dtype=np.int32), lengths), end
     if stride == 1:
-        tokens = np.asarray(token_shard.tokens[starts[0] : starts[0] + lengths.sum()])
+        tokens = token_shard.tokens[starts[0] : starts[0] + lengths.sum()]
     else:
         new_starts = np.cumsum(lengths) - lengths
         gather = np.arange(lengths.sum()) + np.repeat(starts - new_starts, lengths)
-        tokens = np.asarray(token_shard.tokens[gather])
-    return tokens, lengths, end
+        tokens = token_shard.tokens[gather]
+    return Documents(tokens, lengths), end
 
 
 def pretokenize(
@@ -117,6 +118,12 @@ def pretokenize(
             counts.update(bad)
             if progress:
                 progress(tokens, documents)
+        if pool:
+            # Workers must exit on their own: leaving the `with` terminates them, which skips
+            # their exit handlers, and the semaphores that `datasets`' progress bars made in
+            # them are then reported leaked by the resource tracker.
+            pool.close()
+            pool.join()
     return counts
 
 
@@ -125,16 +132,16 @@ def _pretokenize_shard(job) -> tuple[int, int, dict[str, int]]:
     encoder = DocumentEncoder(cfg.tokenizer, "pretrain", cfg.eos_token)
     dtype = token_dtype(encoder.tokenizer.get_vocab_size())
     log = BadInputLog(cfg.on_bad_input)
-    ends, total = [], 0
+    parts = [np.zeros(0, dtype=np.int64)]
     with open(stem + ".bin.partial", "wb") as out:
         for window in _windows(shard, source, cfg, log):
-            for document in encoder.encode(window):
-                out.write(document.tokens.astype(dtype).tobytes())
-                total += len(document.tokens)
-                ends.append(total)
-    np.save(stem + ".idx.npy", np.asarray(ends, dtype=np.int64))
+            documents = encoder.encode(window)
+            out.write(documents.tokens.astype(dtype).tobytes())
+            parts.append(documents.lengths)
+    lengths = np.concatenate(parts)
+    np.save(stem + ".idx.npy", np.cumsum(lengths))
     os.replace(stem + ".bin.partial", stem + ".bin")
-    return total, len(ends), dict(log.counts)
+    return int(lengths.sum()), len(lengths), dict(log.counts)
 
 
 def _windows(

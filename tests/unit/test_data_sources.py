@@ -7,6 +7,7 @@ import json
 import logging
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -25,6 +26,7 @@ from data_pipelines.readers import (
     shard_dataset,
 )
 from data_pipelines.shards import Shard
+from data_pipelines.tokenizer import load_tokenizer
 from tests.unit.test_data_fixtures import (
     assert_same_batches,
     make_config,
@@ -152,6 +154,61 @@ def test_a_shard_reader_replays_what_a_window_read_past_its_end(tmp_path, monkey
     assert first == list(range(10)) and again == list(range(6, len(DOCUMENTS)))
     assert [record.index for record in reader.records(3, log)][:2] == [3, 4]
     assert len(calls) == 2, "a start before the kept records opens the shard again"
+
+
+def write_text_files(directory, texts: dict[str, str]) -> list[str]:
+    directory.mkdir(exist_ok=True)
+    for name, text in texts.items():
+        (directory / name).write_text(text)
+    return [str(directory / name) for name in texts]
+
+
+def whole_file_stream(texts: list[str]) -> np.ndarray:
+    """The files' documents end to end, each its text without trailing newlines, then EOS."""
+    tokenizer = load_tokenizer("embedded")
+    ids = [tokenizer.encode(text.rstrip("\r\n"), add_special_tokens=False).ids for text in texts]
+    return np.concatenate([np.array([*document, 0]) for document in ids])
+
+
+def whole_file_loader(tmp_path, paths: list[str], **overrides):
+    source = SourceConfig(name="files", paths=paths, format="text", text_split="file")
+    cfg = make_config(tmp_path, [source], shuffle=False, **overrides)
+    return build_data_loader(cfg, rank=0, world_size=1, micro_batch_size=2)
+
+
+def test_whole_files_are_read_through_one_stream_and_resume_exactly(tmp_path, monkeypatch):
+    texts = {f"{index:02d}.txt": f"file {index}\n" + DOCUMENTS[index] + "\n" for index in range(12)}
+    directory = tmp_path / "files"
+    write_text_files(directory, texts)
+    calls = count_load_dataset_calls(monkeypatch)
+    loader = whole_file_loader(tmp_path, [str(directory)])
+    batches = take(loader, 6)
+    assert len(calls) == 1 and len(calls[0]["data_files"]) == 12
+    inputs = np.concatenate([batch["input_ids"].reshape(-1) for batch in batches])
+    stream = whole_file_stream(list(texts.values()))
+    assert np.array_equal(inputs, stream[: len(inputs)])
+    first = whole_file_loader(tmp_path, [str(directory)])
+    resumed = take(first, 2)
+    second = whole_file_loader(tmp_path, [str(directory)])
+    second.load_state_dict(first.state_dict())
+    assert_same_batches(batches, resumed + take(second, 4))
+
+
+def test_a_whole_file_the_stream_fails_on_is_read_alone(tmp_path):
+    texts = {name: f"{name}: " + DOCUMENTS[index] for index, name in enumerate("abcd")}
+    paths = write_text_files(
+        tmp_path / "files", {f"{name}.txt": text for name, text in texts.items()}
+    )
+    whole = gzip.compress(texts["b"].encode())
+    (tmp_path / "files" / "b.txt").unlink()
+    (tmp_path / "files" / "b.txt.gz").write_bytes(whole[: len(whole) // 2])
+    paths[1] = str(tmp_path / "files" / "b.txt.gz")
+    loader = whole_file_loader(tmp_path, paths, seq_len=8)
+    stream = whole_file_stream([texts["a"], texts["c"], texts["d"]])
+    batches = take(loader, len(stream) // 16)
+    inputs = np.concatenate([batch["input_ids"].reshape(-1) for batch in batches])
+    assert np.array_equal(inputs, stream[: len(inputs)])
+    assert loader.bad_input_counts() == {"truncated_file": 1}
 
 
 def test_a_parquet_shard_without_the_field_is_reported(tmp_path):
