@@ -73,3 +73,12 @@ def prepare_source(init_from: str, run_dir: Path) -> str:
             export_checkpoint(checkpoint, target)
             logger.info("wrote the weights of %s as %s", checkpoint, target)
     return str(target)
+
+
+def export_dir_problems(init_from: str, run_dir: str, export_dir: str | None) -> list[str]:
+    """An export directory must not be the source model a job reads (``init_from``, or the copy
+    ``prepare_source`` writes into the run directory)."""
+    sources = {Path(init_from).resolve(), (Path(run_dir) / SOURCE_DIR).resolve()}
+    if export_dir is not None and Path(export_dir).resolve() in sources:
+        return [f"export_dir {export_dir} would overwrite the source model"]
+    return []

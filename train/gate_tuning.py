@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from looplm import LoopLMForCausalLM, Objective
 from looplm.checkpoint import INDEX_NAME, WEIGHTS_NAME, resolve_model_dir
 from train.config import PretrainConfig, config_problems
-from train.export import SOURCE_DIR, prepare_source
+from train.export import export_dir_problems, prepare_source
 from train.pretrain import CONFIG_DIR, Trainer, run_job
 
 logger = logging.getLogger("looplm.gate_tuning")
@@ -78,9 +78,7 @@ def gate_tuning_problems(cfg: GateTuningConfig, world_size: int) -> list[str]:
         p.append(f"stage2.k must be > 0, got {cfg.stage2.k}")
     if cfg.curriculum.stages:
         p.append("curriculum.stages: gate tuning runs one stage (train.max_steps steps)")
-    sources = {Path(cfg.init_from).resolve(), (Path(cfg.run_dir) / SOURCE_DIR).resolve()}
-    if cfg.export_dir is not None and Path(cfg.export_dir).resolve() in sources:
-        p.append(f"export_dir {cfg.export_dir} would overwrite the source model")
+    p += export_dir_problems(cfg.init_from, cfg.run_dir, cfg.export_dir)
     return p
 
 

@@ -9,6 +9,7 @@ checkpoint, exactly: the per-step losses of a resumed run equal the uninterrupte
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -205,7 +206,19 @@ class Trainer:
         cfg, step = self.cfg, self.state.step
         if self.curriculum is not None:
             return self.curriculum.plan(self.state.tokens)
-        stage = Stage(
+        return StepPlan(
+            stage=self._single_stage,
+            accumulation=gradient_accumulation(cfg.train, cfg.data.seq_len, self.dp_size),
+            tokens=cfg.train.global_batch_tokens,
+            lr=learning_rate(step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule),
+            beta=exit_beta(step, cfg.train.max_steps, cfg.train),
+        )
+
+    @functools.cached_property
+    def _single_stage(self) -> Stage:
+        """The one stage of a run without a curriculum (LR and beta follow the step)."""
+        cfg = self.cfg
+        return Stage(
             index=0,
             name="main",
             start=0,
@@ -225,13 +238,6 @@ class Trainer:
             num_recurrent_steps=cfg.train.num_recurrent_steps or self.model.config.total_ut_steps,
             rope_theta=self.model.config.rope_theta,
             trainable=None,
-        )
-        return StepPlan(
-            stage=stage,
-            accumulation=gradient_accumulation(cfg.train, cfg.data.seq_len, self.dp_size),
-            tokens=cfg.train.global_batch_tokens,
-            lr=learning_rate(step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule),
-            beta=exit_beta(step, cfg.train.max_steps, cfg.train),
         )
 
     def _total_steps(self) -> int:

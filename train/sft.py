@@ -67,7 +67,7 @@ from data_pipelines.tokenizer import (
     tokenizer_problem,
 )
 from train.config import PretrainConfig, config_problems
-from train.export import SOURCE_DIR, load_checkpoint_model, prepare_source
+from train.export import export_dir_problems, load_checkpoint_model, prepare_source
 from train.pretrain import CONFIG_DIR, Trainer, _environment, run_job
 
 logger = logging.getLogger("looplm.sft")
@@ -135,9 +135,7 @@ def sft_problems(cfg: SFTConfig, world_size: int) -> list[str]:
         p.append(f"sft.dataset_tokens must be >= 1, got {cfg.sft.dataset_tokens}")
     if cfg.export_dtype is not None and cfg.export_dtype not in EXPORT_DTYPES:
         p.append(f"export_dtype must be one of {EXPORT_DTYPES}, got {cfg.export_dtype!r}")
-    sources = {Path(cfg.init_from).resolve(), (Path(cfg.run_dir) / SOURCE_DIR).resolve()}
-    if cfg.export_dir is not None and Path(cfg.export_dir).resolve() in sources:
-        p.append(f"export_dir {cfg.export_dir} would overwrite the source model")
+    p += export_dir_problems(cfg.init_from, cfg.run_dir, cfg.export_dir)
     p += _tokenizer_problems(cfg.data.tokenizer, Path(cfg.init_from))
     return p
 
