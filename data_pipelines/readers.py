@@ -9,9 +9,12 @@ go through their own builders. A record that cannot be used is reported to a
 `BadInputLog` with its file and line and skipped, or raises under the `error` policy. A
 remote read that fails is retried with exponential backoff from the record where it broke.
 
-`json.zst` is the one format read directly: fsspec's zstd stream reader, which `datasets`
+Two kinds of line-format shard are read directly, as the `text` builder reads them (latin-1,
+universal newlines): `json.zst`, because fsspec's zstd stream reader, which `datasets`
 decompresses through, ends silently when the file ends inside a frame, so a truncated file
-would pass unnoticed; `_ZstdReader` raises there instead.
+would pass unnoticed (`_ZstdReader` raises there instead); and http(s) URLs, because the
+`text` builder's `encoding` argument reaches fsspec's HTTP filesystem as a request option,
+which aiohttp rejects, so `datasets` cannot stream a text file over HTTP.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ _LOGGED_PER_KIND = 100
 _BUILDERS = {
     "jsonl": "text",
     "json.gz": "text",
+    "json.zst": "text",
     "text": "text",
     "parquet": "parquet",
     "arrow": "arrow",
@@ -128,13 +132,15 @@ def read_raw(
             raise
         except Exception as error:
             if _is_truncation(error, shard):
-                if not options.salvage and shard.format != "json.zst":
+                if not options.salvage and not reads_directly(shard):
                     options = dataclasses.replace(options, salvage=True)
                     continue
                 log.report("truncated_file", f"{shard.path}:{position + 1}", repr(error))
                 return
             if isinstance(error, ValueError) or not shard.remote:
                 raise
+            if _is_missing(error):
+                raise RemoteReadError(f"{shard.path}: no such remote file") from error
             attempt += 1
             if attempt >= options.max_retries:
                 raise RemoteReadError(
@@ -142,9 +148,19 @@ def read_raw(
                 ) from error
             wait = options.retry_backoff_s * 2 ** (attempt - 1)
             logger.warning(
-                "reading %s failed (%r); retry %d in %.1fs", shard.path, error, attempt, wait
+                "reading %s failed (%r); retry %d in %.3gs", shard.path, error, attempt, wait
             )
             time.sleep(wait)
+
+
+def _is_missing(error: BaseException | None) -> bool:
+    """A file that is not there, as opposed to a read that failed on the way: fsspec's HTTP
+    filesystem raises FileNotFoundError for any failure to reach a file, from the actual
+    error, which for a missing file is a 404 or 410 response."""
+    if not isinstance(error, FileNotFoundError):
+        return False
+    cause = error.__cause__
+    return cause is None or _is_missing(cause) or getattr(cause, "status", None) in (404, 410)
 
 
 def _is_truncation(error: Exception, shard: Shard) -> bool:
@@ -178,6 +194,13 @@ def is_whole_file(shard: Shard, options: ReadOptions) -> bool:
     return shard.format == "text" and options.text_split == "file"
 
 
+def reads_directly(shard: Shard) -> bool:
+    """Whether `shard` is read here rather than through `datasets` (see the module's doc)."""
+    if shard.format == "json.zst":
+        return True
+    return _BUILDERS[shard.format] == "text" and shard.path.startswith(("http://", "https://"))
+
+
 def _text_options(whole: bool, chunk_bytes: int) -> dict[str, Any]:
     return dict(
         encoding="latin-1",
@@ -194,23 +217,43 @@ def _whole_file(text: str) -> bytes:
 def _read_once(
     shard: Shard, start: int, options: ReadOptions, log: BadInputLog
 ) -> Iterator[RawRecord]:
-    if shard.format == "json.zst":
-        yield from _zst_line_records(shard, start)
-        return
-    dataset = shard_dataset(shard, options)
-    batch_size = 1 if options.salvage else _ROWS_PER_BATCH
     if _BUILDERS[shard.format] != "text":
+        dataset = shard_dataset(shard, options)
         if options.field not in (dataset.features or {}):
             log.report("missing_field", f"{shard.path}:1", f"no column {options.field!r}")
             return
+        batch_size = 1 if options.salvage else _ROWS_PER_BATCH
         yield from _rows(dataset, options.field, start, lambda value: value, batch_size)
     elif shard.format == "text" and options.text_split == "paragraph":
-        lines = _rows(dataset, "text", 0, _latin1_bytes, batch_size)
+        lines = _line_records(shard, 0, _latin1_bytes, options)
         yield from (record for record in _paragraphs(lines) if record.index >= start)
     elif shard.format == "text":
-        yield from _rows(dataset, "text", start, _whole_file, batch_size)
+        yield from _line_records(shard, start, _whole_file, options)
     else:
-        yield from _rows(dataset, "text", start, _latin1_bytes, batch_size)
+        yield from _line_records(shard, start, _latin1_bytes, options)
+
+
+def _line_records(shard: Shard, start: int, convert, options: ReadOptions) -> Iterator[RawRecord]:
+    """Records of a line-format shard (lines, or the whole file read whole) from `start` on."""
+    if reads_directly(shard):
+        yield from _direct_records(shard, start, convert, is_whole_file(shard, options))
+        return
+    batch_size = 1 if options.salvage else _ROWS_PER_BATCH
+    yield from _rows(shard_dataset(shard, options), "text", start, convert, batch_size)
+
+
+def _direct_records(shard: Shard, start: int, convert, whole: bool) -> Iterator[RawRecord]:
+    """What the `text` builder would give for `shard`, read here: lines decoded as latin-1
+    with universal newlines, each record handed to `convert` as the builder's row would be."""
+    compression = "gzip" if shard.format == "json.gz" else None
+    binary = _open_binary(shard.path, compression)
+    if shard.format == "json.zst":
+        binary = io.BufferedReader(_ZstdReader(binary))
+    with io.TextIOWrapper(binary, encoding="latin-1", newline=None) as file:
+        rows = [file.read()] if whole else file
+        for index, line in enumerate(rows):
+            if index >= start:
+                yield RawRecord(index, index + 1, convert(line))
 
 
 def _rows(
@@ -247,12 +290,13 @@ def _paragraphs(records: Iterator[RawRecord]) -> Iterator[RawRecord]:
         yield RawRecord(index, first_line, b"".join(lines).rstrip(b"\r\n"))
 
 
-def _zst_line_records(shard: Shard, start: int) -> Iterator[RawRecord]:
-    raw = fsspec.open(shard.path, "rb").open() if shard.remote else open(shard.path, "rb")
-    with io.BufferedReader(_ZstdReader(raw)) as file:
-        for index, line in enumerate(file):
-            if index >= start:
-                yield RawRecord(index, index + 1, line)
+def _open_binary(path: str, compression: str | None):
+    """`path` opened for reading bytes in order; over HTTP as one streamed response
+    (`block_size=0`), which needs no range requests, so any server will do."""
+    if "://" not in path:
+        return gzip.open(path) if compression else open(path, "rb")
+    options = {"block_size": 0} if path.startswith(("http://", "https://")) else {}
+    return fsspec.open(path, "rb", compression=compression, **options).open()
 
 
 class _ZstdReader(io.RawIOBase):
@@ -361,9 +405,15 @@ class WholeFileReader:
     ) -> Iterator[RawRecord]:
         """The record of `shard`; `following` are the shards the slot reads after it, of
         which those up to the first that is not a whole file join a stream opened here."""
+        if reads_directly(shard):
+            yield from read_raw(shard, 0, self.options, log)
+            return
         try:
             if not self._paths or self._paths[0] != shard.path:
-                whole = takewhile(lambda other: is_whole_file(other, self.options), following)
+                whole = takewhile(
+                    lambda other: is_whole_file(other, self.options) and not reads_directly(other),
+                    following,
+                )
                 self._open([shard, *islice(whole, _FILES_PER_STREAM - 1)])
             self._paths.popleft()
             text = next(self._rows)

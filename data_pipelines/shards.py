@@ -167,7 +167,9 @@ def _expand_remote(path: str, fmt: str) -> list[Shard]:
     if glob.has_magic(url) or _is_hub_id(path):
         pattern = url if glob.has_magic(url) else url.rstrip("/") + "/**"
         protocol = url.split("://", 1)[0]
-        files = [f"{protocol}://{file}" for file in fs.glob(pattern) if not fs.isdir(file)]
+        found = [file for file in fs.glob(pattern) if not fs.isdir(file)]
+        # Some filesystems (HTTP) list full URLs, others paths without the protocol.
+        files = [file if "://" in file else f"{protocol}://{file}" for file in found]
         files = [file for file in files if _matches(file, fmt)]
         if not files:
             raise ShardResolutionError([f"{path}: no {fmt} files found remotely"])

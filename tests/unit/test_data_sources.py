@@ -1,4 +1,4 @@
-"""Formats, bad input and remote retries."""
+"""Formats and bad input."""
 
 from __future__ import annotations
 
@@ -14,15 +14,11 @@ import pytest
 import zstandard
 
 from data_pipelines import SourceConfig, build_data_loader
-from data_pipelines import readers as readers_module
 from data_pipelines.readers import (
     BadInputError,
     BadInputLog,
-    RawRecord,
     ReadOptions,
-    RemoteReadError,
     ShardReader,
-    read_raw,
     shard_dataset,
 )
 from data_pipelines.shards import Shard
@@ -313,33 +309,3 @@ def test_missing_paths_and_unknown_formats_fail_at_startup_all_at_once(tmp_path)
     assert "cannot read nosuchproto:// paths" in message
 
 
-def flaky_reader(failures: int):
-    calls = {"count": 0}
-
-    def read_once(shard, start, options, log):
-        calls["count"] += 1
-        for index in range(start, 6):
-            if calls["count"] <= failures and index == 3:
-                raise ConnectionError("connection reset")
-            yield RawRecord(index, index + 1, b"line")
-
-    return read_once
-
-
-def test_remote_reads_are_retried_with_backoff_from_where_they_broke(monkeypatch):
-    waits = []
-    monkeypatch.setattr(readers_module, "_read_once", flaky_reader(failures=2))
-    monkeypatch.setattr(readers_module.time, "sleep", waits.append)
-    shard = Shard("https://example.invalid/docs.jsonl", "jsonl")
-    options = ReadOptions("text", max_retries=5, retry_backoff_s=0.5)
-    records = list(read_raw(shard, 0, options, BadInputLog("skip")))
-    assert [record.index for record in records] == [0, 1, 2, 3, 4, 5]
-    assert waits == [0.5, 1.0]
-
-
-def test_remote_reads_give_up_with_a_clear_error(monkeypatch):
-    monkeypatch.setattr(readers_module, "_read_once", flaky_reader(failures=100))
-    monkeypatch.setattr(readers_module.time, "sleep", lambda seconds: None)
-    shard = Shard("https://example.invalid/docs.jsonl", "jsonl")
-    with pytest.raises(RemoteReadError, match="docs.jsonl failed 3 times"):
-        list(read_raw(shard, 0, ReadOptions("text", max_retries=3), BadInputLog("skip")))
