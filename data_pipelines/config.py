@@ -19,6 +19,7 @@ from data_pipelines.tokenizer import tokenizer_problem
 KINDS = ("pretrain", "sft")
 BAD_INPUT_POLICIES = ("skip", "error")
 TEXT_SPLITS = ("file", "paragraph", "line")
+PACKINGS = ("split", "whole", "auto")
 
 
 @dataclass
@@ -60,6 +61,11 @@ class DataConfig:
     """Token appended to every document."""
     seq_len: int = 2048
     """Tokens per packed sequence; `set_stage` may change it at a stage boundary."""
+    packing: str = "auto"
+    """split: a document cut at a sequence's end continues in the next sequence. whole: a
+    document that does not fit in what is left of a sequence starts the next one, and the
+    rest is padding (EOS inputs, no targets); only a document longer than `seq_len` is split.
+    auto: whole for sft, split for pretrain."""
     num_workers: int = 1
     """DataLoader worker processes per rank (0: read in the training process)."""
     prefetch_factor: int = 2
@@ -112,6 +118,7 @@ def _field_problems(cfg: DataConfig) -> list[str]:
         (not cfg.sources, "data.sources: at least one source is needed"),
         (cfg.kind not in KINDS, f"data.kind: {cfg.kind!r} is not one of {KINDS}"),
         (cfg.seq_len < 1, f"data.seq_len: must be positive, got {cfg.seq_len}"),
+        (cfg.packing not in PACKINGS, f"data.packing: {cfg.packing!r} is not one of {PACKINGS}"),
         (cfg.num_workers < 0, f"data.num_workers: must be >= 0, got {cfg.num_workers}"),
         (cfg.prefetch_factor < 1, f"data.prefetch_factor: must be >= 1, got {cfg.prefetch_factor}"),
         (cfg.shuffle_window < 1, f"data.shuffle_window: must be >= 1, got {cfg.shuffle_window}"),
@@ -145,6 +152,11 @@ def _source_problems(source: SourceConfig, where: str, cfg: DataConfig) -> list[
         except ShardResolutionError as error:
             problems += [f"{where}: {message}" for message in error.problems]
     return problems
+
+
+def packs_whole_documents(cfg: DataConfig) -> bool:
+    """Whether `cfg.packing`, with `auto` resolved by `cfg.kind`, keeps documents whole."""
+    return cfg.packing == "whole" or (cfg.packing == "auto" and cfg.kind == "sft")
 
 
 def load_data_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> DataConfig:

@@ -164,6 +164,11 @@ class PackedDataLoader:
             total.update(state.bad_input)
         return dict(total)
 
+    def split_document_count(self) -> int:
+        """Documents longer than `seq_len` that whole-document packing split so far on this
+        rank (0 with packing=split, which splits documents as a rule)."""
+        return sum(state.split_documents for state in self.worker_states)
+
     def _changed_sources(self, saved: dict[str, str]) -> list[str]:
         changed = sorted(
             name

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data_pipelines.config import DataConfig
+from data_pipelines.config import DataConfig, packs_whole_documents
 from data_pipelines.encoding import DocumentEncoder
 from data_pipelines.packing import Packer
 from data_pipelines.readers import BadInputLog
@@ -42,6 +42,8 @@ class SlotState:
     """Per source drawn so far: its window position and the packer's cursor in it."""
     bad_input: dict[str, int] = field(default_factory=dict)
     """Bad records skipped so far, by kind."""
+    split_documents: int = 0
+    """Documents longer than a sequence that whole-document packing split so far."""
 
     def to_dict(self) -> dict:
         """A plain-dict copy (faster than `dataclasses.asdict`, which runs once per batch)."""
@@ -49,7 +51,12 @@ class SlotState:
             name: {"position": dict(state["position"]), "cursor": state["cursor"]}
             for name, state in self.packers.items()
         }
-        return {"samples": self.samples, "packers": packers, "bad_input": dict(self.bad_input)}
+        return {
+            "samples": self.samples,
+            "packers": packers,
+            "bad_input": dict(self.bad_input),
+            "split_documents": self.split_documents,
+        }
 
 
 class MixtureStream:
@@ -68,6 +75,8 @@ class MixtureStream:
         self.encoder = encoder
         self.samples = state.samples
         self.saved_packers = dict(state.packers)
+        self.saved_split_documents = state.split_documents
+        self.whole_documents = packs_whole_documents(cfg)
         self.log = BadInputLog(cfg.on_bad_input, state.bad_input)
         self.packers: dict[str, Packer] = {}
         self.names = list(stage.weights)
@@ -89,7 +98,9 @@ class MixtureStream:
         """The slot's state after the batches handed out so far."""
         packers = dict(self.saved_packers)
         packers.update({name: packer.state() for name, packer in self.packers.items()})
-        return SlotState(self.samples, packers, dict(self.log.counts))
+        split = self.saved_split_documents
+        split += sum(packer.split_documents for packer in self.packers.values())
+        return SlotState(self.samples, packers, dict(self.log.counts), split)
 
     def _draw(self) -> str:
         block, within = divmod(self.samples, _DRAW_BLOCK)
@@ -109,5 +120,7 @@ class MixtureStream:
                     source, self.shards[name], self.slot, self.cfg, self.encoder, self.log, position
                 )
 
-            self.packers[name] = Packer.restore(make_stream, self.saved_packers.get(name))
+            self.packers[name] = Packer.restore(
+                make_stream, self.saved_packers.get(name), self.whole_documents
+            )
         return self.packers[name]

@@ -57,6 +57,8 @@ class Window:
     """The next token of the same document where it is a target, else IGNORE_INDEX (int32)."""
     positions: np.ndarray
     """Position of each token in its document."""
+    ends: np.ndarray
+    """Offset after each document's last token (ascending; the last is the window's length)."""
     end: int | None
     """Record index after the window; None when the shard has nothing after it."""
 
@@ -86,7 +88,7 @@ def make_window(documents: Documents, end: int | None, order: np.ndarray | None 
     if targets is not None:
         labels[:-1][~targets[1:]] = IGNORE_INDEX
     labels[ends - 1] = IGNORE_INDEX
-    return Window(tokens, labels, positions, end)
+    return Window(tokens, labels, positions, ends, end)
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,14 @@ checkpoint) or one checkpoint step directory; a run checkpoint is first written 
 Ouro-format directory into ``RUN_DIR/source_model``.
 
 **Epochs.** The sources are streamed, so one epoch is measured once: at start-up every rank
-renders and tokenizes its share of every source (each conversation is counted by exactly
-one rank) and the counts are summed. The counts are kept in ``RUN_DIR/dataset_tokens.json``
-and reused while the sources' files and the tokenizer stay the same, so a resumed run plans
-the same steps. Packing makes every rendered token an input exactly once, so the run is
+renders, tokenizes and packs its share of every source (each conversation is counted by
+exactly one rank) and the counts are summed. The counts are kept in
+``RUN_DIR/dataset_tokens.json`` and reused while the sources' files, the tokenizer and the
+packing stay the same, so a resumed run plans the same steps. Packing makes every rendered
+token an input exactly once; ``data.packing=whole`` (the default for SFT) also pads a
+sequence where the next conversation does not fit, and the count includes that padding
+(packed the way the loader packs, to within a sequence per source and loader worker, since
+each worker packs its own share). The run is
 ``ceil(sft.epochs x dataset_tokens / train.global_batch_tokens)`` optimizer steps
 (``train.max_steps``, when set, caps them) and the LR schedule spans them. Each source's
 mixture weight is set to its share of the tokens, so that every source ends its epoch at the
@@ -46,14 +50,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 from tokenizers import Tokenizer
 
-from data_pipelines.config import DataConfig
+from data_pipelines.config import DataConfig, packs_whole_documents
 from data_pipelines.encoding import DocumentEncoder
+from data_pipelines.packing import WholePackingCount
 from data_pipelines.readers import BadInputLog
 from data_pipelines.shards import Shard, fingerprint, resolve_shards
 from data_pipelines.stream import Slot, SourceStream
@@ -177,20 +183,22 @@ def _ignored_model_settings(cfg: SFTConfig) -> list[str]:
 def count_source_tokens(
     data: DataConfig, shards: dict[str, list[Shard]], rank: int, world_size: int
 ) -> dict[str, int]:
-    """Rendered tokens (EOS included) of one epoch of every source, counting only this rank's
-    share: the records that slot ``rank`` of ``world_size`` reads, so that summing over the
-    ranks counts every record once. ``shards``: each source's shards, by name."""
+    """Packed tokens (EOS and any padding included) of one epoch of every source, counting
+    only this rank's share: the records that slot ``rank`` of ``world_size`` reads, so that
+    summing over the ranks counts every record once. ``shards``: each source's shards, by
+    name. Whole-document packing is counted in sequences, the last one counted whole."""
     encoder = DocumentEncoder(data.tokenizer, data.kind, data.eos_token)
     log = BadInputLog(data.on_bad_input, muted=True)  # the training loader reports them
     counts = {}
     for source in data.sources:
         slot = Slot(rank, world_size)
         stream = SourceStream(source, shards[source.name], slot, data, encoder, log)
-        total = 0
+        total, whole = 0, WholePackingCount(data.seq_len)
         while stream.position.epoch == 0:
             total += len(stream.window)
+            whole.add(np.diff(stream.window.ends, prepend=0))
             stream.next_window()
-        counts[source.name] = total
+        counts[source.name] = whole.tokens() if packs_whole_documents(data) else total
     return counts
 
 
@@ -214,12 +222,14 @@ def dataset_tokens(data: DataConfig, run_dir: Path, rank: int, world_size: int) 
     these sources, else counted over all ranks (a collective: call on every rank) and saved."""
     path = run_dir / TOKEN_COUNTS
     shards = {s.name: resolve_shards(s, data.cache_dir) for s in data.sources}
-    # What the counts depend on: the sources' files, the tokenizer and the EOS token.
+    # What the counts depend on: the sources' files, the tokenizer, the EOS token, packing.
     key = {
         "tokenizer": data.tokenizer,
         "eos_token": data.eos_token,
         "sources": {name: fingerprint(files) for name, files in shards.items()},
     }
+    if packs_whole_documents(data):
+        key["whole_documents_in"] = data.seq_len
     saved = _read_counts(path, key)
     if not _all_reduce([int(saved is None)], dist.ReduceOp.MAX)[0]:
         return saved

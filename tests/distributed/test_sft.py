@@ -178,20 +178,40 @@ def test_an_epoch_is_counted_once_over_the_ranks_and_kept_for_resume(tmp_path):
         *SFT_FAST, f"init_from={tmp_path}", "run_dir=r", f"data.sources.0.paths=[{data}]"
     )
     records = [json.loads(line) for line in data.read_text().splitlines()]
-    tokens = sum(len(render(record["messages"])) for record in records)
+    lengths = [len(render(record["messages"])) for record in records]
+    tokens = sum(lengths)
     shards = {"chat": resolve_shards(cfg.data.sources[0], cfg.data.cache_dir)}
-    shares = [count_source_tokens(cfg.data, shards, rank, 3)["chat"] for rank in range(3)]
+    split = replace(cfg.data, packing="split")
+    shares = [count_source_tokens(split, shards, rank, 3)["chat"] for rank in range(3)]
     assert sum(shares) == tokens and min(shares) > 0
+    # Whole-conversation packing (SFT's default) counts the padding too: the sequences a
+    # conversation that does not fit leaves for the next one, in file order here.
+    in_order = replace(cfg.data, shuffle=False)
+    seq_len = cfg.data.seq_len
+    assert count_source_tokens(in_order, shards, 0, 1)["chat"] == whole_packed(lengths, seq_len)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    assert dataset_tokens(cfg.data, run_dir, 0, 1) == {"chat": tokens}
+    whole = dataset_tokens(cfg.data, run_dir, 0, 1)["chat"]
+    assert whole % seq_len == 0 and tokens < whole < tokens + len(records) * seq_len
     saved = json.loads((run_dir / "dataset_tokens.json").read_text())
     saved["tokens"] = {"chat": 7}
     (run_dir / "dataset_tokens.json").write_text(json.dumps(saved))
     assert dataset_tokens(cfg.data, run_dir, 0, 1) == {"chat": 7}  # a resumed run reads it
+    assert dataset_tokens(split, run_dir, 0, 1) == {"chat": tokens}  # other packing: recounted
     write_conversations(data, 31)
-    assert dataset_tokens(cfg.data, run_dir, 0, 1)["chat"] > tokens  # other files: recounted
+    assert dataset_tokens(split, run_dir, 0, 1)["chat"] > tokens  # other files: recounted
     assert epoch_steps(2.0, tokens, 512) == math.ceil(2 * tokens / 512)
+
+
+def whole_packed(lengths: list[int], seq_len: int) -> int:
+    """Tokens of the rows that documents of `lengths` fill when none is split (all fit)."""
+    rows, room = 0, 0
+    for length in lengths:
+        assert length <= seq_len
+        if length > room:
+            rows, room = rows + 1, seq_len
+        room -= length
+    return rows * seq_len
 
 
 # ---- the loss ----------------------------------------------------------------------------
@@ -270,10 +290,12 @@ def test_sft_run_lowers_the_loss_and_exports_a_thinking_model_that_chats(tmp_pat
     # An epoch is every conversation once: 2 epochs of 512-token batches.
     records = [json.loads(line) for line in data.read_text().splitlines()]
     tokens = sum(len(render(record["messages"])) for record in records)
-    counted = json.loads((run_dir / "dataset_tokens.json").read_text())["tokens"]
-    assert counted == {"chat": tokens}
+    counted = json.loads((run_dir / "dataset_tokens.json").read_text())["tokens"]["chat"]
+    # Whole conversations: the padding is counted too.
+    seq_len = compose_sft(*overrides).data.seq_len
+    assert tokens < counted < tokens + len(records) * seq_len
     steps = [r["step"] for r in metrics(run_dir)]
-    assert steps == list(range(1, math.ceil(2 * tokens / 512) + 1))
+    assert steps == list(range(1, math.ceil(2 * counted / 512) + 1))
     losses = [r["loss"] for r in metrics(run_dir)]
     assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from data_pipelines.config import DataConfig, SourceConfig
+from data_pipelines.stream import IGNORE_INDEX
 from data_pipelines.tokenized import META_FILE
 
 WORDS = (
@@ -88,3 +90,53 @@ def assert_same_batches(expected: list[dict], actual: list[dict]) -> None:
     for index, (left, right) in enumerate(zip(expected, actual, strict=True)):
         for key in ("input_ids", "labels", "position_ids"):
             assert np.array_equal(left[key], right[key]), f"batch {index}: {key} differs"
+
+
+def row_segments(batches: list[dict]):
+    """Each row's documents as attention finds them, (inputs, labels, positions) runs that
+    start where the position is 0; rows in the order they were packed."""
+    for batch in batches:
+        rows = zip(batch["input_ids"], batch["labels"], batch["position_ids"], strict=True)
+        for inputs, labels, positions in rows:
+            starts = np.flatnonzero(positions == 0).tolist() + [len(inputs)]
+            yield [
+                (inputs[start:end], labels[start:end], positions[start:end])
+                for start, end in zip(starts, starts[1:], strict=False)
+            ]
+
+
+def check_whole_packing(
+    batches: list[dict], documents: list[list[int]], eos: int = 0
+) -> tuple[Counter, list[list[int]]]:
+    """Walk one source's rows against its `documents` (token ids in the order read, cycled)
+    and assert the layout of `packing=whole`: a document lies whole in one row, unless it is
+    longer than a row, then it starts a row and fills rows until its last piece; a row ends
+    in padding (EOS, no labels, positions from 0) only where the next document did not fit.
+
+    Returns counts (`documents` passed, `paddings`, `split` documents begun) and the labels
+    each passed document got, pieces joined.
+    """
+    expected = itertools.cycle(documents)
+    rest, labelled, begun = next(expected), [], True
+    counts: Counter = Counter()
+    for segments in row_segments(batches):
+        seq_len = sum(len(inputs) for inputs, _, _ in segments)
+        for index, (inputs, labels, positions) in enumerate(segments):
+            tokens = inputs.tolist()
+            assert positions.tolist() == list(range(len(tokens)))
+            if tokens == rest:
+                counts["documents"] += 1
+                labelled.append(([] if begun else labelled.pop()) + labels.tolist())
+                rest, begun = next(expected), True
+            elif len(rest) > seq_len and tokens == rest[:seq_len]:
+                counts["split"] += begun
+                labelled.append(([] if begun else labelled.pop()) + labels.tolist())
+                rest, begun = rest[seq_len:], False
+            else:
+                assert 0 < index == len(segments) - 1, "padding not after a row's documents"
+                assert len(tokens) < len(rest), "a document that fits was left for later"
+                assert set(tokens) == {eos} and set(labels.tolist()) == {IGNORE_INDEX}
+                counts["paddings"] += 1
+    if not begun:
+        labelled.pop()
+    return counts, labelled
