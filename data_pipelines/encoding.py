@@ -55,6 +55,10 @@ class DocumentEncoder:
 
     def __init__(self, tokenizer: str, kind: str, eos_token: str):
         self.tokenizer = load_tokenizer(tokenizer)
+        # A special token's text inside a document (a web page quoting "<|endoftext|>", a
+        # message holding "<|im_end|>") is text: encoded as such, it can neither end a
+        # document early nor forge a turn of the ChatML structure built here.
+        self.tokenizer.encode_special_tokens = True
         self.kind = kind
         self.eos = token_id(self.tokenizer, eos_token)
         if kind == "sft":
