@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from data_pipelines.shards import FORMATS, ShardResolutionError, resolve_shards
-from data_pipelines.tokenizer import tokenizer_problem
+from data_pipelines.tokenizer import IM_END, IM_START, special_token_problems, tokenizer_problem
 
 KINDS = ("pretrain", "sft")
 BAD_INPUT_POLICIES = ("skip", "error")
@@ -110,6 +110,9 @@ def validate_data_config(cfg: DataConfig) -> list[str]:
     problem = tokenizer_problem(cfg.tokenizer)
     if problem:
         problems.append(f"data.tokenizer: {problem}")
+    else:
+        needed = [cfg.eos_token] + ([IM_START, IM_END] if cfg.kind == "sft" else [])
+        problems += [f"data.tokenizer: {p}" for p in special_token_problems(cfg.tokenizer, needed)]
     return problems
 
 

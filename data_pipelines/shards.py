@@ -127,7 +127,14 @@ def _expand(path: str, fmt: str, cache_dir: str, check_only: bool) -> list[Shard
         raise ShardResolutionError([f"{path}: no such local path (and hub access is off)"])
     if is_remote(path):
         _require_filesystem(path)
-        return [] if check_only else _expand_remote(path, fmt)
+        if check_only:
+            return []
+        try:
+            return _expand_remote(path, fmt)
+        except ShardResolutionError:
+            raise
+        except Exception as error:
+            raise ShardResolutionError([f"{path}: cannot list it ({error!r})"]) from error
     return _expand_local(path, fmt)
 
 
@@ -172,19 +179,24 @@ def _expand_remote(path: str, fmt: str) -> list[Shard]:
         files = [file if "://" in file else f"{protocol}://{file}" for file in found]
         files = [file for file in files if _matches(file, fmt)]
         if not files:
-            raise ShardResolutionError([f"{path}: no {fmt} files found remotely"])
+            kind = "data" if fmt == "auto" else fmt
+            raise ShardResolutionError([f"{path}: no {kind} files found remotely"])
     else:
         files = [url]
     return [Shard(file, _format_of(file, fmt)) for file in files]
 
 
 def _is_hub_id(path: str) -> bool:
+    """`owner/name`, and not a local path that is missing: one whose directory exists or
+    whose name has a data file's suffix is taken for a local path."""
     parts = path.split("/")
     return (
         len(parts) == 2
         and "://" not in path
         and not path.startswith((".", "~"))
         and not os.path.exists(os.path.expanduser(path))
+        and not os.path.isdir(parts[0])
+        and detect_format(path) is None
         and all(part and not glob.has_magic(part) for part in parts)
     )
 

@@ -28,11 +28,29 @@ def tokenizer_problem(name: str) -> str | None:
     if name == EMBEDDED:
         path = embedded_tokenizer_path()
         return None if path.is_file() else f"the embedded tokenizer is missing at {path}"
-    if Path(name).expanduser().is_file():
+    path = Path(name).expanduser()
+    if path.is_file():
         return None
-    if _HUB_NAME.match(name) and not Path(name).exists():
+    # A missing file whose directory exists, or named *.json, is a local path, not a hub name.
+    local = path.suffix == ".json" or ("/" in name and path.parent.is_dir())
+    if local:
+        return f"no tokenizer file at {name!r}"
+    if _HUB_NAME.match(name):
         return None
     return f"{name!r} is neither a tokenizer.json file, {EMBEDDED!r}, nor a hub name"
+
+
+def special_token_problems(name: str, tokens: list[str]) -> list[str]:
+    """What is wrong with the local tokenizer `name` (a file or `embedded`; hub names are not
+    fetched here): unreadable, or lacking any of `tokens`."""
+    if name != EMBEDDED and not Path(name).expanduser().is_file():
+        return []
+    try:
+        tokenizer = load_tokenizer(name)
+    except Exception as error:
+        return [f"{name!r} is not a readable tokenizer.json ({error})"]
+    missing = [token for token in tokens if tokenizer.token_to_id(token) is None]
+    return [f"{name!r} has no token {token!r}" for token in missing]
 
 
 def load_tokenizer(name: str) -> Tokenizer:

@@ -66,3 +66,41 @@ def test_validation_lists_every_problem(tmp_path):
         "data.tokenizer",
     ):
         assert expected in problems
+
+
+def test_missing_relative_paths_are_local_errors_not_hub_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "assets").mkdir()
+    cfg = DataConfig(
+        sources=[
+            SourceConfig(name="a", paths=["data/train.jsonl"]),  # a data file's suffix
+            SourceConfig(name="b", paths=["assets/web"]),  # its directory exists
+        ],
+        tokenizer="assets/tokenizer.json",
+    )
+    problems = validate_data_config(cfg)
+    assert "data.sources[0] (a): data/train.jsonl: no such file or directory" in problems
+    assert "data.sources[1] (b): assets/web: no such file or directory" in problems
+    assert "data.tokenizer: no tokenizer file at 'assets/tokenizer.json'" in problems
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    hub = DataConfig(sources=[SourceConfig(name="c", paths=["owner/corpus"])], tokenizer="o/t")
+    assert validate_data_config(hub) == []  # hub ids, looked up when the loader starts
+
+
+def test_an_unreadable_tokenizer_or_one_without_the_needed_tokens_fails_validation(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    junk, plain = tmp_path / "junk.json", tmp_path / "plain.json"
+    junk.write_text('{"model": 3}')
+    plain.write_text(Tokenizer(models.WordLevel({"a": 0, "<|im_start|>": 1}, "a")).to_str())
+    source = SourceConfig(name="a", paths=[str(tmp_path)])
+    for tokenizer, kind, expected in (
+        (junk, "pretrain", [f"'{junk}' is not a readable tokenizer.json"]),
+        (plain, "pretrain", [f"'{plain}' has no token '<|endoftext|>'"]),
+        (plain, "sft", [f"'{plain}' has no token '<|endoftext|>'", "no token '<|im_end|>'"]),
+    ):
+        cfg = DataConfig(sources=[source], tokenizer=str(tokenizer), kind=kind)
+        problems = [p for p in validate_data_config(cfg) if p.startswith("data.tokenizer")]
+        assert len(problems) == len(expected)
+        for problem, text in zip(problems, expected, strict=True):
+            assert text in problem

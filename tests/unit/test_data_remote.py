@@ -13,6 +13,7 @@ import pytest
 
 from data_pipelines import SourceConfig, build_data_loader
 from data_pipelines.readers import RemoteReadError
+from data_pipelines.shards import ShardResolutionError, resolve_shards
 from tests.unit.test_data_fixtures import assert_same_batches, make_config, take
 from tests.unit.test_data_sources import write_format
 
@@ -120,3 +121,11 @@ def test_a_missing_remote_file_is_not_retried(tmp_path, server):
     with pytest.raises(RemoteReadError, match=r"gone\.jsonl: no such remote file"):
         batches(tmp_path, [f"{server.url}/gone.jsonl"], max_retries=5)
     assert server.requests["/gone.jsonl"] <= 2  # one HEAD, one GET: no second attempt
+
+
+def test_a_url_that_cannot_be_listed_is_named_in_the_error(tmp_path, server):
+    with pytest.raises(ShardResolutionError, match=r"nothing/\*\.jsonl: no data files found"):
+        resolve_shards(SourceConfig(name="a", paths=[f"{server.url}/nothing/*.jsonl"]), "")
+    unreachable = "http://127.0.0.1:9/corpus/*.jsonl"  # the discard port: nothing listens
+    with pytest.raises(ShardResolutionError, match=r"corpus/\*\.jsonl: cannot list it"):
+        resolve_shards(SourceConfig(name="a", paths=[unreachable]), "")
