@@ -10,6 +10,7 @@ resumed run yields exactly the batches the uninterrupted one would have.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -21,11 +22,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines.config import DataConfig, validate_data_config
+from data_pipelines.config import DataConfig, packs_whole_documents, validate_data_config
 from data_pipelines.encoding import DocumentEncoder
 from data_pipelines.mixing import BATCH_KEYS, MixtureStream, SlotState, Stage
 from data_pipelines.shards import Shard, fingerprint, resolve_shards
 from data_pipelines.stream import Slot
+from data_pipelines.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ class PackedDataLoader:
         self.worker_states = [SlotState() for _ in range(self.num_slots_per_rank)]
         self.next_worker = 0
         self.fingerprints = {name: fingerprint(files) for name, files in shards.items()}
+        self._settings: dict | None = None
         self._generation = 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -123,6 +126,7 @@ class PackedDataLoader:
             "world_size": self.world_size,
             "num_workers": self.cfg.num_workers,
             "fingerprints": dict(self.fingerprints),
+            "settings": self.settings(),
             "stage": asdict(self.stage),
             "next_worker": self.next_worker,
             "workers": [state.to_dict() for state in self.worker_states],
@@ -131,10 +135,20 @@ class PackedDataLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` (from `state_dict`) was taken.
 
-        A different layout (rank, world size, workers) is an error; changed sources or files
-        are an error unless `allow_source_change`, in which case changed sources restart.
+        A different layout (rank, world size, workers) is an error. Changed sources or files,
+        or changed settings that fix what a saved position points at (`settings`), are an
+        error unless `allow_source_change`: then changed sources restart, and under changed
+        settings every source keeps its window but starts it again (its cursor means
+        something else now).
         """
         layout = ("version", "rank", "world_size", "num_workers")
+        needed = (*layout, "fingerprints", "stage", "next_worker", "workers")
+        missing = [key for key in needed if not isinstance(state, dict) or key not in state]
+        if missing or len(state["workers"]) != max(state["num_workers"], 1):
+            raise ValueError(
+                "the data loader state is not one this loader saved: "
+                + (f"missing {missing}" if missing else f"{len(state['workers'])} workers")
+            )
         expected = self.state_dict()
         mismatched = [
             f"{key}: saved {state[key]}, now {expected[key]}"
@@ -147,6 +161,10 @@ class PackedDataLoader:
             )
         changed = self._changed_sources(state["fingerprints"])
         workers = [SlotState(**worker) for worker in state["workers"]]
+        if self._changed_settings(state.get("settings", expected["settings"])):
+            for worker in workers:
+                for packer in worker.packers.values():
+                    packer["cursor"] = 0
         stage = Stage(**state["stage"])
         for name in changed:
             for worker in workers:
@@ -168,6 +186,62 @@ class PackedDataLoader:
         """Documents longer than `seq_len` that whole-document packing split so far on this
         rank (0 with packing=split, which splits documents as a rule)."""
         return sum(state.split_documents for state in self.worker_states)
+
+    def settings(self) -> dict:
+        """What, beside the files, fixes where a saved position points: the shard and
+        document order, the windows, the tokens, how each source's records are read."""
+        if self._settings is None:
+            cfg = self.cfg
+            tokenizer = load_tokenizer(cfg.tokenizer).to_str().encode()
+            self._settings = {
+                "seed": cfg.seed,
+                "shuffle": cfg.shuffle,
+                "shuffle_window": cfg.shuffle_window,
+                "window_tokens": cfg.window_tokens,
+                "tokenizer": hashlib.sha1(tokenizer).hexdigest()[:16],
+                "eos_token": cfg.eos_token,
+                "kind": cfg.kind,
+                "whole_documents": packs_whole_documents(cfg),
+                "sources": {
+                    source.name: [
+                        source.format,
+                        source.text_field,
+                        source.messages_field,
+                        source.text_split,
+                    ]
+                    for source in cfg.sources
+                },
+            }
+        return self._settings
+
+    def _changed_settings(self, saved: dict) -> bool:
+        current = self.settings()
+        changed = [
+            f"{key}: saved {saved.get(key)!r}, now {current[key]!r}"
+            for key in current
+            if key != "sources" and saved.get(key) != current[key]
+        ]
+        changed += [
+            f"sources.{name} (format, text_field, messages_field, text_split): saved "
+            f"{saved['sources'][name]}, now {reading}"
+            for name, reading in current["sources"].items()
+            if name in saved.get("sources", {}) and saved["sources"][name] != reading
+        ]
+        if not changed:
+            return False
+        if not self.cfg.allow_source_change:
+            raise ValueError(
+                "data settings that fix the saved positions changed: "
+                + "; ".join(changed)
+                + "; set data.allow_source_change=true to resume anyway (every source starts "
+                "its current window again, so the order is no longer exact)"
+            )
+        logger.warning(
+            "resuming with changed data settings (%s); every source starts its current window "
+            "again",
+            "; ".join(changed),
+        )
+        return True
 
     def _changed_sources(self, saved: dict[str, str]) -> list[str]:
         changed = sorted(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -93,6 +94,64 @@ def test_a_state_from_another_layout_is_refused(tmp_path):
     cfg.num_workers = 2
     with pytest.raises(ValueError, match="num_workers"):
         build(cfg, state)
+
+
+def test_a_state_from_another_layout_or_no_loader_is_refused_by_name(tmp_path):
+    cfg = two_source_config(tmp_path)
+    state = build(cfg).state_dict()
+    for stale, expected in (
+        (dict(state, world_size=4), "world_size: saved 4, now 1"),
+        ({key: value for key, value in state.items() if key != "version"}, "missing ['version']"),
+        (dict(state, workers=[]), "not one this loader saved: 0 workers"),
+        ({"step": 3}, "missing ['version', 'rank'"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            build(cfg, stale)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "named"),
+    [
+        ("seed", 7, "seed: saved 0, now 7"),
+        ("shuffle_window", 3, "shuffle_window: saved 4, now 3"),
+        ("window_tokens", 9, "window_tokens: saved 1000000, now 9"),
+        ("shuffle", False, "shuffle: saved True, now False"),
+        ("eos_token", "<|im_end|>", "eos_token: saved '<|endoftext|>', now '<|im_end|>'"),
+    ],
+)
+def test_a_changed_setting_that_moves_the_positions_is_refused_unless_allowed(
+    tmp_path, setting, value, named
+):
+    cfg = two_source_config(tmp_path)
+    loader = build(cfg)
+    take(loader, 5)
+    state = loader.state_dict()
+    setattr(cfg, setting, value)
+    with pytest.raises(ValueError, match=re.escape(named)):
+        build(cfg, state)
+    cfg.allow_source_change = True
+    resumed = take(build(cfg, state), 12)  # starts the windows again, in the new order
+    assert all(batch["input_ids"].shape == (2, cfg.seq_len) for batch in resumed)
+
+
+def test_a_source_read_another_way_restarts_when_allowed(tmp_path):
+    cfg = two_source_config(tmp_path)
+    loader = build(cfg)
+    take(loader, 5)
+    state = loader.state_dict()
+    cfg.sources[1].text_field = "body"
+    with pytest.raises(ValueError, match=r"sources\.code .*saved \['auto', 'text'"):
+        build(cfg, state)
+
+
+def test_a_state_saved_before_settings_were_recorded_still_resumes(tmp_path):
+    cfg = two_source_config(tmp_path)
+    loader = build(cfg)
+    reference = take(loader, 8)
+    loader = build(cfg)
+    first = take(loader, 3)
+    state = {key: value for key, value in loader.state_dict().items() if key != "settings"}
+    assert_same_batches(reference, first + take(build(cfg, state), 5))
 
 
 def test_reapplying_the_current_stage_after_resume_changes_nothing(tmp_path):
