@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from data_pipelines.readers import ReadOptions, probe_problem
 from data_pipelines.shards import FORMATS, ShardResolutionError, resolve_shards
 from data_pipelines.tokenizer import IM_END, IM_START, special_token_problems, tokenizer_problem
 
@@ -151,10 +152,24 @@ def _source_problems(source: SourceConfig, where: str, cfg: DataConfig) -> list[
         problems.append(f"{where}: pre-tokenized shards carry no SFT masks; use kind=pretrain")
     if source.format in FORMATS and source.paths:
         try:
-            resolve_shards(source, cfg.cache_dir, check_only=True)
+            shards = resolve_shards(source, cfg.cache_dir, check_only=True)
         except ShardResolutionError as error:
             problems += [f"{where}: {message}" for message in error.problems]
+        else:
+            problems += [f"{where}: {problem}" for problem in _probe(source, shards, cfg.kind)]
     return problems
+
+
+def _probe(source: SourceConfig, shards, kind: str, count: int = 3) -> list[str]:
+    """A wrong format or field name shows in every shard: probe the first, middle and last
+    local shards, and report only when all of them fail (one bad shard is bad input)."""
+    local = [shard for shard in shards if not shard.remote]
+    if not local:
+        return []
+    field = source.text_field if kind == "pretrain" else source.messages_field
+    picked = sorted({round(i * (len(local) - 1) / max(count - 1, 1)) for i in range(count)})
+    found = [probe_problem(local[i], ReadOptions(field), kind) for i in picked]
+    return [found[0]] if all(found) else []
 
 
 def packs_whole_documents(cfg: DataConfig) -> bool:

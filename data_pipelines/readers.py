@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import datasets
 import fsspec
 import pyarrow as pa
+import pyarrow.parquet as pq
 import zstandard
 
 from data_pipelines.shards import Shard
@@ -438,6 +439,67 @@ class WholeFileReader:
         tables = dataset.with_format("arrow").iter(batch_size=1)
         self._rows = (table.column("text")[0].as_py() for table in tables)
         self._paths = deque(paths)
+
+
+_PROBED_RECORDS = 20
+_MAGIC = {
+    "parquet": (b"PAR1",),
+    "arrow": (b"ARROW1", b"\xff\xff\xff\xff"),
+    "json.gz": (b"\x1f\x8b",),
+    "json.zst": (b"\x28\xb5\x2f\xfd",),
+}
+
+
+def probe_problem(shard: Shard, options: ReadOptions, kind: str) -> str | None:
+    """Why local `shard` cannot be what its source declares, judged from its first bytes,
+    before any worker starts: not a parquet, arrow, gzip or zstd file at all; no column
+    `options.field`; or a JSON line format whose first records are all unusable (a wrong
+    field name or format: single bad records are bad input, skipped or raised by policy).
+    None when it looks right; remote, text and pre-tokenized shards are not probed."""
+    if shard.remote or shard.format not in (*_MAGIC, "jsonl"):
+        return None
+    with open(shard.path, "rb") as file:
+        head = file.read(8)
+    if head and shard.format in _MAGIC and not head.startswith(_MAGIC[shard.format]):
+        return f"{shard.path}: not a {shard.format} file (it starts with {head!r})"
+    try:
+        if shard.format in ("parquet", "arrow"):
+            names = _schema(shard).names
+            missing = options.field not in names
+            return f"{shard.path}: no column {options.field!r} (has {names})" if missing else None
+        return _first_records_problem(shard, options, kind)
+    except Exception:  # a damaged file: the reader reports it as bad input, by policy
+        return None
+
+
+def _schema(shard: Shard) -> pa.Schema:
+    if shard.format == "parquet":
+        return pq.read_schema(shard.path)
+    with open(shard.path, "rb") as file:
+        opener = pa.ipc.open_file if file.read(6) == b"ARROW1" else pa.ipc.open_stream
+    with pa.memory_map(shard.path) as source:
+        return opener(source).schema
+
+
+def _first_records_problem(shard: Shard, options: ReadOptions, kind: str) -> str | None:
+    seen = Counter()
+    for record in islice(_direct_records(shard, 0, _latin1_bytes, False), _PROBED_RECORDS * 5):
+        if not record.value.strip():
+            continue
+        try:
+            _payload(record.value, shard.format, options.field, kind)
+            return None
+        except _Unusable as problem:
+            seen[f"{problem.kind.replace('_', ' ')}: {problem}"] += 1
+        if sum(seen.values()) == _PROBED_RECORDS:
+            break
+    if not seen:
+        return None
+    count, (most, _) = sum(seen.values()), seen.most_common(1)[0]
+    return (
+        f"{shard.path}: its first {count} records are all unusable ({most}); check the "
+        "source's format and field names"
+    )
 
 
 def parse_record(

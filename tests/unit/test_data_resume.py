@@ -139,9 +139,13 @@ def test_a_source_read_another_way_restarts_when_allowed(tmp_path):
     loader = build(cfg)
     take(loader, 5)
     state = loader.state_dict()
-    cfg.sources[1].text_field = "body"
-    with pytest.raises(ValueError, match=r"sources\.code .*saved \['auto', 'text'"):
+    cfg.sources[1].text_split = "line"
+    with pytest.raises(
+        ValueError, match=r"sources\.code .*saved \['auto', 'text', .*'paragraph'\]"
+    ):
         build(cfg, state)
+    cfg.allow_source_change = True
+    assert len(take(build(cfg, state), 3)) == 3
 
 
 def test_a_state_saved_before_settings_were_recorded_still_resumes(tmp_path):

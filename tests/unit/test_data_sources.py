@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
 
 import datasets
 import numpy as np
@@ -309,3 +310,33 @@ def test_missing_paths_and_unknown_formats_fail_at_startup_all_at_once(tmp_path)
     assert "cannot read nosuchproto:// paths" in message
 
 
+def test_a_wrong_format_or_field_is_a_startup_error_naming_the_file(tmp_path):
+    jsonl = write_format(tmp_path, "jsonl")
+    (tmp_path / "docs.json").write_text(json.dumps([{"text": doc} for doc in DOCUMENTS], indent=1))
+    (tmp_path / "fake.parquet").write_bytes(open(jsonl, "rb").read())
+    (tmp_path / "fake.jsonl.gz").write_bytes(open(jsonl, "rb").read())
+    parquet = write_format(tmp_path, "parquet")
+    cases = [
+        (str(tmp_path / "fake.parquet"), {}, "fake.parquet: not a parquet file (it starts with"),
+        (str(tmp_path / "fake.jsonl.gz"), {}, "fake.jsonl.gz: not a json.gz file"),
+        (parquet, {"text_field": "body"}, "docs.parquet: no column 'body' (has ['id', 'text'])"),
+        (jsonl, {"text_field": "body"}, "first 20 records are all unusable (missing field"),
+        (str(tmp_path / "docs.json"), {}, "docs.json: its first 20 records are all unusable"),
+    ]
+    for path, fields, expected in cases:
+        source = SourceConfig(name="docs", paths=[path], **fields)
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            build_data_loader(
+                make_config(tmp_path, [source]), rank=0, world_size=1, micro_batch_size=1
+            )
+
+
+def test_a_few_bad_first_records_are_bad_input_not_a_startup_error(tmp_path):
+    lines = ["{not json", '{"body": "no text field"}', ""] + [
+        json.dumps({"text": d}) for d in DOCUMENTS
+    ]
+    path = tmp_path / "mostly_good.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    loader = loader_for(tmp_path, str(path), shuffle=False)
+    take(loader, 2)
+    assert loader.bad_input_counts() == {"malformed": 1, "missing_field": 1, "empty_document": 1}
