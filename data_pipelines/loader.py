@@ -75,6 +75,20 @@ class PackedDataLoader:
         self.next_worker = 0
         self.fingerprints = {name: fingerprint(files) for name, files in shards.items()}
         self._settings: dict | None = None
+        slots = world_size * self.num_slots_per_rank
+        few = {name: len(files) for name, files in shards.items() if len(files) < slots}
+        if few and rank == 0:
+            logger.warning(
+                "sources with fewer shards than the %d reading slots (ranks x workers): %s; "
+                "every slot reads each of their shards through and keeps every %d-th record, "
+                "so each shard is read %d times: split them into at least %d shards, or "
+                "pre-tokenize them, where that matters",
+                slots,
+                ", ".join(f"{name} ({count})" for name, count in few.items()),
+                slots,
+                slots,
+                slots,
+            )
         self._generation = 0
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

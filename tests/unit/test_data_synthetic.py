@@ -43,17 +43,65 @@ def test_mano_answers_are_right():
             assert rest == [] and value == int(answer)
 
 
-def test_reachability_paths_use_listed_edges():
+def reachable(edges: set[tuple[str, str]], source: str) -> dict[str, int]:
+    """Distance from `source` to every node it reaches, by repeated relaxation."""
+    distance = {source: 0}
+    changed = True
+    while changed:
+        changed = False
+        for a, b in edges:
+            if a in distance and distance[a] + 1 < distance.get(b, len(edges) + 1):
+                distance[b], changed = distance[a] + 1, True
+    return distance
+
+
+def test_reachability_answers_are_right_and_paths_shortest():
     rng = random.Random(1)
-    for _ in range(30):
+    answers = []
+    for _ in range(200):
         text = synthetic.reachability(rng)
         edges = set(re.findall(r"(n\d+) -> (n\d+)", text.split(". Question")[0]))
         source, target = re.search(r"from (n\d+) to (n\d+)", text).groups()
-        answer = text.split("Answer: ")[1]
-        if answer.startswith("yes"):
-            path = answer[len("yes, ") : -1].split(" -> ")
-            assert path[0] == source and path[-1] == target
-            assert all((a, b) in edges for a, b in zip(path, path[1:], strict=False))
+        answer = text.split("Answer: ")[1][:-1]
+        distance = reachable(edges, source)
+        answers.append(answer.split(",")[0])
+        if target not in distance:
+            assert answer == "no", text
+            continue
+        path = answer[len("yes, ") :].split(" -> ")
+        assert answer.startswith("yes, ") and path[0] == source and path[-1] == target
+        assert all((a, b) in edges for a, b in zip(path, path[1:], strict=False))
+        assert len(path) - 1 == distance[target], "not a shortest path"
+    assert 0.2 < answers.count("no") / len(answers) < 0.8  # both answers are common
+
+
+def test_multi_hop_answers_follow_the_biographies():
+    rng, knowledge = random.Random(2), synthetic._knowledge_base(3)
+    documents = [synthetic.multi_hop(rng, knowledge) for _ in range(2000)]
+    facts = {}
+    for document in documents:
+        if document.startswith("About "):
+            for relation, person, other in re.findall(
+                r"The (\w+) of ([\w ]+?) is ([\w ]+?)\.", document
+            ):
+                facts[relation, person] = other
+    checked = 0
+    for document in documents:
+        if not document.startswith("Question: "):
+            continue
+        question, answer = document[len("Question: Who is ") :].split("? Answer: ")
+        *relations, person = re.split(r"the (\w+) of ", question)[1::2] + [
+            question.rsplit(" of ", 1)[-1]
+        ]
+        current = person
+        for relation in reversed(relations):
+            if (relation, current) not in facts:
+                break
+            current = facts[relation, current]
+        else:
+            assert answer.endswith(f"{current}."), document
+            checked += 1
+    assert checked > 300
 
 
 def test_the_shipped_tokenizer_has_ouro_special_tokens():

@@ -3,6 +3,7 @@ exactly once per epoch, with more shards than slots and with fewer."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import numpy as np
@@ -99,3 +100,19 @@ def test_two_ranks_by_two_worker_processes_read_each_document_once_per_epoch(tmp
     assert not (repeated or missing or unknown), (
         f"read twice: {repeated}; never read: {missing}; not in the source: {unknown}"
     )
+
+
+def test_sources_with_fewer_shards_than_slots_are_named_once(tmp_path, caplog):
+    few = write_jsonl_shards(tmp_path / "few", text_documents(9), num_shards=3)
+    many = write_jsonl_shards(tmp_path / "many", text_documents(9, "m"), num_shards=4)
+    sources = [
+        SourceConfig(name="few", paths=[str(few)]),
+        SourceConfig(name="many", paths=[str(many)]),
+    ]
+    cfg = make_config(tmp_path, sources, num_workers=2)
+    with caplog.at_level(logging.WARNING, logger="data_pipelines.loader"):
+        for rank in (0, 1):
+            build_data_loader(cfg, rank=rank, world_size=2, micro_batch_size=1)
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1 and "few (3)" in warnings[0] and "many" not in warnings[0]
+    assert "each shard is read 4 times" in warnings[0]
