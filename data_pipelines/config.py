@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from data_pipelines.readers import ReadOptions, probe_problem
 from data_pipelines.shards import FORMATS, ShardResolutionError, resolve_shards
+from data_pipelines.tokenized import token_source_problems
 from data_pipelines.tokenizer import IM_END, IM_START, special_token_problems, tokenizer_problem
 
 KINDS = ("pretrain", "sft")
@@ -157,6 +158,11 @@ def _source_problems(source: SourceConfig, where: str, cfg: DataConfig) -> list[
             problems += [f"{where}: {message}" for message in error.problems]
         else:
             problems += [f"{where}: {problem}" for problem in _probe(source, shards, cfg.kind)]
+    if source.format in ("tokens", "auto"):
+        tokenizer = None if tokenizer_problem(cfg.tokenizer) else cfg.tokenizer
+        for path in source.paths:
+            found = token_source_problems(path, tokenizer, every_shard=False)
+            problems += [f"{where}: {problem}" for problem in found]
     return problems
 
 

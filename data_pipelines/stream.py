@@ -132,17 +132,18 @@ class SourceStream:
 
     def next_window(self) -> Window:
         """Move to the next non-empty window, through shards and epochs as needed."""
-        empty = 0
+        passed = 0
         while True:
             if self.window.end is None:
                 self._next_piece()
+                passed += 1
             else:
                 self.position.window_start = self.window.end
             self.window = self._load_window(self.log)
             if len(self.window):
                 return self.window
-            empty += 1
-            if empty > len(self._pieces()):
+            # More pieces started than an epoch has, all without a usable document.
+            if passed > len(self._pieces()):
                 raise ValueError(
                     f"source {self.source.name!r} has no usable documents for slot "
                     f"{self.slot.index} of {self.slot.count} in a whole epoch"

@@ -1,37 +1,75 @@
-"""Pre-tokenized binary shards: writing them from any source, and reading them back.
+"""Pre-tokenized binary shards: writing them from any source, checking them, reading them back.
 
 One output shard per input shard, in the input's order: `NNNNN.bin` holds the token ids of
-every document back to back (EOS included), `NNNNN.idx.npy` the int64 end offset of each
-document, and `tokens.json` in the same directory the dtype (uint16 when the vocabulary fits,
-else uint32) and the tokenizer used. Both files are memory-mapped per shard, so nothing
-global is ever loaded.
+every document back to back (EOS included) and `NNNNN.idx.npy` the int64 end offset of each
+*record* of the input shard. A record skipped as bad input keeps its place as an empty
+document, so a document's index is its record's index, on which the streamed path keys
+windows, shuffle seeds and slot ownership; the reader skips empty documents where the
+streamed reader skips bad records, so both give the same batches. `tokens.json` in the same
+directory, written last and atomically once every shard is complete, marks the directory
+finished and records the dtype (uint16 when the vocabulary fits, else uint32), the shard
+count and the tokenizer with a fingerprint of it. Both files are memory-mapped per shard, so
+nothing global is ever loaded.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from data_pipelines.config import DataConfig, SourceConfig
 from data_pipelines.encoding import DocumentEncoder, Documents
 from data_pipelines.readers import BadInputLog, ReadOptions, parse_record, read_raw
-from data_pipelines.shards import TOKENS_META, Shard, resolve_shards
+from data_pipelines.shards import TOKENS_META, Shard, is_remote, resolve_shards
+from data_pipelines.tokenizer import load_tokenizer, tokenizer_problem
+
+if TYPE_CHECKING:  # config imports this module
+    from data_pipelines.config import DataConfig, SourceConfig
 
 META_FILE = TOKENS_META
+_BIN, _INDEX, _PARTIAL = ".bin", ".idx.npy", ".partial"
+_TOKEN_DTYPES = ("uint16", "uint32")
+_MIN_NAME_DIGITS = 5
+
+
+class TokenShardError(ValueError):
+    """A pre-tokenized shard, its index or its directory's `tokens.json` is missing or
+    damaged; the message names the file."""
+
+
+class OutputNotEmptyError(ValueError):
+    """`pretokenize` was pointed at a directory holding files, without `overwrite`."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype holding every id of a vocabulary."""
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def shard_name(index: int, count: int) -> str:
+    """File stem of output shard `index` of `count`: zero-padded to a width that every index
+    of the run shares, so that the names sort in the input's order."""
+    return f"{index:0{max(_MIN_NAME_DIGITS, len(str(count - 1)))}d}"
+
+
+@lru_cache(maxsize=8)
+def tokenizer_fingerprint(tokenizer: str) -> tuple[str, int]:
+    """The sha256 of a tokenizer's canonical JSON (`Tokenizer.to_str()`) and its vocabulary
+    size: what `tokens.json` records, so that the same tokenizer under another name or path
+    matches and a different one does not."""
+    loaded = load_tokenizer(tokenizer)
+    return hashlib.sha256(loaded.to_str().encode()).hexdigest(), loaded.get_vocab_size()
 
 
 @dataclass
@@ -41,40 +79,171 @@ class TokenShard:
 
     tokens: np.ndarray
     ends: np.ndarray
+    """End offset of each record's document; equal to the previous one for a skipped record."""
 
     def __len__(self) -> int:
         return len(self.ends)
 
     def document(self, index: int) -> np.ndarray:
-        """Token ids of document `index` as int32."""
+        """Token ids of document `index` as int32 (none for a skipped record)."""
         start = self.ends[index - 1] if index else 0
         return np.asarray(self.tokens[start : self.ends[index]], dtype=np.int32)
 
 
 @lru_cache(maxsize=64)
 def open_token_shard(path: str) -> TokenShard:
-    """Memory-map the shard at `path` (its .bin file)."""
-    meta = json.loads((Path(path).parent / META_FILE).read_text())
-    tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
-    ends = np.load(path[: -len(".bin")] + ".idx.npy", mmap_mode="r")
+    """Memory-map the shard at `path` (its .bin file) after checking it and its index against
+    each other; raises TokenShardError naming the file when anything is missing or damaged."""
+    dtype = np.dtype(_read_meta(Path(path).parent)["dtype"])
+    ends = _checked_ends(path, dtype)
+    if not os.path.getsize(path):
+        return TokenShard(np.zeros(0, dtype=dtype), np.asarray(ends))
+    tokens = np.memmap(path, dtype=dtype, mode="r")
     return TokenShard(np.asarray(tokens), np.asarray(ends))
+
+
+def token_source_problems(path: str, tokenizer: str | None, every_shard: bool = True) -> list[str]:
+    """Every problem of the pre-tokenized shards at `path` (a directory, a glob or a .bin
+    file), found without reading their tokens; empty when there is none.
+
+    Per directory of shards: `tokens.json` missing (an unfinished `pretokenize`) or
+    unreadable, a shard count other than the one it records (when `path` lists the whole
+    directory), and a tokenizer fingerprint other than `tokenizer`'s (not compared when
+    `tokenizer` is None or `tokens.json` predates fingerprints). Per shard: the .bin or its
+    .idx.npy missing, document ends that decrease, a .bin whose size is not its last end
+    times the dtype's size. Remote paths, and paths naming no .bin or .idx.npy file (nor a
+    directory with a `tokens.json`), have no problems here. Without `every_shard`, only the
+    first, middle and last shards' indices are read (the loader checks each shard it opens),
+    which keeps a start-up check on every rank cheap for directories of many shards.
+    """
+    if is_remote(path):
+        return []
+    expanded = os.path.expanduser(path)
+    listed = os.path.isdir(expanded)
+    stems: dict[Path, set[str]] = defaultdict(set)
+    if listed and os.path.isfile(os.path.join(expanded, META_FILE)):
+        stems[Path(expanded)] = set()
+    for file in _local_files(expanded):
+        for suffix in (_BIN, _INDEX):
+            if file.endswith(suffix):
+                stems[Path(file).parent].add(file[: -len(suffix)])
+    problems = []
+    for directory, directory_stems in sorted(stems.items()):
+        stems = sorted(directory_stems)
+        problems += _directory_problems(directory, stems, listed, tokenizer, every_shard)
+    return problems
+
+
+def _local_files(path: str) -> list[str]:
+    if os.path.isdir(path):
+        return [str(file) for file in Path(path).rglob("*") if file.is_file()]
+    files = glob.glob(path, recursive=True) if glob.has_magic(path) else [path]
+    return [file for file in files if os.path.isfile(file)]
+
+
+def _directory_problems(
+    directory: Path, stems: list[str], listed: bool, tokenizer: str | None, every_shard: bool
+) -> list[str]:
+    try:
+        meta = _read_meta(directory)
+    except TokenShardError as error:
+        return [str(error)]
+    problems = []
+    recorded = meta.get("shards")
+    if listed and recorded is not None and recorded != len(stems):
+        problems.append(
+            f"{directory / META_FILE}: records {recorded} shards, but the directory holds "
+            f"{len(stems)}"
+        )
+    if tokenizer is not None:
+        problems += _tokenizer_problems(directory / META_FILE, meta, tokenizer)
+    dtype = np.dtype(meta["dtype"])
+    if not every_shard and len(stems) > 3:
+        stems = [stems[0], stems[len(stems) // 2], stems[-1]]
+    for stem in stems:
+        try:
+            _checked_ends(stem + _BIN, dtype)
+        except TokenShardError as error:
+            problems.append(str(error))
+    return problems
+
+
+def _read_meta(directory: Path) -> dict:
+    path = directory / META_FILE
+    if not path.is_file():
+        raise TokenShardError(
+            f"{path}: missing, so the shards in {directory} are incomplete (an interrupted "
+            "pretokenize run?)"
+        )
+    try:
+        meta = json.loads(path.read_text())
+        dtype = meta["dtype"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise TokenShardError(f"{path}: unreadable ({error!r})") from None
+    if dtype not in _TOKEN_DTYPES:
+        raise TokenShardError(f"{path}: dtype {dtype!r} is not one of {_TOKEN_DTYPES}")
+    return meta
+
+
+def _checked_ends(path: str, dtype: np.dtype) -> np.ndarray:
+    """The memory-mapped document ends of the shard at `path` (its .bin file), checked to be
+    non-decreasing and to end where the .bin does."""
+    index = path[: -len(_BIN)] + _INDEX
+    if not os.path.isfile(index):
+        raise TokenShardError(f"{index}: missing (the index of {path})")
+    if not os.path.isfile(path):
+        raise TokenShardError(f"{path}: missing (the shard of index {index})")
+    try:
+        ends = np.load(index, mmap_mode="r")
+    except (ValueError, OSError) as error:
+        raise TokenShardError(f"{index}: unreadable ({error})") from None
+    if ends.ndim != 1 or ends.dtype.kind not in "iu":
+        raise TokenShardError(f"{index}: not a 1-d integer array ({ends.dtype}, {ends.shape})")
+    if len(ends) and (ends[0] < 0 or np.any(np.diff(ends) < 0)):
+        raise TokenShardError(f"{index}: document end offsets decrease")
+    last = int(ends[-1]) if len(ends) else 0
+    size = os.path.getsize(path)
+    if size != last * dtype.itemsize:
+        raise TokenShardError(
+            f"{path}: {size:,} bytes, but its index ends at token {last:,} "
+            f"({last * dtype.itemsize:,} bytes of {dtype.name}): truncated, or not the shard "
+            "its index was written for"
+        )
+    return ends
+
+
+def _tokenizer_problems(meta_path: Path, meta: dict, tokenizer: str) -> list[str]:
+    if "tokenizer_sha256" not in meta or tokenizer_problem(tokenizer):
+        # Written before fingerprints were recorded, or a tokenizer the config check reports.
+        return []
+    try:
+        sha256, vocab_size = tokenizer_fingerprint(tokenizer)
+    except Exception as error:
+        return [f"{meta_path}: cannot load data.tokenizer {tokenizer!r} to compare ({error})"]
+    if (sha256, vocab_size) == (meta["tokenizer_sha256"], meta.get("vocab_size")):
+        return []
+    return [
+        f"{meta_path}: the shards were tokenized with {meta.get('tokenizer')!r} "
+        f"({meta.get('vocab_size')} tokens, sha256 {meta['tokenizer_sha256'][:12]}), not "
+        f"data.tokenizer {tokenizer!r} ({vocab_size} tokens, sha256 {sha256[:12]}); "
+        "pretokenize again with it, or set data.tokenizer to the one used"
+    ]
 
 
 def read_token_window(
     shard: Shard, start: int, offset: int, stride: int, size: int, max_tokens: int
 ) -> tuple[Documents, int | None]:
     """The window of documents owned by a slot (index % stride == offset) from index `start`
-    on: up to `size` documents or `max_tokens` tokens (the document reaching it included).
+    on: up to `size` non-empty documents or `max_tokens` tokens (the document reaching it
+    included), empty ones (skipped records) passed over as the streamed reader passes over
+    bad records.
 
     Returns the documents (tokens in the shard's dtype, no copy when `stride` is 1) and the
     index after the last one, or None when the shard ended before the window filled.
     """
     token_shard = open_token_shard(shard.path)
     first = start + (offset - start) % stride
-    indices = np.arange(first, min(len(token_shard), first + size * stride), stride)
-    ends = token_shard.ends[indices]
-    starts = np.where(indices > 0, token_shard.ends[np.maximum(indices - 1, 0)], 0)
-    lengths = ends - starts
+    indices, starts, lengths = _owned_documents(token_shard, first, stride, size)
     count = min(int(np.searchsorted(np.cumsum(lengths), max_tokens)) + 1, len(indices))
     indices, starts, lengths = indices[:count], starts[:count], lengths[:count]
     full = count == size or lengths.sum() >= max_tokens
@@ -82,6 +251,7 @@ def read_token_window(
     if not count:
         return Documents(np.zeros(0, dtype=np.int32), lengths), end
     if stride == 1:
+        # Empty documents hold no tokens, so the window's tokens are one run.
         tokens = token_shard.tokens[starts[0] : starts[0] + lengths.sum()]
     else:
         new_starts = np.cumsum(lengths) - lengths
@@ -90,23 +260,58 @@ def read_token_window(
     return Documents(tokens, lengths), end
 
 
+def _owned_documents(
+    token_shard: TokenShard, first: int, stride: int, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index, start and length of the first `size` non-empty documents among `first`,
+    `first + stride`, ...; read `size` candidates at a time, so a run of skipped records
+    costs one more pass each."""
+    parts, found = [], 0
+    while found < size and first < len(token_shard):
+        indices = np.arange(first, min(len(token_shard), first + size * stride), stride)
+        ends = token_shard.ends[indices]
+        starts = np.where(indices > 0, token_shard.ends[np.maximum(indices - 1, 0)], 0)
+        keep = np.flatnonzero(ends > starts)[: size - found]
+        parts.append((indices[keep], starts[keep], (ends - starts)[keep]))
+        found += len(keep)
+        first += size * stride
+    if not parts:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    indices, starts, lengths = (np.concatenate(column) for column in zip(*parts, strict=True))
+    return indices, starts, lengths
+
+
 def pretokenize(
-    source: SourceConfig, cfg: DataConfig, out_dir: str, num_procs: int, progress=None
+    source: SourceConfig,
+    cfg: DataConfig,
+    out_dir: str,
+    num_procs: int,
+    progress=None,
+    overwrite: bool = False,
 ) -> Counter:
     """Write `source` as pre-tokenized shards under `out_dir`; returns bad-input counts.
 
-    Shards are tokenized in parallel by `num_procs` processes (in this one when 1);
-    `progress(tokens, documents)`
-    is called once per finished shard.
+    `out_dir` must be empty or absent; with `overwrite`, the pre-tokenized files already
+    there (`tokens.json`, `*.bin`, `*.idx.npy`, `*.partial`) are removed first, other files
+    left. Shards are tokenized in parallel by `num_procs` processes (in this one when 1);
+    `progress(tokens, documents)` is called once per finished shard. `tokens.json` is written
+    last, so a directory without it is an unfinished run.
     """
     shards = resolve_shards(source, cfg.cache_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    encoder = DocumentEncoder(cfg.tokenizer, "pretrain", cfg.eos_token)
-    dtype = token_dtype(encoder.tokenizer.get_vocab_size())
-    meta = {"dtype": dtype.name, "tokenizer": cfg.tokenizer, "source": source.name}
-    Path(out_dir, META_FILE).write_text(json.dumps(meta, indent=1))
+    sha256, vocab_size = tokenizer_fingerprint(cfg.tokenizer)
+    _prepare_output(out_dir, overwrite)
+    meta = {
+        "dtype": token_dtype(vocab_size).name,
+        "tokenizer": cfg.tokenizer,
+        "tokenizer_sha256": sha256,
+        "vocab_size": vocab_size,
+        "eos_token": cfg.eos_token,
+        "source": source.name,
+        "shards": len(shards),
+    }
     jobs = [
-        (shard, os.path.join(out_dir, f"{index:05d}"), source, cfg)
+        (shard, os.path.join(out_dir, shard_name(index, len(shards))), source, cfg)
         for index, shard in enumerate(shards)
     ]
     counts: Counter = Counter()
@@ -124,7 +329,26 @@ def pretokenize(
             # them are then reported leaked by the resource tracker.
             pool.close()
             pool.join()
+    partial = os.path.join(out_dir, META_FILE + _PARTIAL)
+    Path(partial).write_text(json.dumps(meta, indent=1))
+    os.replace(partial, os.path.join(out_dir, META_FILE))
     return counts
+
+
+def _prepare_output(out_dir: str, overwrite: bool) -> None:
+    """Create `out_dir`, or empty it of pre-tokenized files (`tokens.json` first, so that it
+    reads as unfinished from then on) when `overwrite`; refuse a non-empty one otherwise."""
+    os.makedirs(out_dir, exist_ok=True)
+    entries = sorted(os.listdir(out_dir))
+    if entries and not overwrite:
+        raise OutputNotEmptyError(
+            f"{out_dir} is not empty ({len(entries)} entries, e.g. {entries[0]!r}); old shards "
+            "there would be read with the new ones: pick an empty directory, or overwrite "
+            "(--overwrite) to remove its pre-tokenized files first"
+        )
+    ours = [name for name in entries if name.endswith((_BIN, _INDEX, _PARTIAL))]
+    for name in ([META_FILE] if META_FILE in entries else []) + ours:
+        os.remove(os.path.join(out_dir, name))
 
 
 def _pretokenize_shard(job) -> tuple[int, int, dict[str, int]]:
@@ -133,28 +357,34 @@ def _pretokenize_shard(job) -> tuple[int, int, dict[str, int]]:
     dtype = token_dtype(encoder.tokenizer.get_vocab_size())
     log = BadInputLog(cfg.on_bad_input)
     parts = [np.zeros(0, dtype=np.int64)]
-    with open(stem + ".bin.partial", "wb") as out:
-        for window in _windows(shard, source, cfg, log):
-            documents = encoder.encode(window)
-            out.write(documents.tokens.astype(dtype).tobytes())
-            parts.append(documents.lengths)
+    with open(stem + _BIN + _PARTIAL, "wb") as out:
+        for payloads in _windows(shard, source, cfg, log):
+            lengths = np.zeros(len(payloads), dtype=np.int64)
+            usable = [index for index, payload in enumerate(payloads) if payload is not None]
+            if usable:
+                documents = encoder.encode([payloads[index] for index in usable])
+                assert documents.lengths.all(), "only a skipped record is an empty document"
+                out.write(documents.tokens.astype(dtype).tobytes())
+                lengths[usable] = documents.lengths
+            parts.append(lengths)
     lengths = np.concatenate(parts)
-    np.save(stem + ".idx.npy", np.cumsum(lengths))
-    os.replace(stem + ".bin.partial", stem + ".bin")
-    return int(lengths.sum()), len(lengths), dict(log.counts)
+    np.save(stem + _INDEX, np.cumsum(lengths))
+    os.replace(stem + _BIN + _PARTIAL, stem + _BIN)
+    return int(lengths.sum()), int(np.count_nonzero(lengths)), dict(log.counts)
 
 
 def _windows(
     shard: Shard, source: SourceConfig, cfg: DataConfig, log: BadInputLog
 ) -> Iterator[list]:
+    """The payloads of the shard's records, `shuffle_window` at a time; None for a record
+    skipped as bad input, so that a payload's place is its record's index."""
     options = ReadOptions(
         source.text_field, source.text_split, cfg.max_retries, cfg.retry_backoff_s
     )
     window = []
-    for record in read_raw(shard, 0, options, log):
-        payload = parse_record(record, shard, options, "pretrain", log)
-        if payload is not None:
-            window.append(payload)
+    for index, record in enumerate(read_raw(shard, 0, options, log)):
+        assert record.index == index, "a shard's records are numbered from 0 without gaps"
+        window.append(parse_record(record, shard, options, "pretrain", log))
         if len(window) == cfg.shuffle_window:
             yield window
             window = []

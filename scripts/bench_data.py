@@ -4,6 +4,8 @@ Measured in one run, on one core and on all cores, over the same documents (Pyth
 library sources as code, plus synthetic multi-hop QA, written as JSONL):
 
 - raw: `Tokenizer.encode_batch` on the documents already in memory;
+- tokenizer alone: `Tokenizer.encode_batch_fast` (no offsets), the call the streamed path
+  makes, on the documents in memory: the ceiling of any pipeline built on this tokenizer;
 - streamed: this package's loader (read, tokenize, pack, mix two sources), tokens/s after
   its first batch;
 - baseline: `datasets.load_dataset("json")` + `.map(batched=True)` tokenization, then
@@ -36,7 +38,7 @@ from pathlib import Path
 
 SEQ_LEN = 2048
 MICRO_BATCH = 8
-COLUMNS = ("raw", "streamed", "baseline", "pretokenized")
+COLUMNS = ("raw", "tokenizer", "streamed", "baseline", "pretokenized")
 
 
 def parse_args() -> argparse.Namespace:
@@ -94,15 +96,16 @@ def documents(work_dir: Path) -> list[str]:
     return [json.loads(line)["text"] for path in paths for line in path.open()]
 
 
-def measure_raw(work_dir: Path, cores: int, tokens: int) -> dict:
+def measure_raw(work_dir: Path, cores: int, tokens: int, fast: bool = False) -> dict:
     from data_pipelines.tokenizer import load_tokenizer
 
     texts, tokenizer = documents(work_dir), load_tokenizer("embedded")
+    encode = tokenizer.encode_batch_fast if fast else tokenizer.encode_batch
     start = time.perf_counter()
     count = sum(
         len(encoding.ids) + 1
         for i in range(0, len(texts), 1024)
-        for encoding in tokenizer.encode_batch(texts[i : i + 1024])
+        for encoding in encode(texts[i : i + 1024], add_special_tokens=False)
     )
     return {"tokens": count, "seconds": time.perf_counter() - start}
 
@@ -165,6 +168,7 @@ def run_child(args: argparse.Namespace) -> None:
     work_dir = Path(args.work_dir)
     measures = {
         "raw": measure_raw,
+        "tokenizer": lambda work, cores, tokens: measure_raw(work, cores, tokens, fast=True),
         "baseline": measure_baseline,
         "pretokenized": measure_pretokenized,
         "streamed": lambda work, cores, tokens: measure_loader(
@@ -177,7 +181,8 @@ def run_child(args: argparse.Namespace) -> None:
 def run_measure(work_dir: Path, measure: str, cores: int, tokens: int = 0) -> float:
     """Tokens/s of one measurement, run in a fresh process with the right parallelism."""
     env = dict(
-        os.environ, TOKENIZERS_PARALLELISM="false" if measure != "raw" or cores == 1 else "true"
+        os.environ,
+        TOKENIZERS_PARALLELISM="true" if measure in ("raw", "tokenizer") and cores > 1 else "false",
     )
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")])
@@ -204,7 +209,8 @@ def pretokenize_corpus(work_dir: Path, cores: int) -> None:
 
     cfg = corpus_config(work_dir, "", 0)
     for source in cfg.sources:
-        pretokenize(source, cfg, str(work_dir / "tokens" / source.name), num_procs=cores)
+        out = str(work_dir / "tokens" / source.name)
+        pretokenize(source, cfg, out, num_procs=cores, overwrite=True)
 
 
 def report(rows: dict[str, dict[int, float]], all_cores: int) -> None:
@@ -215,6 +221,8 @@ def report(rows: dict[str, dict[int, float]], all_cores: int) -> None:
     for label, top, bottom, target in (
         ("streamed / raw encode_batch", "streamed", "raw", ">= 0.8"),
         ("streamed / datasets.map baseline", "streamed", "baseline", ">= 2"),
+        ("streamed / tokenizer alone", "streamed", "tokenizer", "<= 1"),
+        ("tokenizer alone / baseline", "tokenizer", "baseline", "ceiling"),
         ("pre-tokenized / streamed", "pretokenized", "streamed", ">= 50"),
     ):
         ratios = [rows[top][cores] / rows[bottom][cores] for cores in (1, all_cores)]

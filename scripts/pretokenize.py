@@ -1,7 +1,10 @@
 """Turn a data source into pre-tokenized binary shards (the loader's fast path).
 
 One output shard per input file, tokenized in parallel; read the result back with a source
-whose path is the output directory (format `tokens`, or `auto`).
+whose path is the output directory (format `tokens`, or `auto`). `tokens.json` is written
+last, so a directory without it is an unfinished run. The output directory must be empty:
+`--overwrite` removes the pre-tokenized files of an earlier run there first (other files are
+left alone).
 
     python scripts/pretokenize.py --data-config configs/data/embedded.yaml \\
         --source python_stdlib --out /data/tokens/python_stdlib --procs 8
@@ -18,7 +21,7 @@ from tqdm import tqdm
 
 from data_pipelines.config import DataConfig, SourceConfig, load_data_config, validate_data_config
 from data_pipelines.shards import resolve_shards
-from data_pipelines.tokenized import pretokenize
+from data_pipelines.tokenized import OutputNotEmptyError, pretokenize
 
 
 def parse_args() -> argparse.Namespace:
@@ -34,7 +37,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokenizer", default="embedded")
     parser.add_argument("--on-bad-input", default="skip", choices=["skip", "error"])
     parser.add_argument("--procs", type=int, default=os.cpu_count(), help="parallel processes")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True, help="output directory (empty or absent)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="remove the pre-tokenized files (tokens.json, *.bin, *.idx.npy) already in --out",
+    )
     return parser.parse_args()
 
 
@@ -76,7 +84,10 @@ def main() -> None:
             bar.set_postfix(tokens=f"{totals['tokens']:,}", documents=f"{totals['documents']:,}")
             bar.update()
 
-        bad = pretokenize(source, cfg, args.out, max(args.procs, 1), progress)
+        try:
+            bad = pretokenize(source, cfg, args.out, max(args.procs, 1), progress, args.overwrite)
+        except OutputNotEmptyError as error:
+            raise SystemExit(str(error)) from None
     print(
         f"wrote {num_shards} shards, {totals['documents']:,} documents, {totals['tokens']:,} tokens to {args.out}"
     )

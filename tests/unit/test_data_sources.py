@@ -22,7 +22,7 @@ from data_pipelines.readers import (
     ShardReader,
     shard_dataset,
 )
-from data_pipelines.shards import Shard
+from data_pipelines.shards import Shard, epoch_pieces
 from data_pipelines.tokenizer import load_tokenizer
 from tests.unit.test_data_fixtures import (
     assert_same_batches,
@@ -340,3 +340,32 @@ def test_a_few_bad_first_records_are_bad_input_not_a_startup_error(tmp_path):
     loader = loader_for(tmp_path, str(path), shuffle=False)
     take(loader, 2)
     assert loader.bad_input_counts() == {"malformed": 1, "missing_field": 1, "empty_document": 1}
+
+
+def test_a_bad_shard_at_an_epoch_boundary_is_not_taken_for_an_empty_source(tmp_path):
+    """The good shard's last window ends exactly at its end (one empty window after it),
+    then the all-bad shard ends epoch 0 and starts epoch 1: three empty windows in a row,
+    more than the two pieces an epoch has, yet the source has documents."""
+    seed = next(
+        seed
+        for seed in range(1000)
+        if [
+            [
+                piece.shard
+                for piece in epoch_pieces(
+                    2, slot=0, num_slots=1, epoch=epoch, seed=seed, name="docs", shuffle=True
+                )
+            ]
+            for epoch in (0, 1)
+        ]
+        == [[0, 1], [1, 0]]
+    )
+    (tmp_path / "docs").mkdir()
+    good = write_jsonl(tmp_path / "docs" / "a.jsonl", DOCUMENTS[:8])
+    (tmp_path / "docs" / "b.jsonl").write_text("{not json\n" * 5)
+    cfg = make_config(
+        tmp_path, [SourceConfig(name="docs", paths=[str(good.parent)])], seed=seed, shuffle_window=4
+    )
+    loader = build_data_loader(cfg, rank=0, world_size=1, micro_batch_size=2)
+    take(loader, 12)  # past the epoch boundary
+    assert loader.bad_input_counts()["malformed"] >= 10
