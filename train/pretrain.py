@@ -68,6 +68,9 @@ class TrainerState:
     """Updates skipped so far (non-finite values and spikes)."""
     good: bool = True
     """No spike in the recent past when saved: a checkpoint a rollback may return to."""
+    data_seed_offset: int = 0
+    """Added to `data.seed`: the step at which the data streams last restarted, on resuming
+    with another number of ranks, so that later resumes keep reading those streams."""
 
 
 def _environment() -> tuple[int, int, int]:
@@ -339,19 +342,19 @@ class Trainer:
 
     def _build_loader(self, rank_state: dict | None):
         cfg = self.cfg
-        data_cfg = cfg.data
         if self.reshaped:
             # The streams are split by rank: their saved positions do not carry over to
             # another number of ranks, so the streams start anew under a seed of this step.
-            data_cfg = replace(cfg.data, seed=cfg.data.seed + self.state.step)
-            if self.rank == 0:
-                logger.warning(
-                    "resuming %d-rank checkpoint on %d ranks through DeepSpeed's universal "
-                    "checkpoint: the data order changes (streams restart with seed %d)",
-                    self.checkpoints.saved_world_size(self.latest),
-                    self.world_size,
-                    data_cfg.seed,
-                )
+            self.state.data_seed_offset = self.state.step
+        data_cfg = replace(cfg.data, seed=cfg.data.seed + self.state.data_seed_offset)
+        if self.reshaped and self.rank == 0:
+            logger.warning(
+                "resuming %d-rank checkpoint on %d ranks through DeepSpeed's universal "
+                "checkpoint: the data order changes (streams restart with seed %d)",
+                self.checkpoints.saved_world_size(self.latest),
+                self.world_size,
+                data_cfg.seed,
+            )
         loader = build_data_loader(
             data_cfg,
             rank=self.dp_rank,

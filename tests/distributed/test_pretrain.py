@@ -77,6 +77,7 @@ def test_two_rank_run_logs_every_step_and_checkpoints(tmp_path, cache_dir, zero)
         "guard": {"spike_steps": [], "rollbacks": [], "lowered_until": 0},
         "skipped_steps": 0,
         "good": True,
+        "data_seed_offset": 0,
     }
 
 
@@ -176,6 +177,13 @@ def test_resuming_on_another_number_of_ranks_goes_through_the_universal_checkpoi
         == 1
     )
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained on
+    # Resumed again on 1 rank: the restarted streams (and their seed) carry on.
+    code, out = run(
+        "train.pretrain", job(run_dir, cache_dir, "train.max_steps=4"), tmp_path / "c.log", nproc=1
+    )
+    assert code == 0, out[-3000:]
+    assert "the data order changes" not in out
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, cache_dir):
