@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from data_pipelines.readers import ReadOptions, probe_problem
-from data_pipelines.shards import FORMATS, ShardResolutionError, resolve_shards
+from data_pipelines.shards import FORMATS, ShardResolutionError, first_middle_last, resolve_shards
 from data_pipelines.tokenized import token_source_problems
 from data_pipelines.tokenizer import IM_END, IM_START, special_token_problems, tokenizer_problem
 
@@ -95,10 +95,12 @@ class DataConfig:
 
 
 def validate_data_config(cfg: DataConfig) -> list[str]:
-    """Return every problem of `cfg` (empty when it is usable) without reading any data.
+    """Return every problem of `cfg` (empty when it is usable), cheaply and offline.
 
-    Checks field values, that every local path exists and matches files of a known format,
-    and that the tokenizer can be found.
+    Checks field values; that every local path exists and matches files of a known format;
+    that the first, middle and last local shards of each source are what it declares (their
+    first bytes, schema or first records); the indices and `tokens.json` of pre-tokenized
+    shards; and that the tokenizer can be found and, when local, holds the needed tokens.
     """
     problems = _field_problems(cfg)
     names = [source.name for source in cfg.sources]
@@ -161,21 +163,18 @@ def _source_problems(source: SourceConfig, where: str, cfg: DataConfig) -> list[
     if source.format in ("tokens", "auto"):
         tokenizer = None if tokenizer_problem(cfg.tokenizer) else cfg.tokenizer
         for path in source.paths:
-            found = token_source_problems(path, tokenizer, every_shard=False)
+            found = token_source_problems(path, tokenizer, False, cfg.eos_token)
             problems += [f"{where}: {problem}" for problem in found]
     return problems
 
 
-def _probe(source: SourceConfig, shards, kind: str, count: int = 3) -> list[str]:
+def _probe(source: SourceConfig, shards, kind: str) -> list[str]:
     """A wrong format or field name shows in every shard: probe the first, middle and last
     local shards, and report only when all of them fail (one bad shard is bad input)."""
-    local = [shard for shard in shards if not shard.remote]
-    if not local:
-        return []
+    local = first_middle_last([shard for shard in shards if not shard.remote])
     field = source.text_field if kind == "pretrain" else source.messages_field
-    picked = sorted({round(i * (len(local) - 1) / max(count - 1, 1)) for i in range(count)})
-    found = [probe_problem(local[i], ReadOptions(field), kind) for i in picked]
-    return [found[0]] if all(found) else []
+    found = [probe_problem(shard, ReadOptions(field), kind) for shard in local]
+    return [found[0]] if found and all(found) else []
 
 
 def packs_whole_documents(cfg: DataConfig) -> bool:

@@ -10,7 +10,6 @@ resumed run yields exactly the batches the uninterrupted one would have.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
@@ -22,12 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines.config import DataConfig, packs_whole_documents, validate_data_config
+from data_pipelines.config import DataConfig, validate_data_config
 from data_pipelines.encoding import DocumentEncoder
 from data_pipelines.mixing import BATCH_KEYS, MixtureStream, SlotState, Stage
 from data_pipelines.shards import Shard, fingerprint, resolve_shards
 from data_pipelines.stream import Slot
-from data_pipelines.tokenizer import load_tokenizer
+from data_pipelines.tokenizer import tokenizer_summary
 
 logger = logging.getLogger(__name__)
 
@@ -206,16 +205,14 @@ class PackedDataLoader:
         document order, the windows, the tokens, how each source's records are read."""
         if self._settings is None:
             cfg = self.cfg
-            tokenizer = load_tokenizer(cfg.tokenizer).to_str().encode()
             self._settings = {
                 "seed": cfg.seed,
                 "shuffle": cfg.shuffle,
                 "shuffle_window": cfg.shuffle_window,
                 "window_tokens": cfg.window_tokens,
-                "tokenizer": hashlib.sha1(tokenizer).hexdigest()[:16],
+                "tokenizer": tokenizer_summary(cfg.tokenizer).sha256[:16],
                 "eos_token": cfg.eos_token,
                 "kind": cfg.kind,
-                "whole_documents": packs_whole_documents(cfg),
                 "sources": {
                     source.name: [
                         source.format,

@@ -98,7 +98,8 @@ class Packer:
             logger.warning(
                 "source %r: %d of the %d documents in this window are longer than seq_len %d, "
                 "so packing=whole splits them across sequences; a longer data.seq_len keeps "
-                "them whole (not logged again; PackedDataLoader.split_document_count() counts)",
+                "them whole (logged once per source and worker; "
+                "PackedDataLoader.split_document_count() counts them all)",
                 self.stream.source.name,
                 int((lengths > length).sum()),
                 len(lengths),

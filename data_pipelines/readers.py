@@ -132,13 +132,16 @@ def read_raw(
         except BadInputError:
             raise
         except Exception as error:
-            if _is_truncation(error, shard):
+            truncated = _is_truncation(error, shard)
+            # A remote file that ends early may be a response cut short: read it again
+            # first, and take it for a truncated file only when every attempt ends there.
+            if truncated and (not shard.remote or attempt + 1 >= options.max_retries):
                 if not options.salvage and not reads_directly(shard):
                     options = dataclasses.replace(options, salvage=True)
                     continue
                 log.report("truncated_file", f"{shard.path}:{position + 1}", repr(error))
                 return
-            if isinstance(error, ValueError) or not shard.remote:
+            if not truncated and (isinstance(error, ValueError) or not shard.remote):
                 raise
             if _is_missing(error):
                 raise RemoteReadError(f"{shard.path}: no such remote file") from error
@@ -247,14 +250,13 @@ def _direct_records(shard: Shard, start: int, convert, whole: bool) -> Iterator[
     """What the `text` builder would give for `shard`, read here: lines decoded as latin-1
     with universal newlines, each record handed to `convert` as the builder's row would be."""
     compression = "gzip" if shard.format == "json.gz" else None
-    binary = _open_binary(shard.path, compression)
-    if shard.format == "json.zst":
-        binary = io.BufferedReader(_ZstdReader(binary))
-    with io.TextIOWrapper(binary, encoding="latin-1", newline=None) as file:
-        rows = [file.read()] if whole else file
-        for index, line in enumerate(rows):
-            if index >= start:
-                yield RawRecord(index, index + 1, convert(line))
+    with _open_binary(shard.path, compression) as binary:
+        raw = io.BufferedReader(_ZstdReader(binary)) if shard.format == "json.zst" else binary
+        with io.TextIOWrapper(raw, encoding="latin-1", newline=None) as file:
+            rows = [file.read()] if whole else file
+            for index, line in enumerate(rows):
+                if index >= start:
+                    yield RawRecord(index, index + 1, convert(line))
 
 
 def _rows(
@@ -292,12 +294,14 @@ def _paragraphs(records: Iterator[RawRecord]) -> Iterator[RawRecord]:
 
 
 def _open_binary(path: str, compression: str | None):
-    """`path` opened for reading bytes in order; over HTTP as one streamed response
-    (`block_size=0`), which needs no range requests, so any server will do."""
+    """A context manager of `path` opened for reading bytes in order, whose exit closes
+    every layer (fsspec's `OpenFile`: a gzip stream does not close the response under it);
+    over HTTP one streamed response (`block_size=0`), which needs no range requests, so any
+    server will do."""
     if "://" not in path:
         return gzip.open(path) if compression else open(path, "rb")
     options = {"block_size": 0} if path.startswith(("http://", "https://")) else {}
-    return fsspec.open(path, "rb", compression=compression, **options).open()
+    return fsspec.open(path, "rb", compression=compression, **options)
 
 
 class _ZstdReader(io.RawIOBase):
@@ -359,6 +363,13 @@ class ShardReader:
         self._end_reports: list[tuple[int, str, str, str]] = []
         self._log: BadInputLog | None = None
 
+    def close(self) -> None:
+        """Close the open stream now: it refers back to this reader (its log), so dropping
+        the reader alone leaves the file or HTTP response open until a garbage collection."""
+        if self._records is not None:
+            self._records.close()
+            self._records = None
+
     def report(self, kind: str, where: str, detail: str) -> None:
         """Forwarded to the current window's log, and kept for a window that re-reads."""
         self._end_reports.append((self._next - 1, kind, where, detail))
@@ -369,6 +380,7 @@ class ShardReader:
         self._log = log
         first = self._buffer[0].index if self._buffer else self._next
         if self._records is None or not first <= start <= self._next:
+            self.close()
             self._records = read_raw(self.shard, start, self.options, self)
             self._buffer, self._next, self._ended, self._end_reports = [], start, False, []
         self._buffer = [record for record in self._buffer if record.index >= start]

@@ -231,6 +231,12 @@ def fingerprint(shards: list[Shard]) -> str:
     return digest.hexdigest()[:16]
 
 
+def first_middle_last(items: list) -> list:
+    """The first, middle and last of `items` (fewer when there are fewer): a cheap sample
+    of a source's shards that a wrong setting shows in."""
+    return [items[i] for i in sorted({0, len(items) // 2, len(items) - 1})] if items else []
+
+
 def epoch_pieces(
     num_shards: int, *, slot: int, num_slots: int, epoch: int, seed: int, name: str, shuffle: bool
 ) -> list[Piece]:

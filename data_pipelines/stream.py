@@ -224,6 +224,8 @@ class SourceStream:
             )
             return self.files.records(shard, following, log)
         if self.reader is None or self.reader.shard is not shard:
+            if self.reader is not None:
+                self.reader.close()
             self.reader = ShardReader(shard, self.options)
         return self.reader.records(start, log)
 

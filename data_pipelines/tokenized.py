@@ -15,7 +15,6 @@ nothing global is ever loaded.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 from collections import Counter, defaultdict
@@ -31,8 +30,8 @@ import numpy as np
 
 from data_pipelines.encoding import DocumentEncoder, Documents
 from data_pipelines.readers import BadInputLog, ReadOptions, parse_record, read_raw
-from data_pipelines.shards import TOKENS_META, Shard, is_remote, resolve_shards
-from data_pipelines.tokenizer import load_tokenizer, tokenizer_problem
+from data_pipelines.shards import TOKENS_META, Shard, first_middle_last, is_remote, resolve_shards
+from data_pipelines.tokenizer import tokenizer_problem, tokenizer_summary
 
 if TYPE_CHECKING:  # config imports this module
     from data_pipelines.config import DataConfig, SourceConfig
@@ -63,13 +62,11 @@ def shard_name(index: int, count: int) -> str:
     return f"{index:0{max(_MIN_NAME_DIGITS, len(str(count - 1)))}d}"
 
 
-@lru_cache(maxsize=8)
 def tokenizer_fingerprint(tokenizer: str) -> tuple[str, int]:
-    """The sha256 of a tokenizer's canonical JSON (`Tokenizer.to_str()`) and its vocabulary
-    size: what `tokens.json` records, so that the same tokenizer under another name or path
-    matches and a different one does not."""
-    loaded = load_tokenizer(tokenizer)
-    return hashlib.sha256(loaded.to_str().encode()).hexdigest(), loaded.get_vocab_size()
+    """The sha256 of a tokenizer's canonical JSON and its vocabulary size: what
+    `tokens.json` records (see `TokenizerSummary`)."""
+    summary = tokenizer_summary(tokenizer)
+    return summary.sha256, summary.vocab_size
 
 
 @dataclass
@@ -102,14 +99,17 @@ def open_token_shard(path: str) -> TokenShard:
     return TokenShard(np.asarray(tokens), np.asarray(ends))
 
 
-def token_source_problems(path: str, tokenizer: str | None, every_shard: bool = True) -> list[str]:
+def token_source_problems(
+    path: str, tokenizer: str | None, every_shard: bool = True, eos_token: str | None = None
+) -> list[str]:
     """Every problem of the pre-tokenized shards at `path` (a directory, a glob or a .bin
     file), found without reading their tokens; empty when there is none.
 
     Per directory of shards: `tokens.json` missing (an unfinished `pretokenize`) or
     unreadable, a shard count other than the one it records (when `path` lists the whole
     directory), and a tokenizer fingerprint other than `tokenizer`'s (not compared when
-    `tokenizer` is None or `tokens.json` predates fingerprints). Per shard: the .bin or its
+    `tokenizer` is None or `tokens.json` predates fingerprints), and an EOS token other than
+    `eos_token` (when given and recorded). Per shard: the .bin or its
     .idx.npy missing, document ends that decrease, a .bin whose size is not its last end
     times the dtype's size. Remote paths, and paths naming no .bin or .idx.npy file (nor a
     directory with a `tokens.json`), have no problems here. Without `every_shard`, only the
@@ -129,8 +129,9 @@ def token_source_problems(path: str, tokenizer: str | None, every_shard: bool = 
                 stems[Path(file).parent].add(file[: -len(suffix)])
     problems = []
     for directory, directory_stems in sorted(stems.items()):
-        stems = sorted(directory_stems)
-        problems += _directory_problems(directory, stems, listed, tokenizer, every_shard)
+        problems += _directory_problems(
+            directory, sorted(directory_stems), listed, tokenizer, every_shard, eos_token
+        )
     return problems
 
 
@@ -142,7 +143,12 @@ def _local_files(path: str) -> list[str]:
 
 
 def _directory_problems(
-    directory: Path, stems: list[str], listed: bool, tokenizer: str | None, every_shard: bool
+    directory: Path,
+    stems: list[str],
+    listed: bool,
+    tokenizer: str | None,
+    every_shard: bool,
+    eos_token: str | None,
 ) -> list[str]:
     try:
         meta = _read_meta(directory)
@@ -157,9 +163,15 @@ def _directory_problems(
         )
     if tokenizer is not None:
         problems += _tokenizer_problems(directory / META_FILE, meta, tokenizer)
+    recorded_eos = meta.get("eos_token")
+    if eos_token is not None and recorded_eos is not None and recorded_eos != eos_token:
+        problems.append(
+            f"{directory / META_FILE}: the shards end documents with {recorded_eos!r}, not "
+            f"data.eos_token {eos_token!r}"
+        )
     dtype = np.dtype(meta["dtype"])
-    if not every_shard and len(stems) > 3:
-        stems = [stems[0], stems[len(stems) // 2], stems[-1]]
+    if not every_shard:
+        stems = first_middle_last(stems)
     for stem in stems:
         try:
             _checked_ends(stem + _BIN, dtype)

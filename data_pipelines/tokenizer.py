@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -40,17 +43,47 @@ def tokenizer_problem(name: str) -> str | None:
     return f"{name!r} is neither a tokenizer.json file, {EMBEDDED!r}, nor a hub name"
 
 
+def is_local_tokenizer(name: str) -> bool:
+    """Whether `name` is a tokenizer on this machine (a file, or `embedded`), which can be
+    read without the network."""
+    return tokenizer_problem(name) is None and (
+        name == EMBEDDED or Path(name).expanduser().is_file()
+    )
+
+
+@dataclass(frozen=True)
+class TokenizerSummary:
+    """What the checks need to know of a tokenizer, read once per process."""
+
+    sha256: str
+    """Of its canonical JSON (`Tokenizer.to_str()`): the same tokenizer under another name
+    or path matches, a different one does not."""
+    vocab_size: int
+    vocab: dict[str, int]
+    """Token to id, added tokens included."""
+
+
+@lru_cache(maxsize=8)
+def tokenizer_summary(name: str) -> TokenizerSummary:
+    """The summary of the tokenizer `name` (loaded once per process and name)."""
+    tokenizer = load_tokenizer(name)
+    return TokenizerSummary(
+        hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
+        tokenizer.get_vocab_size(),
+        tokenizer.get_vocab(with_added_tokens=True),
+    )
+
+
 def special_token_problems(name: str, tokens: list[str]) -> list[str]:
-    """What is wrong with the local tokenizer `name` (a file or `embedded`; hub names are not
-    fetched here): unreadable, or lacking any of `tokens`."""
-    if name != EMBEDDED and not Path(name).expanduser().is_file():
+    """What is wrong with the local tokenizer `name` (hub names are not fetched here):
+    unreadable, or lacking any of `tokens`."""
+    if not is_local_tokenizer(name):
         return []
     try:
-        tokenizer = load_tokenizer(name)
+        vocab = tokenizer_summary(name).vocab
     except Exception as error:
         return [f"{name!r} is not a readable tokenizer.json ({error})"]
-    missing = [token for token in tokens if tokenizer.token_to_id(token) is None]
-    return [f"{name!r} has no token {token!r}" for token in missing]
+    return [f"{name!r} has no token {token!r}" for token in tokens if token not in vocab]
 
 
 def load_tokenizer(name: str) -> Tokenizer:

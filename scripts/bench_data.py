@@ -100,6 +100,7 @@ def measure_raw(work_dir: Path, cores: int, tokens: int, fast: bool = False) -> 
     from data_pipelines.tokenizer import load_tokenizer
 
     texts, tokenizer = documents(work_dir), load_tokenizer("embedded")
+    tokenizer.encode_special_tokens = fast  # as the pipeline's encoder sets it
     encode = tokenizer.encode_batch_fast if fast else tokenizer.encode_batch
     start = time.perf_counter()
     count = sum(

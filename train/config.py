@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from data_pipelines.config import DataConfig, validate_data_config
-from data_pipelines.tokenizer import EMBEDDED, load_tokenizer, tokenizer_problem
+from data_pipelines.tokenizer import is_local_tokenizer, tokenizer_summary
 from looplm.config import PRESETS, LoopLMConfig
 from looplm.losses import PRIORS, REGULARIZERS
 from train.curriculum import Curriculum, CurriculumSettings, stage_problems
@@ -399,9 +399,7 @@ def _parameter_names(model_cfg: LoopLMConfig) -> list[str]:
 
 def _tokenizer_vocab_size(name: str) -> int | None:
     """The tokenizer's vocabulary size when it is on this machine, else None."""
-    if tokenizer_problem(name) is not None or (name != EMBEDDED and not Path(name).is_file()):
-        return None
-    return load_tokenizer(name).get_vocab_size()
+    return tokenizer_summary(name).vocab_size if is_local_tokenizer(name) else None
 
 
 def _schedule_problems(cfg: PretrainConfig) -> list[str]:

@@ -152,6 +152,10 @@ class Trainer:
             saved = self.checkpoints.trainer_state(self.latest)
             self.state = TrainerState(**{**saved, "world_size": self.world_size})
         self.reshaped = self.latest is not None and saved["world_size"] != self.world_size
+        if self.reshaped:
+            # The streams are split by rank: their saved positions do not carry over to
+            # another number of ranks, so the streams start anew under a seed of this step.
+            self.state.data_seed_offset = self.state.step
         self.sp = sequence_parallel_group(cfg.deepspeed.sequence_parallel_size)
         self.dp_size = data_parallel_size(cfg, self.world_size)
         self.dp_rank = self.rank // cfg.deepspeed.sequence_parallel_size
@@ -342,10 +346,6 @@ class Trainer:
 
     def _build_loader(self, rank_state: dict | None):
         cfg = self.cfg
-        if self.reshaped:
-            # The streams are split by rank: their saved positions do not carry over to
-            # another number of ranks, so the streams start anew under a seed of this step.
-            self.state.data_seed_offset = self.state.step
         data_cfg = replace(cfg.data, seed=cfg.data.seed + self.state.data_seed_offset)
         if self.reshaped and self.rank == 0:
             logger.warning(

@@ -22,9 +22,9 @@ exactly one rank) and the counts are summed. The counts are kept in
 ``RUN_DIR/dataset_tokens.json`` and reused while the sources' files, the tokenizer and the
 packing stay the same, so a resumed run plans the same steps. Packing makes every rendered
 token an input exactly once; ``data.packing=whole`` (the default for SFT) also pads a
-sequence where the next conversation does not fit, and the count includes that padding
-(packed the way the loader packs, to within a sequence per source and loader worker, since
-each worker packs its own share). The run is
+sequence where the next conversation does not fit, and the count includes that padding,
+packed per loader worker as the loader packs (its last sequence per source and worker
+counted whole). The run is
 ``ceil(sft.epochs x dataset_tokens / train.global_batch_tokens)`` optimizer steps
 (``train.max_steps``, when set, caps them) and the LR schedule spans them. Each source's
 mixture weight is set to its share of the tokens, so that every source ends its epoch at the
@@ -64,13 +64,13 @@ from data_pipelines.readers import BadInputLog
 from data_pipelines.shards import Shard, fingerprint, resolve_shards
 from data_pipelines.stream import Slot, SourceStream
 from data_pipelines.tokenizer import (
-    EMBEDDED,
     ENDOFTEXT,
     IM_END,
     IM_START,
+    is_local_tokenizer,
     load_tokenizer,
     token_id,
-    tokenizer_problem,
+    tokenizer_summary,
 )
 from train.config import PretrainConfig, config_problems
 from train.export import export_dir_problems, load_checkpoint_model, prepare_source
@@ -147,18 +147,15 @@ def sft_problems(cfg: SFTConfig, world_size: int) -> list[str]:
 
 
 def _tokenizer_problems(name: str, source: Path) -> list[str]:
-    """The chat tokens must exist, and a source model that ships a tokenizer must have been
-    trained with the same vocabulary as the data's tokenizer."""
-    if tokenizer_problem(name) is not None or (name != EMBEDDED and not Path(name).is_file()):
+    """The export's padding token must exist (the data checks cover EOS and the ChatML
+    tokens), and a source model that ships a tokenizer must have been trained with the same
+    vocabulary as the data's tokenizer."""
+    if not is_local_tokenizer(name):
         return []  # reported by the data checks, or a hub tokenizer fetched later
-    tokenizer = load_tokenizer(name)
-    p = [
-        f"data.tokenizer {name!r} has no {token!r} token, which ChatML needs"
-        for token in (ENDOFTEXT, IM_START, IM_END)
-        if tokenizer.token_to_id(token) is None
-    ]
+    vocab = tokenizer_summary(name).vocab
+    p = [] if ENDOFTEXT in vocab else [f"data.tokenizer {name!r} has no {ENDOFTEXT!r} token"]
     shipped = source / "tokenizer.json"
-    if shipped.is_file() and Tokenizer.from_file(str(shipped)).get_vocab() != tokenizer.get_vocab():
+    if shipped.is_file() and Tokenizer.from_file(str(shipped)).get_vocab() != vocab:
         p.append(
             f"data.tokenizer {name!r} differs from the source model's tokenizer {shipped}; "
             f"set data.tokenizer={shipped}"
@@ -184,21 +181,27 @@ def count_source_tokens(
     data: DataConfig, shards: dict[str, list[Shard]], rank: int, world_size: int
 ) -> dict[str, int]:
     """Packed tokens (EOS and any padding included) of one epoch of every source, counting
-    only this rank's share: the records that slot ``rank`` of ``world_size`` reads, so that
-    summing over the ranks counts every record once. ``shards``: each source's shards, by
-    name. Whole-document packing is counted in sequences, the last one counted whole."""
+    only this rank's share: the records its loader workers read (the slots of rank ``rank``
+    of ``world_size``), so that summing over the ranks counts every record once.
+    ``shards``: each source's shards, by name. Whole-document packing is counted in the
+    sequences each worker's packer fills, its last one counted whole."""
     encoder = DocumentEncoder(data.tokenizer, data.kind, data.eos_token)
     log = BadInputLog(data.on_bad_input, muted=True)  # the training loader reports them
+    workers, whole = max(data.num_workers, 1), packs_whole_documents(data)
     counts = {}
     for source in data.sources:
-        slot = Slot(rank, world_size)
-        stream = SourceStream(source, shards[source.name], slot, data, encoder, log)
-        total, whole = 0, WholePackingCount(data.seq_len)
-        while stream.position.epoch == 0:
-            total += len(stream.window)
-            whole.add(np.diff(stream.window.ends, prepend=0))
-            stream.next_window()
-        counts[source.name] = whole.tokens() if packs_whole_documents(data) else total
+        counts[source.name] = 0
+        for worker in range(workers):
+            slot = Slot(rank * workers + worker, world_size * workers)
+            stream = SourceStream(source, shards[source.name], slot, data, encoder, log)
+            packed = WholePackingCount(data.seq_len)
+            while stream.position.epoch == 0:
+                if whole:
+                    packed.add(np.diff(stream.window.ends, prepend=0))
+                else:
+                    counts[source.name] += len(stream.window)
+                stream.next_window()
+            counts[source.name] += packed.tokens()
     return counts
 
 
@@ -222,9 +225,11 @@ def dataset_tokens(data: DataConfig, run_dir: Path, rank: int, world_size: int) 
     these sources, else counted over all ranks (a collective: call on every rank) and saved."""
     path = run_dir / TOKEN_COUNTS
     shards = {s.name: resolve_shards(s, data.cache_dir) for s in data.sources}
-    # What the counts depend on: the sources' files, the tokenizer, the EOS token, packing.
+    # What the counts depend on: the sources' files, the tokenizer's content, the EOS token,
+    # the packing. Not the ranks' layout, which moves whole-packing padding only slightly:
+    # a run resumed on other ranks keeps its count, so its schedule stays the same.
     key = {
-        "tokenizer": data.tokenizer,
+        "tokenizer": tokenizer_summary(data.tokenizer).sha256,
         "eos_token": data.eos_token,
         "sources": {name: fingerprint(files) for name, files in shards.items()},
     }

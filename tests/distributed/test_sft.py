@@ -186,7 +186,7 @@ def test_an_epoch_is_counted_once_over_the_ranks_and_kept_for_resume(tmp_path):
     assert sum(shares) == tokens and min(shares) > 0
     # Whole-conversation packing (SFT's default) counts the padding too: the sequences a
     # conversation that does not fit leaves for the next one, in file order here.
-    in_order = replace(cfg.data, shuffle=False)
+    in_order = replace(cfg.data, shuffle=False, num_workers=0)
     seq_len = cfg.data.seq_len
     assert count_source_tokens(in_order, shards, 0, 1)["chat"] == whole_packed(lengths, seq_len)
     run_dir = tmp_path / "run"

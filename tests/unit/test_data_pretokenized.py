@@ -17,7 +17,7 @@ import pytest
 from tokenizers import Tokenizer
 
 import data_pipelines.tokenized as tokenized
-from data_pipelines import SourceConfig, build_data_loader
+from data_pipelines import SourceConfig, build_data_loader, validate_data_config
 from data_pipelines.tokenized import (
     META_FILE,
     OutputNotEmptyError,
@@ -321,3 +321,17 @@ def test_tokens_json_fingerprints_the_tokenizer_and_a_mismatch_is_reported(tmp_p
         del meta[key]
     (out / META_FILE).write_text(json.dumps(meta))
     assert token_source_problems(str(out), other) == [], "tokens.json without a fingerprint"
+
+
+def test_shards_written_with_another_eos_token_fail_validation(tmp_path):
+    directory = write_jsonl_shards(tmp_path / "docs", text_documents(10), num_shards=1)
+    source = SourceConfig(name="docs", paths=[str(directory)])
+    out = tmp_path / "tokens"
+    pretokenize(source, make_config(tmp_path, [source], eos_token="<|im_end|>"), str(out), 1)
+    tokens = SourceConfig(name="tokens", paths=[str(out)], format="tokens")
+    assert validate_data_config(make_config(tmp_path, [tokens], eos_token="<|im_end|>")) == []
+    problems = validate_data_config(make_config(tmp_path, [tokens]))
+    assert problems == [
+        f"data.sources[0] (tokens): {out / META_FILE}: the shards end documents with "
+        "'<|im_end|>', not data.eos_token '<|endoftext|>'"
+    ]

@@ -20,8 +20,9 @@ from tests.unit.test_data_sources import write_format
 
 class FaultyHandler(http.server.SimpleHTTPRequestHandler):
     """Serves a directory; `server.faults[path]` lists what the next requests of a path get:
-    an HTTP status to fail with, or "cut" (the headers promise the whole file, the body
-    stops halfway and the connection closes)."""
+    an HTTP status to fail with, "cut" (the headers promise the whole file, the body stops
+    halfway and the connection closes) or "short" (a well-formed response of a file cut
+    short)."""
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         pass
@@ -36,6 +37,12 @@ class FaultyHandler(http.server.SimpleHTTPRequestHandler):
         fault = faults.pop(0) if faults else None
         if isinstance(fault, int):
             self.send_error(fault)
+        elif fault == "short":  # a complete response of the file's first half
+            body = (self.server.root / self.path.lstrip("/")).read_bytes()[:-40]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
         elif fault == "cut":
             body = (self.server.root / self.path.lstrip("/")).read_bytes()
             self.send_response(200)
@@ -129,3 +136,26 @@ def test_a_url_that_cannot_be_listed_is_named_in_the_error(tmp_path, server):
     unreachable = "http://127.0.0.1:9/corpus/*.jsonl"  # the discard port: nothing listens
     with pytest.raises(ShardResolutionError, match=r"corpus/\*\.jsonl: cannot list it"):
         resolve_shards(SourceConfig(name="a", paths=[unreachable]), "")
+
+
+def test_a_compressed_file_served_short_is_read_again_before_it_counts_as_truncated(
+    tmp_path, server
+):
+    local = write_format(tmp_path, "json.gz")
+    url = serve(server, local)
+    server.faults["/docs.jsonl.gz"] = ["short"]
+    loader_batches = batches(tmp_path, [url])
+    assert_same_batches(batches(tmp_path, [local]), loader_batches)
+    assert server.faults["/docs.jsonl.gz"] == []
+    server.faults["/docs.jsonl.gz"] = ["short"] * 3  # every attempt: a truncated file
+    cfg = make_config(
+        tmp_path,
+        [SourceConfig(name="docs", paths=[url])],
+        shuffle=False,
+        max_retries=3,
+        retry_backoff_s=0.01,
+    )
+    loader = build_data_loader(cfg, rank=0, world_size=1, micro_batch_size=2)
+    take(loader, 30)  # past the end of the file, and on into the next epoch
+    assert loader.bad_input_counts() == {"truncated_file": 1}
+    assert server.faults["/docs.jsonl.gz"] == []
