@@ -4,12 +4,10 @@ its gate against the Stage I gate on held-out data."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from looplm import LoopLMForCausalLM
 from tests.distributed.launch import (
@@ -23,6 +21,7 @@ from tests.distributed.launch import (
     optimizer_tensors,
     run,
 )
+from tests.unit.test_gate_tuning import tensors
 from train.export import load_checkpoint_model
 
 pytestmark = pytest.mark.distributed
@@ -53,14 +52,6 @@ def gate_job(run_dir, cache_dir, *extra) -> list[str]:
     return [*fast, f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", "optim.lr=1e-2", *extra]
 
 
-def safetensors_of(directory: Path) -> dict[str, torch.Tensor]:
-    found = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            found.update({name: f.get_tensor(name) for name in f.keys()})
-    return found
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("stage2")
@@ -87,7 +78,7 @@ def runs(tmp_path_factory, cache_dir):
 def test_only_the_gate_changes_bit_for_bit(runs):
     source = runs.gate / "source_model"
     pretrained = load_checkpoint_model(runs.pretrain).state_dict()
-    before, after = safetensors_of(source), safetensors_of(runs.export)
+    before, after = tensors(source), tensors(runs.export)
     assert before.keys() == after.keys() == pretrained.keys()
     for name, tensor in before.items():
         assert bit_equal(tensor, pretrained[name]), f"{name}: the source is the checkpoint's"
@@ -111,7 +102,7 @@ def test_token_predictions_are_unchanged(runs):
 def test_only_the_gate_has_optimizer_state_and_the_metrics_are_stage2(runs):
     (checkpoint,) = completed(runs.gate)
     state = optimizer_tensors(runs.gate / "checkpoints" / checkpoint)
-    gate_size = sum(safetensors_of(runs.export)[name].numel() for name in GATE)
+    gate_size = sum(tensors(runs.export)[name].numel() for name in GATE)
     partitions = [t for path, t in state.items() if "single_partition_of_fp32_groups" in path]
     assert partitions and sum(t.numel() for t in partitions) <= gate_size + 2 * 16  # padding
     records = metrics(runs.gate)
