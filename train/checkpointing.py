@@ -5,17 +5,20 @@ rank's own state (``rank_00000.pt``: data-loader state, RNG states) and the trai
 (``trainer_state.json``). All of it is written into ``.step_00000100.partial/`` first; only
 when every rank has written its part does rank 0 write the ``COMPLETE`` marker and rename the
 folder into place. A crash at any moment leaves either a complete checkpoint or a partial
-folder that restarts ignore (and remove).
+folder: restarts remove one without the marker, and move one with it (a crash between the
+marker and the rename) into place.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,8 @@ from deepspeed.checkpoint.constants import (
 )
 
 from looplm import LoopLMConfig
+
+logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 UNIVERSAL_TAG = "deepspeed_universal"
@@ -98,10 +103,18 @@ def _save_deepspeed(engine, directory: Path) -> Exception | None:
 class CheckpointManager:
     """Saves, finds and prunes the complete checkpoints of one run directory."""
 
-    def __init__(self, run_dir: str | Path, keep_last: int, rank: int):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        keep_last: int,
+        rank: int,
+        interrupt: Callable[[str, int], None] | None = None,
+    ):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank = rank
+        self._interrupt = interrupt or (lambda moment, step: None)
+        """Called at each moment a crash could strike a write (``train.faults``)."""
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -119,9 +132,18 @@ class CheckpointManager:
         return done[-1] if done else None
 
     def remove_partial(self) -> None:
-        """Removes what an interrupted save left behind (rank 0, at start-up)."""
+        """Clears what an interrupted save left behind (rank 0, at start-up): a write that
+        reached its ``COMPLETE`` marker is moved into place, any other is removed."""
         if self.rank == 0 and self.root.is_dir():
-            for p in self.root.glob(".*.partial"):
+            for p in sorted(self.root.glob(".*.partial")):
+                final = self.root / p.name[1 : -len(".partial")]
+                if (p / COMPLETE).is_file() and not final.exists():
+                    os.replace(p, final)
+                    logger.warning("%s was complete but not yet in place: moved to %s", p, final)
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
+                    logger.info("removed the interrupted checkpoint write %s", p)
+            for p in self.root.glob(".*.replaced"):  # its successor is in place by now
                 shutil.rmtree(p, ignore_errors=True)
         _barrier()
 
@@ -137,6 +159,7 @@ class CheckpointManager:
             partial.mkdir(parents=True)
         _barrier()
         error = _save_deepspeed(engine, partial)
+        self._interrupt("mid_write", step)
         if error is None:
             try:
                 torch.save(rank_state, partial / f"rank_{self.rank:05d}.pt")
@@ -153,13 +176,24 @@ class CheckpointManager:
         if self.rank == 0:
             model_config.save(partial / MODEL_CONFIG)
             _fsync_write(partial / "trainer_state.json", json.dumps(trainer_state, indent=2))
+            self._interrupt("before_complete", step)
             _fsync_write(partial / COMPLETE, f"{step}\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(partial, final)
+            self._interrupt("before_rename", step)
+            self._move_into_place(partial, final)
             self._prune()
         _barrier()
         return final
+
+    def _move_into_place(self, partial: Path, final: Path) -> None:
+        """Renames the finished write to its step's name. A checkpoint of the same step (saved
+        again after a resume) is first renamed aside, so a crash at any point leaves the
+        complete write for the next start-up to move into place."""
+        replaced = final.with_name(f".{final.name}.replaced")
+        if final.exists():
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
+        os.replace(partial, final)
+        shutil.rmtree(replaced, ignore_errors=True)
 
     def _prune(self) -> None:
         """Keeps the newest keep_last checkpoints, and the newest good one (a rollback's

@@ -27,6 +27,8 @@ SCHEDULES = ("wsd", "cosine", "constant")
 BETA_SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("bf16", "fp32", "auto")
 OFFLOAD_DEVICES = ("none", "cpu")
+CHECKPOINT_FAULT_MOMENTS = ("mid_write", "before_complete", "before_rename")
+FAULT_ACTIONS = ("kill", "pause")
 
 
 @dataclass
@@ -158,8 +160,9 @@ class LoggingSettings:
 
 @dataclass
 class FaultSettings:
-    """Faults injected on rank 0 at given optimizer steps (1-based), to rehearse the guards on a
-    real run: every rank must then skip the update."""
+    """Faults injected at given optimizer steps (1-based), to rehearse the guards and crash
+    recovery on a real run. The loss and gradient faults hit rank 0 only: every rank must then
+    skip the update."""
 
     nan_loss_at_steps: list[int] = field(default_factory=list)
     """The step's loss becomes NaN."""
@@ -171,6 +174,21 @@ class FaultSettings:
     """The loss stays as it is but the gradients of its last micro-batch are multiplied by
     spike_factor."""
     spike_factor: float = 10.0
+    checkpoint_fault_at_step: int | None = None
+    """The checkpoint write of this step is interrupted (a crash rehearsal)."""
+    checkpoint_fault_moment: str = "mid_write"
+    """Where the write is interrupted: mid_write (DeepSpeed's files of the step written, the
+    ranks' own state files not), before_complete (every file written, no COMPLETE marker yet)
+    or before_rename (the marker written, the folder not yet renamed into place). The last two
+    happen on rank 0, which alone writes the marker and renames."""
+    checkpoint_fault_rank: int | None = None
+    """The rank interrupted mid_write (None: every rank)."""
+    checkpoint_fault_action: str = "kill"
+    """kill: the rank kills itself with SIGKILL; pause: it logs that it paused and waits to be
+    killed from outside (a test's SIGKILL of the job then lands at a certain moment)."""
+    pause_after_step: int | None = None
+    """After this step (and its checkpoint, if one is due) every rank logs that it paused and
+    waits to be killed from outside."""
 
 
 @dataclass
@@ -297,6 +315,7 @@ def config_problems(cfg: PretrainConfig, world_size: int) -> list[str]:
     p += stability_problems(cfg.stability)
     if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep_last < 1:
         p.append("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
+    p += fault_problems(cfg.faults, world_size)
     p += validate_data_config(d)
     return p
 
@@ -415,6 +434,36 @@ def _schedule_problems(cfg: PretrainConfig) -> list[str]:
         p.append(f"optim.lr must be > 0, got {o.lr}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         p.append(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
+    return p
+
+
+def fault_problems(f: FaultSettings, world_size: int) -> list[str]:
+    p = []
+    if f.checkpoint_fault_moment not in CHECKPOINT_FAULT_MOMENTS:
+        p.append(
+            f"faults.checkpoint_fault_moment must be one of {CHECKPOINT_FAULT_MOMENTS}, "
+            f"got {f.checkpoint_fault_moment!r}"
+        )
+    if f.checkpoint_fault_action not in FAULT_ACTIONS:
+        p.append(
+            f"faults.checkpoint_fault_action must be one of {FAULT_ACTIONS}, "
+            f"got {f.checkpoint_fault_action!r}"
+        )
+    if f.checkpoint_fault_rank is not None:
+        if not 0 <= f.checkpoint_fault_rank < world_size:
+            p.append(
+                f"faults.checkpoint_fault_rank must lie in [0, {world_size}), "
+                f"got {f.checkpoint_fault_rank}"
+            )
+        elif f.checkpoint_fault_moment != "mid_write" and f.checkpoint_fault_rank != 0:
+            p.append(
+                f"faults.checkpoint_fault_moment={f.checkpoint_fault_moment} happens on rank 0 "
+                f"only; checkpoint_fault_rank {f.checkpoint_fault_rank} would never fail"
+            )
+    for name in ("checkpoint_fault_at_step", "pause_after_step"):
+        value = getattr(f, name)
+        if value is not None and value < 1:
+            p.append(f"faults.{name} must be >= 1, got {value}")
     return p
 
 

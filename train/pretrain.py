@@ -41,6 +41,7 @@ from train.engine import (
     set_accumulation,
     skip_update,
 )
+from train.faults import CheckpointFault, pause_after
 from train.metrics import MetricsLogger, device_peak_flops, training_flops_per_token
 from train.schedule import exit_beta, learning_rate
 from train.sequence_parallel import local_slice, sequence_parallel_group, token_share
@@ -144,7 +145,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
-        self.checkpoints = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, self.rank)
+        self.checkpoints = CheckpointManager(
+            self.run_dir,
+            cfg.checkpoint.keep_last,
+            self.rank,
+            interrupt=CheckpointFault(cfg.faults, self.rank),
+        )
         self.checkpoints.remove_partial()
         self.latest = self.checkpoints.latest()
         self.state = TrainerState(world_size=self.world_size)
@@ -394,6 +400,7 @@ class Trainer:
             due = self.state.step % cfg.checkpoint.every_steps == 0 or self._stage_ended()
             if stopping or rolled_back or self.finished() or due:
                 self.save()
+            pause_after(cfg.faults, self.state.step, self.rank)
             if stopping:
                 if self.rank == 0:
                     logger.warning("stop requested: saved step %d and stopping", self.state.step)

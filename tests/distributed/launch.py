@@ -119,6 +119,14 @@ def wait_for(predicate, process, timeout: float = 240.0, poll: float = 0.2) -> N
         time.sleep(poll)
 
 
+def wait_paused(log: Path, process, ranks: int = 2) -> None:
+    """Waits until ``ranks`` ranks of the job logging to ``log`` have paused on a
+    ``faults.*`` setting (train.faults): a SIGKILL then lands at that moment, not near it."""
+    from train.faults import PAUSED
+
+    wait_for(lambda: log.read_text().count(PAUSED) >= ranks, process)
+
+
 def job(run_dir, cache_dir, *extra) -> list[str]:
     """The overrides of a FAST job writing into run_dir."""
     return [*FAST, f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", *extra]

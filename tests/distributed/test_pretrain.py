@@ -17,6 +17,7 @@ from tests.distributed.launch import (
     run,
     start,
     wait_for,
+    wait_paused,
 )
 from train.export import export_checkpoint, load_checkpoint_model
 
@@ -89,18 +90,19 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path, cache_dir
     reference = [r["loss"] for r in metrics(reference_dir)]
 
     run_dir = tmp_path / "resumed"
-    process = start("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "a.log")
-    wait_for(lambda: len(metrics(run_dir)) >= 3 and "step_00000002" in completed(run_dir), process)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert len(metrics(run_dir)) < 6
-    # Resume twice: stop again after the first resume, then finish.
-    process = start("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "b.log")
-    wait_for(lambda: "step_00000004" in completed(run_dir), process)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    # Killed after step 3 (checkpoint of step 2), then after step 5 (checkpoint of step 4).
+    for pause, checkpoints in ((3, ["step_00000002"]), (5, ["step_00000002", "step_00000004"])):
+        log = tmp_path / f"paused_after_{pause}.log"
+        args = job(run_dir, cache_dir, *steps, f"faults.pause_after_step={pause}")
+        process = start("train.pretrain", args, log)
+        wait_paused(log, process)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        assert [r["step"] for r in metrics(run_dir)] == list(range(1, pause + 1))
+        assert completed(run_dir) == checkpoints
     code, out = run("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "c.log")
     assert code == 0, out[-3000:]
+    assert "resumed from" in out and "step_00000004" in out
     resumed = metrics(run_dir)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in resumed] == reference  # bit for bit
@@ -213,23 +215,60 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, cache_dir):
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
 
 
-def test_kill_during_a_checkpoint_write_leaves_it_ignored_and_resume_exact(tmp_path, cache_dir):
-    steps = ["train.max_steps=4", "checkpoint.every_steps=1"]
-    reference_dir = tmp_path / "reference"
-    code, out = run("train.pretrain", job(reference_dir, cache_dir, *steps), tmp_path / "ref.log")
+@pytest.fixture(scope="module")
+def four_step_reference(tmp_path_factory, cache_dir):
+    """Per-step losses of an uninterrupted 4-step run that checkpoints every step."""
+    tmp_path = tmp_path_factory.mktemp("reference")
+    args = job(tmp_path / "run", cache_dir, "train.max_steps=4", "checkpoint.every_steps=1")
+    code, out = run("train.pretrain", args, tmp_path / "log")
     assert code == 0, out[-3000:]
-    run_dir = tmp_path / "run"
-    process = start("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "a.log")
+    return [r["loss"] for r in metrics(tmp_path / "run")]
+
+
+# (moment, rank, action, the checkpoint resumed from). "kill": the rank SIGKILLs itself inside
+# the write; "pause": every rank waits there and the test SIGKILLs the whole job from outside.
+CHECKPOINT_CRASHES = {
+    "one rank killed after DeepSpeed's files": ("mid_write", 1, "kill", 2),
+    "every rank killed after DeepSpeed's files": ("mid_write", None, "kill", 2),
+    "killed from outside before the COMPLETE marker": ("before_complete", 0, "pause", 2),
+    "killed from outside after the marker, before the rename": ("before_rename", 0, "pause", 3),
+}
+
+
+@pytest.mark.parametrize("crash", CHECKPOINT_CRASHES.values(), ids=CHECKPOINT_CRASHES.keys())
+def test_a_crash_inside_a_checkpoint_write_loses_nothing_and_resume_is_exact(
+    tmp_path, cache_dir, four_step_reference, crash
+):
+    moment, rank, action, resumed_at = crash
+    steps = ["train.max_steps=4", "checkpoint.every_steps=1"]
+    fault = [
+        "faults.checkpoint_fault_at_step=3",
+        f"faults.checkpoint_fault_moment={moment}",
+        f"faults.checkpoint_fault_rank={'null' if rank is None else rank}",
+        f"faults.checkpoint_fault_action={action}",
+    ]
+    run_dir, log = tmp_path / "run", tmp_path / "a.log"
+    process = start("train.pretrain", job(run_dir, cache_dir, *steps, *fault), log)
+    if action == "pause":
+        wait_paused(log, process, ranks=2 if rank is None else 1)
+        os.killpg(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=240) != 0
     root = run_dir / "checkpoints"
-    # Kill the moment a checkpoint is being written (its .partial folder exists).
-    wait_for(lambda: completed(run_dir) and list(root.glob(".*.partial")), process, poll=0.002)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert list(root.glob(".*.partial"))
+    partial = root / ".step_00000003.partial"
+    assert completed(run_dir) == ["step_00000001", "step_00000002"]
+    assert partial.is_dir()
+    assert (partial / "COMPLETE").is_file() == (moment == "before_rename")
+    assert (partial / "trainer_state.json").is_file() == (moment != "mid_write")
+    killed = [0, 1] if rank is None else [rank]
+    rank_files = [(partial / f"rank_{r:05d}.pt").is_file() for r in killed]
+    assert rank_files == [moment != "mid_write"] * len(killed)
+    assert list((partial / "deepspeed").glob("*model_states.pt"))  # some files were written
+
     code, out = run("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "b.log")
     assert code == 0, out[-3000:]
-    assert not list(root.glob(".*.partial"))
-    assert [r["loss"] for r in metrics(run_dir)] == [r["loss"] for r in metrics(reference_dir)]
+    assert f"resumed from {root / f'step_{resumed_at:08d}'}" in out
+    assert not list(root.glob(".*"))
+    assert [r["loss"] for r in metrics(run_dir)] == four_step_reference
 
 
 def test_init_from_an_ouro_directory_starts_from_its_weights(tmp_path, cache_dir):
@@ -275,10 +314,14 @@ def test_zero3_resume_is_exact_too(tmp_path, cache_dir):
     code, out = run("train.pretrain", job(tmp_path / "ref", cache_dir, *steps), tmp_path / "a.log")
     assert code == 0, out[-3000:]
     run_dir = tmp_path / "run"
-    process = start("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "b.log")
-    wait_for(lambda: "step_00000002" in completed(run_dir), process)
+    log = tmp_path / "b.log"
+    process = start(
+        "train.pretrain", job(run_dir, cache_dir, *steps, "faults.pause_after_step=3"), log
+    )
+    wait_paused(log, process)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    assert completed(run_dir) == ["step_00000002"] and len(metrics(run_dir)) == 3
     code, out = run("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "c.log")
     assert code == 0, out[-3000:]
     assert [r["loss"] for r in metrics(run_dir)] == [r["loss"] for r in metrics(tmp_path / "ref")]

@@ -97,6 +97,14 @@ BAD = [
         ["deepspeed.sequence_parallel_size=2", "train.global_batch_tokens=1536"],
         "micro_batch_size x seq_len x data-parallel size (4 x 256 x 1 = 1024)",
     ),
+    (["faults.checkpoint_fault_moment=after_rename"], "checkpoint_fault_moment must be one of"),
+    (["faults.checkpoint_fault_action=stop"], "checkpoint_fault_action must be one of"),
+    (["faults.checkpoint_fault_rank=2"], "checkpoint_fault_rank must lie in [0, 2)"),
+    (
+        ["faults.checkpoint_fault_moment=before_rename", "faults.checkpoint_fault_rank=1"],
+        "happens on rank 0 only",
+    ),
+    (["faults.pause_after_step=0"], "faults.pause_after_step must be >= 1"),
 ]
 
 

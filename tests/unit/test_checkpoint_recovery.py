@@ -1,0 +1,55 @@
+"""Start-up clean-up of interrupted checkpoint writes (single process, no engine needed)."""
+
+from pathlib import Path
+
+from train.checkpointing import COMPLETE, CheckpointManager
+
+
+def _write(folder: Path, complete: bool, step: int) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(f'{{"step": {step}}}')
+    if complete:
+        (folder / COMPLETE).write_text(f"{step}\n")
+    return folder
+
+
+def test_a_complete_write_is_moved_into_place_and_an_incomplete_one_removed(tmp_path):
+    root = tmp_path / "checkpoints"
+    _write(root / "step_00000002", True, 2)
+    _write(root / ".step_00000003.partial", True, 3)  # crashed between marker and rename
+    _write(root / ".step_00000004.partial", False, 4)  # crashed before the marker
+    manager = CheckpointManager(tmp_path, keep_last=5, rank=0)
+    manager.remove_partial()
+    assert [p.name for p in manager.complete()] == ["step_00000002", "step_00000003"]
+    assert manager.trainer_state(manager.latest()) == {"step": 3}
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000003"]
+
+
+def test_a_crash_while_replacing_a_checkpoint_of_the_same_step_keeps_the_new_write(tmp_path):
+    root = tmp_path / "checkpoints"
+    # The old step-3 checkpoint was renamed aside, the new write not yet renamed into place.
+    _write(root / ".step_00000003.replaced", True, 30)
+    _write(root / ".step_00000003.partial", True, 3)
+    manager = CheckpointManager(tmp_path, keep_last=5, rank=0)
+    manager.remove_partial()
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003"]
+    assert manager.trainer_state(root / "step_00000003") == {"step": 3}
+
+
+def test_a_write_is_never_moved_over_an_existing_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    _write(root / "step_00000003", True, 3)
+    _write(root / ".step_00000003.partial", True, 33)
+    manager = CheckpointManager(tmp_path, keep_last=5, rank=0)
+    manager.remove_partial()
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003"]
+    assert manager.trainer_state(root / "step_00000003") == {"step": 3}
+
+
+def test_moving_into_place_replaces_a_checkpoint_of_the_same_step(tmp_path):
+    root = tmp_path / "checkpoints"
+    final = _write(root / "step_00000003", True, 3)
+    partial = _write(root / ".step_00000003.partial", True, 33)
+    CheckpointManager(tmp_path, keep_last=5, rank=0)._move_into_place(partial, final)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003"]
+    assert (final / "trainer_state.json").read_text() == '{"step": 33}'
