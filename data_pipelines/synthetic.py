@@ -17,11 +17,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import zlib
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlparse
 
@@ -106,6 +108,17 @@ def _knowledge_base(seed: int) -> tuple[list[str], dict[str, list[int]]]:
     return names, relations
 
 
+@dataclass(frozen=True)
+class HeldOutItem:
+    """A question with its accepted answers, in the format the task's documents use."""
+
+    key: str
+    """The text that identifies the question in a training document."""
+    prompt: str
+    answers: tuple[str, ...]
+    """Accepted continuations of the prompt (greedy decoding must produce one exactly)."""
+
+
 def multi_hop(rng: random.Random, knowledge) -> str:
     """A biography (the facts) or a multi-hop question, with or without the worked chain."""
     names, relations = knowledge
@@ -116,19 +129,30 @@ def multi_hop(rng: random.Random, knowledge) -> str:
             for relation, table in relations.items()
         ]
         return f"About {names[person]}. " + " ".join(facts)
-    hops = rng.choices(_RELATIONS, k=rng.randint(1, 4))
+    item = _multi_hop_question(knowledge, person, rng.choices(_RELATIONS, k=rng.randint(1, 4)))
+    direct, worked = item.answers
+    return item.prompt + (worked if rng.random() < 0.5 else direct)
+
+
+def _multi_hop_question(knowledge, person: int, hops: list[str]) -> HeldOutItem:
+    """The question composing ``hops`` from ``person``; answered directly or with the chain."""
+    names, relations = knowledge
     question = names[person]
     chain, current = [], person
     for relation in hops:
         following = relations[relation][current]
         chain.append(f"The {relation} of {names[current]} is {names[following]}.")
         question, current = f"the {relation} of {question}", following
-    answer = (
-        f"{' '.join(chain)} So the answer is {names[current]}."
-        if rng.random() < 0.5
-        else f"{names[current]}."
+    key = f"Question: Who is {question}?"
+    direct = f" {names[current]}."
+    worked = f" {' '.join(chain)} So the answer is {names[current]}."
+    return HeldOutItem(key, f"{key} Answer:", (direct, worked))
+
+
+def multi_hop_item(rng: random.Random, knowledge) -> HeldOutItem:
+    return _multi_hop_question(
+        knowledge, rng.randrange(_NUM_PEOPLE), rng.choices(_RELATIONS, k=rng.randint(1, 4))
     )
-    return f"Question: Who is {question}? Answer: {answer}"
 
 
 def mano(rng: random.Random, _context=None) -> str:
@@ -153,8 +177,20 @@ def _expression(rng: random.Random, depth: int) -> tuple[str, int]:
     return f"{operator} {left} {right}", _OPERATORS[operator](left_value, right_value) % MODULUS
 
 
+def mano_item(rng: random.Random, _context=None) -> HeldOutItem:
+    """One expression as the first line of a document (always followed by another line)."""
+    expression, value = _expression(rng, rng.randint(1, 4))
+    header = f"Evaluate modulo {MODULUS} (prefix notation).\n"
+    return HeldOutItem(f"\n{expression} = ", f"{header}{expression} =", (f" {value}\n",))
+
+
 def reachability(rng: random.Random, _context=None) -> str:
     """A random directed graph's edges and whether a path joins two of its nodes."""
+    item = reachability_item(rng)
+    return item.prompt + item.answers[0]
+
+
+def reachability_item(rng: random.Random, _context=None) -> HeldOutItem:
     num_nodes = rng.randint(5, 12)
     num_edges = rng.randint(num_nodes - 2, 2 * num_nodes - 1)
     pairs = ((rng.randrange(num_nodes), rng.randrange(num_nodes)) for _ in range(num_edges))
@@ -163,7 +199,8 @@ def reachability(rng: random.Random, _context=None) -> str:
     path = _shortest_path(edges, source, target)
     listing = ", ".join(f"n{a} -> n{b}" for a, b in edges)
     answer = "yes, " + " -> ".join(f"n{node}" for node in path) if path else "no"
-    return f"Edges: {listing}. Question: is there a path from n{source} to n{target}? Answer: {answer}."
+    prompt = f"Edges: {listing}. Question: is there a path from n{source} to n{target}? Answer:"
+    return HeldOutItem(prompt, prompt, (f" {answer}.",))
 
 
 def _shortest_path(edges: list[tuple[int, int]], source: int, target: int) -> list[int] | None:
@@ -184,3 +221,38 @@ def _shortest_path(edges: list[tuple[int, int]], source: int, target: int) -> li
 
 
 TASKS: dict[str, Callable] = {"multi_hop": multi_hop, "mano": mano, "reachability": reachability}
+HELD_OUT: dict[str, Callable] = {
+    "multi_hop": multi_hop_item,
+    "mano": mano_item,
+    "reachability": reachability_item,
+}
+
+
+def held_out_items(uri: str, count: int, seen: Callable[[str], bool]) -> list[HeldOutItem]:
+    """``count`` distinct questions of the task of a ``synthetic://`` source, drawn from a
+    stream of their own (not the documents' seed) and skipping any whose key ``seen`` says
+    occurs in training data. Multi-hop questions ask about the source's knowledge base.
+    ValueError when the task cannot supply that many unseen questions."""
+    task, params = parse_uri(uri)
+    rng = random.Random(_seed(params["seed"], f"{task}/held-out", 0))
+    context = _context(task, params["seed"])
+    items: dict[str, HeldOutItem] = {}
+    for _ in range(200 * count):
+        item = HELD_OUT[task](rng, context)
+        if item.key not in items and not seen(item.key):
+            items[item.key] = item
+            if len(items) == count:
+                return list(items.values())
+    raise ValueError(
+        f"{uri}: only {len(items)} of {count} held-out questions could be drawn that do not "
+        "occur in the training data"
+    )
+
+
+def question_keys(task: str, text: str) -> list[str]:
+    """The keys (``HeldOutItem.key``) of the questions a training document of ``task`` holds."""
+    if task == "multi_hop":
+        return re.findall(r"Question: Who is [^?]*\?", text)
+    if task == "mano":
+        return [f"\n{line.split(' = ')[0]} = " for line in text.split("\n")[1:]]
+    return [text[: text.index("Answer:") + len("Answer:")]] if "Answer:" in text else []

@@ -1,11 +1,14 @@
 """PNG charts of a run from its `metrics.jsonl` (one JSON object per optimizer step).
 
-`plot_run` writes four charts into `RUN_DIR/plots/`:
+`plot_run` writes four charts into `RUN_DIR/plots/`, and two more when the run evaluated
+held-out tasks (`eval.jsonl`, written by `train.validation`):
 
 - `loss.png`: the training loss and the loss when exiting at each recurrent step;
 - `exit_distribution.png`: the mean exit distribution over recurrent steps, stacked;
 - `optimization.png`: learning rate, gradient norm (skipped steps marked) and exit entropy;
-- `throughput.png`: tokens per second and, when the job measured it, MFU.
+- `throughput.png`: tokens per second and, when the job measured it, MFU;
+- `eval_accuracy.png`: exact-match accuracy by recurrent step over training, a panel a task;
+- `eval_loss.png`: the held-out answer loss of each recurrent step over training.
 
 The number of recurrent steps T may change during a run: a step missing from a record has
 no loss (a gap in its line) and exit probability 0. Figures are drawn on matplotlib's Agg
@@ -62,15 +65,28 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         "optimization": _draw_optimization,
         "throughput": _draw_throughput,
     }
-    written = []
-    for name, draw in charts.items():
-        figure = Figure(figsize=(9, 6), layout="constrained")
-        FigureCanvasAgg(figure)
-        draw(figure, steps, records)
-        path = out / f"{name}.png"
-        figure.savefig(path, dpi=110)
-        written.append(path)
+    written = [_save(out / f"{name}.png", draw, steps, records) for name, draw in charts.items()]
+    evaluations = read_evaluations(Path(run_dir) / "eval.jsonl")
+    if evaluations:
+        eval_steps = _series(evaluations, "step")
+        for name, draw in (("eval_accuracy", _draw_eval_accuracy), ("eval_loss", _draw_eval_loss)):
+            written.append(_save(out / f"{name}.png", draw, eval_steps, evaluations))
     return written
+
+
+def read_evaluations(path: Path) -> list[dict]:
+    """The records of a run's `eval.jsonl` (none when the run did not evaluate)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _save(path: Path, draw, steps: np.ndarray, records: list[dict]) -> Path:
+    figure = Figure(figsize=(9, 6), layout="constrained")
+    FigureCanvasAgg(figure)
+    draw(figure, steps, records)
+    figure.savefig(path, dpi=110)
+    return path
 
 
 def _parse_line(path: Path, number: int, line: str) -> dict:
@@ -160,3 +176,51 @@ def _draw_throughput(figure: Figure, steps: np.ndarray, records: list[dict]) -> 
     rows[-1].set(xlabel="optimizer step")
     for axes in rows:
         axes.grid(alpha=0.3)
+
+
+def _draw_eval_accuracy(figure: Figure, steps: np.ndarray, records: list[dict]) -> None:
+    """One panel per task: exact-match accuracy when exiting at each recurrent step (dashed:
+    steps beyond the trained T), over training."""
+    tasks = list(records[-1]["tasks"])
+    columns = min(len(tasks), 3)
+    rows = math.ceil(len(tasks) / columns)
+    panels = np.atleast_1d(figure.subplots(rows, columns, squeeze=False).ravel())
+    for axes, task in zip(panels, tasks, strict=False):
+        present = [r for r in records if task in r["tasks"]]
+        xs = np.array([r["step"] for r in present], dtype=float)
+        accuracy = _matrix([r["tasks"][task] for r in present], "accuracy_per_step", math.nan)
+        trained = max(len(r["loss_per_step"]) for r in present)
+        for index, color in enumerate(_step_colors(accuracy.shape[1])):
+            style = "-" if index < trained else "--"
+            axes.plot(
+                xs, accuracy[:, index], style, color=color, marker=".", label=f"step {index + 1}"
+            )
+        axes.set(title=f"{task} (n={present[-1]['tasks'][task]['n']})", xlabel="optimizer step")
+        axes.set(ylabel="exact match", ylim=(-0.02, 1.02))
+        axes.grid(alpha=0.3)
+    for axes in panels[len(tasks) :]:
+        axes.set_axis_off()
+    panels[0].legend(fontsize="small")
+    figure.suptitle("Held-out accuracy by recurrent step (dashed: beyond the trained T)")
+
+
+def _draw_eval_loss(figure: Figure, steps: np.ndarray, records: list[dict]) -> None:
+    """Held-out answer loss at each recurrent step, over training."""
+    axes = figure.subplots()
+    combined = [{"loss": r["loss_per_step"] + r.get("loss_extra_steps", [])} for r in records]
+    losses = _matrix(combined, "loss", math.nan)
+    trained = max(len(r["loss_per_step"]) for r in records)
+    for index, color in enumerate(_step_colors(losses.shape[1])):
+        style = "-" if index < trained else "--"
+        axes.plot(
+            steps,
+            losses[:, index],
+            style,
+            color=color,
+            marker=".",
+            label=f"exit at step {index + 1}",
+        )
+    axes.set(title="Held-out answer loss per recurrent step (dashed: beyond the trained T)")
+    axes.set(xlabel="optimizer step", ylabel="loss")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")

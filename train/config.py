@@ -22,6 +22,7 @@ from looplm.config import PRESETS, LoopLMConfig
 from looplm.losses import PRIORS, REGULARIZERS
 from train.curriculum import Curriculum, CurriculumSettings, stage_problems
 from train.stability import StabilitySettings, stability_problems
+from train.validation import EvalSettings, eval_problems
 
 SCHEDULES = ("wsd", "cosine", "constant")
 BETA_SCHEDULES = ("constant", "linear", "cosine")
@@ -213,6 +214,7 @@ class PretrainConfig:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     stability: StabilitySettings = field(default_factory=StabilitySettings)
     faults: FaultSettings = field(default_factory=FaultSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
     curriculum: CurriculumSettings = field(default_factory=CurriculumSettings)
 
 
@@ -226,6 +228,7 @@ def register_configs() -> None:
     cs.store(group="logging", name="schema", node=LoggingSettings)
     cs.store(group="stability", name="schema", node=StabilitySettings)
     cs.store(group="curriculum", name="schema", node=CurriculumSettings)
+    cs.store(group="eval", name="schema", node=EvalSettings)
 
 
 def to_object(cfg: DictConfig) -> PretrainConfig:
@@ -316,6 +319,7 @@ def config_problems(cfg: PretrainConfig, world_size: int) -> list[str]:
     if cfg.checkpoint.every_steps < 1 or cfg.checkpoint.keep_last < 1:
         p.append("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
     p += fault_problems(cfg.faults, world_size)
+    p += eval_problems(cfg.eval, d)
     p += validate_data_config(d)
     return p
 

@@ -45,6 +45,21 @@ def device_peak_flops() -> float | None:
     return next((v for k, v in _PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def truncate_jsonl_after(path: Path, step: int) -> None:
+    """Keeps the records of steps up to ``step`` (a resume drops those written after its
+    checkpoint, which the resumed run writes again)."""
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= step
+    ]
+    tmp = path.with_suffix(".jsonl.rewrite")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     """Writes one JSON object per optimizer step; rank 0 only."""
 
@@ -60,16 +75,7 @@ class MetricsLogger:
             self._truncate_after(resume_step)
 
     def _truncate_after(self, step: int) -> None:
-        if not self.path.is_file():
-            return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
-        tmp = self.path.with_suffix(".jsonl.rewrite")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        truncate_jsonl_after(self.path, step)
 
     def attach_wandb(self, run_dir: str | Path, project: str, mode: str, config: dict) -> None:
         """Starts (or resumes) the wandb run of this run directory."""
@@ -100,6 +106,14 @@ class MetricsLogger:
         step = record["step"]
         if step % self.log_every == 0 or step == self.max_steps or step == self.start_step + 1:
             self._console_line(record)
+
+    def log_eval(self, record: dict, values: dict, line: str) -> None:
+        """An evaluation's wandb ``values`` (at its step) and console ``line``."""
+        if not self.enabled:
+            return
+        if self.wandb is not None:
+            self.wandb.log(values, step=record["step"])
+        self.console.print(line)
 
     def _console_line(self, r: dict) -> None:
         done = r["step"] - self.start_step

@@ -46,6 +46,7 @@ from train.metrics import MetricsLogger, device_peak_flops, training_flops_per_t
 from train.schedule import exit_beta, learning_rate
 from train.sequence_parallel import local_slice, sequence_parallel_group, token_share
 from train.stability import RollbackGuard, SpikeDetector
+from train.validation import Validator, append_record, console_line, wandb_values
 
 logger = logging.getLogger("looplm.pretrain")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -141,6 +142,9 @@ class Trainer:
         validate(cfg, self.world_size)
         self.run_dir = Path(cfg.run_dir)
         _check_run_dir(self.run_dir)
+        self.dp_size = data_parallel_size(cfg, self.world_size)
+        self.dp_rank = self.rank // cfg.deepspeed.sequence_parallel_size
+        self.validator = self._build_validator()
         self._init_distributed(local_rank)
         torch.manual_seed(cfg.seed)
         if cfg.train.deterministic:
@@ -163,8 +167,6 @@ class Trainer:
             # another number of ranks, so the streams start anew under a seed of this step.
             self.state.data_seed_offset = self.state.step
         self.sp = sequence_parallel_group(cfg.deepspeed.sequence_parallel_size)
-        self.dp_size = data_parallel_size(cfg, self.world_size)
-        self.dp_rank = self.rank // cfg.deepspeed.sequence_parallel_size
         self.model = self.build_model()
         self.model.model.sequence_parallel = self.sp
         self.curriculum = build_curriculum(cfg, self.model.config, self.world_size)
@@ -188,10 +190,30 @@ class Trainer:
         self.metrics = MetricsLogger(
             self.run_dir, self.rank == 0, self.state.step, cfg.train.log_every, self.total_steps
         )
+        if self.validator is not None:
+            self.validator.truncate_after(self.state.step)
         self.peak_flops = device_peak_flops()
         if self.curriculum is not None and self.rank == 0:
             for line in self.curriculum.describe():
                 logger.info("curriculum: %s", line)
+
+    def _build_validator(self) -> Validator | None:
+        """The held-out tasks, built (and proven held out) before any process group starts."""
+        if not self.cfg.eval.enabled:
+            return None
+        return Validator.build(
+            self.cfg.eval, self.cfg.data, self.run_dir, self.dp_rank, self.dp_size, self.rank == 0
+        )
+
+    def evaluate(self) -> dict:
+        """Evaluates the model on the held-out tasks at the current step (every rank)."""
+        record = {"step": self.state.step, "tokens": self.state.tokens, "stage": self.state.stage}
+        record["num_recurrent_steps"] = self.num_steps
+        record.update(self.validator.evaluate(self.model, self.num_steps, self.sp))
+        if self.rank == 0:
+            append_record(self.validator.path, record)
+            self.metrics.log_eval(record, wandb_values(record), console_line(record))
+        return record
 
     def build_model(self) -> LoopLMForCausalLM:
         """The model to train (a job deriving from this trainer may freeze parts of it)."""
@@ -397,6 +419,9 @@ class Trainer:
             rolled_back = record["rollback"] is not None
             self.metrics.log(record)
             stopping = stop.agreed()
+            # Before the checkpoint: a crash after it would otherwise skip this evaluation.
+            if self.validator is not None and self.validator.due(self.state.step, self.finished()):
+                self.evaluate()
             due = self.state.step % cfg.checkpoint.every_steps == 0 or self._stage_ended()
             if stopping or rolled_back or self.finished() or due:
                 self.save()

@@ -88,3 +88,31 @@ def test_bad_lines_are_named_and_a_line_being_written_is_ignored(tmp_path):
     path.write_text(json.dumps({"step": 3, "loss": 1.0}) + "\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl:1: the record lacks \['loss_per_step'"):
         read_metrics(path)
+
+
+def _evaluation(step: int, num_steps: int) -> dict:
+    extra = 2
+    task = {
+        "n": 16,
+        "accuracy_per_step": [
+            min(1.0, step / 40 * (t + 1) / num_steps) for t in range(num_steps + extra)
+        ],
+        "accuracy_q_exit": {"0.5": 0.25},
+        "mean_depth_q_exit": {"0.5": 2.5},
+    }
+    return {
+        "step": step,
+        "loss_per_step": [3.0 - 0.01 * step - 0.1 * t for t in range(num_steps)],
+        "loss_extra_steps": [2.5] * extra,
+        "tasks": {"mano": task, "reachability": task},
+    }
+
+
+def test_evaluations_get_their_accuracy_and_loss_charts(tmp_path):
+    _write_run(tmp_path, [_record(step, 4) for step in range(1, 41)])
+    evaluations = [_evaluation(step, 2 if step <= 20 else 4) for step in (10, 20, 30, 40)]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evaluations))
+    paths = plot_run(tmp_path)
+    assert [path.name for path in paths] == [*CHARTS, "eval_accuracy.png", "eval_loss.png"]
+    for path in paths[-2:]:
+        assert matplotlib.image.imread(path).std() > 0.01, f"{path.name} is blank"
