@@ -14,7 +14,14 @@ the same ``num_batches`` held-out batches of the data config:
 - the gate-free baseline: exit at the first step t >= 2 whose hidden state moved less than
   eps relative to the step before, ``||h_t - h_{t-1}|| / ||h_{t-1}|| < eps``, swept over eps.
 
-``out_dir`` receives ``evaluation.json`` and ``evaluation.png``.
+``out_dir`` receives ``evaluation.json`` and ``evaluation.png``. With ``sweep.tasks`` (held-out
+tasks, as a training job's ``eval.tasks``) or ``sweep.harness_tasks`` (lm-evaluation-harness
+tasks), also the depth sweep (``train.depth_sweep``): each task scored when exiting at every
+step 1..``sweep.max_steps`` and under Q-exit, as ``depth_sweep.json``, ``.md`` and ``.png``.
+
+    python -m train.evaluate model_path=runs/tiny compare_path=runs/tiny-gate/model \
+        out_dir=runs/sweep 'sweep.tasks=[{name:mano,source:mano},{name:multi_hop,source:multi_hop}]'
+
 
 Shape legend: T recurrent steps, N target tokens, C a chunk of them, H hidden, V vocab.
 """
@@ -39,6 +46,8 @@ from data_pipelines.config import DataConfig
 from data_pipelines.loader import build_data_loader
 from looplm import LoopLMForCausalLM, q_exit_steps
 from looplm.losses import IGNORE_INDEX, exit_pdf
+from train import depth_sweep
+from train.depth_sweep import SweepSettings, sweep_problems
 
 logger = logging.getLogger("looplm.evaluate")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -80,6 +89,8 @@ class EvaluateConfig:
     """float32, bfloat16, or auto (the checkpoint's own)."""
     chunk_tokens: int = 512
     """Tokens whose [tokens, V] logits are materialized at once."""
+    sweep: SweepSettings = field(default_factory=SweepSettings)
+    """Task quality at each exit step (``train.depth_sweep``); off while it lists no task."""
 
 
 def register_configs() -> None:
@@ -103,7 +114,7 @@ def config_problems(cfg: EvaluateConfig) -> list[str]:
         p.append(f"device must be one of {DEVICES}, got {cfg.device!r}")
     if cfg.dtype not in DTYPES:
         p.append(f"dtype must be one of {DTYPES}, got {cfg.dtype!r}")
-    return p
+    return p + sweep_problems(cfg.sweep, cfg.data)
 
 
 # ---- per-token results -----------------------------------------------------------------
@@ -334,6 +345,9 @@ def evaluate(cfg: EvaluateConfig, batches: list[dict] | None = None) -> dict:
         batches = held_out_batches(cfg)
     paths = dict(zip(ROLES, (cfg.model_path, cfg.compare_path), strict=True))
     report: dict = {"config": asdict(cfg), "models": {}}
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sweeps = {}
     for role, path in paths.items():
         if path is None:
             continue
@@ -341,14 +355,16 @@ def evaluate(cfg: EvaluateConfig, batches: list[dict] | None = None) -> dict:
         steps = cfg.num_recurrent_steps or model.config.total_ut_steps
         stats = token_stats(model, batches, steps, cfg.chunk_tokens)
         report["models"][role] = {"path": path, **summarize(stats, cfg)}
+        if cfg.sweep.tasks or cfg.sweep.harness_tasks:
+            sweeps[role] = depth_sweep.sweep_model(model, path, cfg.sweep, cfg.data, out)
         del model
         logger.info(
             "%s (%s): loss per step %s", role, path, report["models"][role]["loss_per_step"]
         )
     if len(report["models"]) == 2:
         report["comparison"] = compare(report["models"]["model"], report["models"]["compare"])
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if sweeps:
+        report["depth_sweep"] = depth_sweep.write(sweeps, out)
     (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_evaluation(report, out / "evaluation.png")
     return report

@@ -94,9 +94,30 @@ def run(
     try:
         code = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        kill_job(process)
         raise
     return code, log.read_text()
+
+
+def kill_job(process, sig: int = signal.SIGKILL) -> None:
+    """Sends ``sig`` to a job's launcher and every process under it. torchrun starts each
+    rank in a session of its own, so signalling the launcher's process group alone would
+    leave the ranks running as orphans."""
+    import psutil
+
+    try:
+        tree = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for pid in [process.pid, *(p.pid for p in tree)]:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    if sig == signal.SIGKILL:
+        process.wait()
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        assert not alive, f"processes of the job outlived its SIGKILL: {alive}"
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -114,7 +135,7 @@ def wait_for(predicate, process, timeout: float = 240.0, poll: float = 0.2) -> N
                 f"the job ended (code {process.returncode}) before the awaited state"
             )
         if time.time() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_job(process)
             raise TimeoutError("the awaited state did not come")
         time.sleep(poll)
 

@@ -12,6 +12,7 @@ from tests.distributed.launch import (
     bit_equal,
     completed,
     job,
+    kill_job,
     metrics,
     optimizer_tensors,
     run,
@@ -96,7 +97,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path, cache_dir
         args = job(run_dir, cache_dir, *steps, f"faults.pause_after_step={pause}")
         process = start("train.pretrain", args, log)
         wait_paused(log, process)
-        os.killpg(process.pid, signal.SIGKILL)
+        kill_job(process)
         process.wait()
         assert [r["step"] for r in metrics(run_dir)] == list(range(1, pause + 1))
         assert completed(run_dir) == checkpoints
@@ -251,7 +252,7 @@ def test_a_crash_inside_a_checkpoint_write_loses_nothing_and_resume_is_exact(
     process = start("train.pretrain", job(run_dir, cache_dir, *steps, *fault), log)
     if action == "pause":
         wait_paused(log, process, ranks=2 if rank is None else 1)
-        os.killpg(process.pid, signal.SIGKILL)
+        kill_job(process)
     assert process.wait(timeout=240) != 0
     root = run_dir / "checkpoints"
     partial = root / ".step_00000003.partial"
@@ -319,7 +320,7 @@ def test_zero3_resume_is_exact_too(tmp_path, cache_dir):
         "train.pretrain", job(run_dir, cache_dir, *steps, "faults.pause_after_step=3"), log
     )
     wait_paused(log, process)
-    os.killpg(process.pid, signal.SIGKILL)
+    kill_job(process)
     process.wait()
     assert completed(run_dir) == ["step_00000002"] and len(metrics(run_dir)) == 3
     code, out = run("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "c.log")

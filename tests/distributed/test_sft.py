@@ -31,6 +31,7 @@ from train.sft import (
     epoch_steps,
     sft_problems,
 )
+from train.validation import read_records
 
 ENDOFTEXT, IM_START, IM_END = 0, 1, 2  # the embedded tokenizer's ids
 BETA = 0.05
@@ -274,6 +275,7 @@ def test_the_loss_counts_only_assistant_tokens(tmp_path):
 @pytest.mark.distributed
 def test_sft_run_lowers_the_loss_and_exports_a_thinking_model_that_chats(tmp_path, cache_dir):
     data = write_conversations(tmp_path / "chat.jsonl", 300)
+    held_out_file = write_conversations(tmp_path / "held_out.jsonl", 8, seed=1000)
     init = save_init_model(tmp_path / "init")
     run_dir, export = tmp_path / "run", tmp_path / "thinking"
     overrides = [
@@ -283,9 +285,20 @@ def test_sft_run_lowers_the_loss_and_exports_a_thinking_model_that_chats(tmp_pat
         f"export_dir={export}",
         f"data.sources.0.paths=[{data}]",
         f"data.cache_dir={cache_dir}",
+        "eval.enabled=true",
+        "eval.every_steps=20",
+        f"eval.tasks=[{{name:chat,path:{held_out_file}}}]",
     ]
     code, out = run("train.sft", overrides, tmp_path / "log")
     assert code == 0, out[-3000:]
+
+    # Evaluated during the run on the held-out conversations' last assistant message.
+    evaluations = read_records(run_dir)
+    assert evaluations[-1]["step"] == metrics(run_dir)[-1]["step"]
+    assert [r["step"] for r in evaluations[:-1]] == list(range(20, evaluations[-1]["step"], 20))
+    first, last = evaluations[0]["tasks"]["chat"], evaluations[-1]["tasks"]["chat"]
+    assert last["n"] == 8 and len(last["accuracy_per_step"]) == 4 + 2
+    assert last["loss_per_step"][-1] < first["loss_per_step"][-1]
 
     # An epoch is every conversation once: 2 epochs of 512-token batches.
     records = [json.loads(line) for line in data.read_text().splitlines()]

@@ -1,14 +1,11 @@
 """Evaluation inside the pre-training job on 2 gloo ranks: split over ranks and reduced, equal
 to one process scoring the same checkpoint, exact across a kill and resume."""
 
-import os
-import signal
-
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.distributed.launch import job, metrics, run, start, wait_paused
+from tests.distributed.launch import job, kill_job, metrics, run, start, wait_paused
 from train.config import PretrainConfig
 from train.export import load_checkpoint_model
 from train.validation import Validator, read_records
@@ -84,7 +81,7 @@ def test_kill_and_resume_with_evaluation_on_is_exact_and_evaluates_each_step_onc
         "train.pretrain", job(run_dir, cache_dir, *evaluated, "faults.pause_after_step=3"), log
     )
     wait_paused(log, process)
-    os.killpg(process.pid, signal.SIGKILL)
+    kill_job(process)
     process.wait()
     assert [r["step"] for r in read_records(run_dir)] == [1, 2, 3]
     code, out = run("train.pretrain", job(run_dir, cache_dir, *evaluated), tmp_path / "b.log")
