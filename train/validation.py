@@ -35,6 +35,7 @@ from data_pipelines.config import DataConfig
 from data_pipelines.encoding import DocumentEncoder
 from data_pipelines.eval_tasks import EvalSequence, TaskSpec, build_sequences, file_problems
 from looplm.losses import IGNORE_INDEX, exit_pdf, q_exit_steps
+from train.metrics import truncate_jsonl_after
 
 logger = logging.getLogger("looplm.eval")
 
@@ -219,8 +220,6 @@ class Validator:
 
     def truncate_after(self, step: int) -> None:
         """Drops evaluations of steps after a resumed checkpoint (they are run again)."""
-        from train.metrics import truncate_jsonl_after
-
         if self.write:
             truncate_jsonl_after(self.path, step)
 
