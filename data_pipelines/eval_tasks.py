@@ -5,7 +5,8 @@ must be held out from (``synthetic://<task>?...``: the same knowledge base, its 
 from a stream of their own, every question that occurs in that source's documents skipped),
 or a user's JSONL file of ``{"prompt": ..., "answer": ...}`` records (``answer`` a string or a
 list of accepted strings) or, for SFT, of ``{"messages": [...]}`` conversations whose last
-message is the assistant's answer.
+message is the assistant's answer. In an SFT run a synthetic task's questions are asked as
+conversations, the way its ``chat=1`` training sources ask them.
 
 Every accepted answer becomes one ``EvalSequence``: the prompt's and the answer's tokens laid
 end to end, with masks of the answer's tokens (scored by exact match) and of the tokens whose
@@ -112,7 +113,9 @@ def training_documents(uris: list[str], cache_dir: str) -> list[str]:
     for uri in uris:
         for shard in synthetic.materialize(uri, cache_dir):
             with open(shard) as lines:
-                texts += [json.loads(line)["text"] for line in lines if line.strip()]
+                texts += [
+                    synthetic.document_text(json.loads(line)) for line in lines if line.strip()
+                ]
     return texts
 
 
@@ -173,6 +176,16 @@ def encode_items(name: str, items: list, encoder: DocumentEncoder, kind: str) ->
     for index, item in enumerate(items):
         if isinstance(item, dict) and "messages" in item:
             sequences.append(_conversation(name, index, item["messages"], encoder))
+            continue
+        if isinstance(item, synthetic.HeldOutItem) and kind == "sft":
+            for number, answer in enumerate(synthetic.chat_answers(item)):
+                messages = [
+                    {"role": "user", "content": item.prompt},
+                    {"role": "assistant", "content": answer},
+                ]
+                sequence = _conversation(name, index, messages, encoder)
+                sequence.loss_mask &= number == 0
+                sequences.append(sequence)
             continue
         if isinstance(item, dict):
             answer = item["answer"]

@@ -9,7 +9,10 @@ Three tasks, each deterministic given its seed:
 
 A source path `synthetic://<task>?num_docs=N&shards=S&seed=K` is materialised once as S
 JSONL shards in the cache directory (written atomically, so concurrent ranks agree) and then
-read like any other JSONL source.
+read like any other JSONL source. With `chat=1` the documents are conversations for SFT
+(`{"messages": [user, assistant]}`): the user asks one of the task's questions and the
+assistant answers with the worked reasoning where the task has one (multi-hop's chain of
+facts, reachability's path), about the same knowledge base as the plain source of that seed.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from urllib.parse import parse_qsl, urlparse
 
 FORMAT_VERSION = 2
 MODULUS = 23
-_DEFAULTS = {"num_docs": 20000, "shards": 8, "seed": 0}
+_DEFAULTS = {"num_docs": 20000, "shards": 8, "seed": 0, "chat": 0}
 _SYLLABLES = "ka lo mi ren sa tor vel dan is ur bel cor fen gal hal jun kir lam nor pim".split()
 _RELATIONS = ("mentor", "neighbor", "employer", "rival", "teacher", "partner")
 _NUM_PEOPLE = 400
@@ -50,6 +53,8 @@ def parse_uri(uri: str) -> tuple[str, dict[str, int]]:
         params[key] = int(value)
     if params["num_docs"] < 1 or params["shards"] < 1:
         raise ValueError("num_docs and shards must be positive")
+    if params["chat"] not in (0, 1):
+        raise ValueError(f"chat must be 0 (documents) or 1 (conversations), got {params['chat']}")
     return task, params
 
 
@@ -59,7 +64,8 @@ def materialize(uri: str, cache_dir: str, check_only: bool = False) -> list[str]
     if check_only:
         return []
     name = (
-        f"{task}-n{params['num_docs']}-s{params['shards']}-seed{params['seed']}-v{FORMAT_VERSION}"
+        f"{task}-n{params['num_docs']}-s{params['shards']}-seed{params['seed']}"
+        f"{'-chat' if params['chat'] else ''}-v{FORMAT_VERSION}"
     )
     directory = Path(os.path.expanduser(cache_dir), "synthetic", name)
     if not directory.is_dir():
@@ -77,7 +83,11 @@ def _generate(task: str, params: dict[str, int], directory: Path) -> None:
         count = len(range(shard, params["num_docs"], params["shards"]))
         with open(partial / f"part-{shard:05d}.jsonl", "w") as file:
             for _ in range(count):
-                file.write(json.dumps({"text": generate(rng, context)}) + "\n")
+                if params["chat"]:
+                    record = {"messages": chat_messages(HELD_OUT[task](rng, context))}
+                else:
+                    record = {"text": generate(rng, context)}
+                file.write(json.dumps(record) + "\n")
     try:
         os.rename(partial, directory)
     except OSError:
@@ -247,6 +257,29 @@ def held_out_items(uri: str, count: int, seen: Callable[[str], bool]) -> list[He
         f"{uri}: only {len(items)} of {count} held-out questions could be drawn that do not "
         "occur in the training data"
     )
+
+
+def chat_answers(item: HeldOutItem) -> list[str]:
+    """The accepted answers of a question as an assistant message: the worked one (the
+    conversations' form) first, then any other."""
+    return [answer.strip() for answer in (item.answers[-1], *item.answers[:-1])]
+
+
+def chat_messages(item: HeldOutItem) -> list[dict[str, str]]:
+    """A question as a conversation: the prompt from the user, the worked answer back."""
+    return [
+        {"role": "user", "content": item.prompt},
+        {"role": "assistant", "content": chat_answers(item)[0]},
+    ]
+
+
+def document_text(record: dict) -> str:
+    """The text of a document of a synthetic source, a conversation's as the plain form would
+    write it (prompt, a space, answer), so that ``question_keys`` finds its question."""
+    if "text" in record:
+        return record["text"]
+    user, assistant = (message["content"] for message in record["messages"])
+    return f"{user} {assistant}\n"
 
 
 def question_keys(task: str, text: str) -> list[str]:

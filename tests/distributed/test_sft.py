@@ -45,6 +45,11 @@ SFT_FAST = [
 ]
 
 
+def own_data(path: Path) -> str:
+    """The override that trains the tiny twin on a conversation file instead of its own."""
+    return f"data.sources=[{{name:chat,paths:[{path}]}}]"
+
+
 def conversation(rng: random.Random, system: bool = False) -> list[dict]:
     a, b = rng.randrange(10), rng.randrange(10)
     messages = [{"role": "system", "content": "Answer briefly."}] if system else []
@@ -157,10 +162,8 @@ def test_experiments_compose_and_bad_settings_are_reported(tmp_path):
     full = compose_sft("experiment=thinking_sft", f"init_from={model}", "run_dir=r")
     assert [s.name for s in full.data.sources] == ["math", "code", "science", "chat"]
     assert full.data.seq_len == 32768 and full.train.global_batch_tokens == 4194304
-    tiny = compose_sft(
-        *SFT_FAST, f"init_from={model}", "run_dir=r", f"data.sources.0.paths=[{data}]"
-    )
-    assert tiny.data.kind == "sft" and tiny.train.global_batch_tokens == 512
+    tiny = compose_sft(*SFT_FAST, f"init_from={model}", "run_dir=r", own_data(data), "eval=none")
+    assert tiny.data.kind == "sft" and tiny.train.global_batch_tokens == 1024
     bad = replace(
         tiny,
         init_from=str(tmp_path / "nothing"),
@@ -175,9 +178,7 @@ def test_experiments_compose_and_bad_settings_are_reported(tmp_path):
 
 def test_an_epoch_is_counted_once_over_the_ranks_and_kept_for_resume(tmp_path):
     data = write_conversations(tmp_path / "chat.jsonl", 30)
-    cfg = compose_sft(
-        *SFT_FAST, f"init_from={tmp_path}", "run_dir=r", f"data.sources.0.paths=[{data}]"
-    )
+    cfg = compose_sft(*SFT_FAST, f"init_from={tmp_path}", "run_dir=r", own_data(data))
     records = [json.loads(line) for line in data.read_text().splitlines()]
     lengths = [len(render(record["messages"])) for record in records]
     tokens = sum(lengths)
@@ -232,7 +233,7 @@ def test_the_loss_counts_only_assistant_tokens(tmp_path):
         *SFT_FAST,
         f"init_from={tmp_path}",
         "run_dir=r",
-        f"data.sources.0.paths=[{data}]",
+        own_data(data),
         f"data.seq_len={len(ids)}",
         "data.shuffle=false",
         "data.num_workers=0",
@@ -283,7 +284,9 @@ def test_sft_run_lowers_the_loss_and_exports_a_thinking_model_that_chats(tmp_pat
         f"init_from={init}",
         f"run_dir={run_dir}",
         f"export_dir={export}",
-        f"data.sources.0.paths=[{data}]",
+        own_data(data),
+        "data.seq_len=128",  # its short conversations: more, smaller steps
+        "train.global_batch_tokens=512",
         f"data.cache_dir={cache_dir}",
         "eval.enabled=true",
         "eval.every_steps=20",
@@ -300,15 +303,16 @@ def test_sft_run_lowers_the_loss_and_exports_a_thinking_model_that_chats(tmp_pat
     assert last["n"] == 8 and len(last["accuracy_per_step"]) == 4 + 2
     assert last["loss_per_step"][-1] < first["loss_per_step"][-1]
 
-    # An epoch is every conversation once: 2 epochs of 512-token batches.
+    # An epoch is every conversation once: 2 epochs of global batches.
     records = [json.loads(line) for line in data.read_text().splitlines()]
     tokens = sum(len(render(record["messages"])) for record in records)
     counted = json.loads((run_dir / "dataset_tokens.json").read_text())["tokens"]["chat"]
     # Whole conversations: the padding is counted too.
-    seq_len = compose_sft(*overrides).data.seq_len
-    assert tokens < counted < tokens + len(records) * seq_len
+    composed = compose_sft(*overrides)
+    assert tokens < counted < tokens + len(records) * composed.data.seq_len
     steps = [r["step"] for r in metrics(run_dir)]
-    assert steps == list(range(1, math.ceil(2 * counted / 512) + 1))
+    batch = composed.train.global_batch_tokens
+    assert steps == list(range(1, math.ceil(2 * counted / batch) + 1))
     losses = [r["loss"] for r in metrics(run_dir)]
     assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
 

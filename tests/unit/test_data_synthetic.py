@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from data_pipelines import synthetic
 from data_pipelines.tokenizer import SPECIAL_TOKENS, load_tokenizer
 
@@ -135,3 +137,15 @@ def test_train_tokenizer_script_on_a_small_corpus(tmp_path):
     tokenizer = load_tokenizer(str(out))
     assert [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS] == [0, 1, 2]
     assert tokenizer.get_vocab_size() == 300
+
+
+def test_conversations_are_a_source_of_their_own_and_bad_parameters_are_named(tmp_path):
+    plain = synthetic.materialize("synthetic://mano?num_docs=5&shards=1", str(tmp_path))
+    chat = synthetic.materialize("synthetic://mano?num_docs=5&shards=1&chat=1", str(tmp_path))
+    assert plain != chat and '"messages"' in Path(chat[0]).read_text()
+    for uri, message in [
+        ("synthetic://mano?chat=2", "chat must be 0 (documents) or 1 (conversations)"),
+        ("synthetic://mano?chat=yes", "bad parameter chat='yes'"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            synthetic.parse_uri(uri)

@@ -2,6 +2,7 @@
 sets that are held out, and task files checked before a run starts."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -299,3 +300,90 @@ def test_a_conversation_is_scored_on_its_last_assistant_message(tmp_path):
     )
     assert answer == "4<|im_end|>"
     assert sequence.loss_mask.sum() > sequence.answer_mask.sum()  # both assistant turns
+
+
+# ---- conversations of the synthetic tasks (the SFT twin's data) --------------------------
+
+
+def _chat(uri: str) -> str:
+    return uri + "&chat=1"
+
+
+@pytest.mark.parametrize("task", sorted(SOURCES))
+def test_chat_sources_ask_the_tasks_questions_with_worked_answers(tmp_path, task):
+    (shard, *_) = synthetic.materialize(_chat(SOURCES[task]), str(tmp_path))
+    records = [json.loads(line) for line in open(shard)]
+    roles = {tuple(m["role"] for m in r["messages"]) for r in records}
+    assert roles == {("user", "assistant")}
+    if task == "multi_hop":  # every answer is the chain of facts, ending in the name
+        names, relations = synthetic._knowledge_base(5)
+        for record in records[:50]:
+            user, assistant = (m["content"] for m in record["messages"])
+            hops = re.findall(r"the (\w+) of", user)[::-1]
+            person = names.index(re.search(r"of ([A-Z]\w+ [A-Z]\w+)\?", user).group(1))
+            for hop in hops:
+                person = relations[hop][person]
+            assert assistant.endswith(f"So the answer is {names[person]}.")
+            assert assistant.count(". ") == len(hops)
+    if task == "mano":  # the user's expression, the value modulo 23
+        for record in records[:50]:
+            user, assistant = (m["content"] for m in record["messages"])
+            expression = user.split("\n")[1].removesuffix(" =").split()
+            assert int(assistant) == _prefix_value(expression)
+    if task == "reachability":
+        assert {r["messages"][1]["content"].split(",")[0].rstrip(".") for r in records} == {
+            "yes",
+            "no",
+        }
+
+
+def _prefix_value(tokens: list[str]) -> int:
+    def walk(i: int) -> tuple[int, int]:
+        if tokens[i].isdigit():
+            return int(tokens[i]), i + 1
+        left, j = walk(i + 1)
+        right, k = walk(j)
+        return {"+": left + right, "-": left - right, "*": left * right}[tokens[i]] % 23, k
+
+    value, end = walk(0)
+    assert end == len(tokens)
+    return value
+
+
+@pytest.mark.parametrize("task", sorted(SOURCES))
+def test_held_out_questions_never_occur_in_the_training_conversations(tmp_path, task):
+    uri = _chat(SOURCES[task])
+    items = prove_held_out(TaskSpec(task, 40, source_uri=uri), [uri], str(tmp_path))
+    questions = {
+        json.loads(line)["messages"][0]["content"]
+        for shard in synthetic.materialize(uri, str(tmp_path))
+        for line in open(shard)
+    }
+    assert len(items) == 40 and not questions & {item.prompt for item in items}
+    # Without the filter short expressions would: the proof reads the conversations.
+    drawn = synthetic.held_out_items(uri, 300, lambda key: False)
+    assert task != "mano" or questions & {item.prompt for item in drawn}
+
+
+def test_sft_asks_a_synthetic_question_as_its_conversations_do(tmp_path):
+    uri = _chat(SOURCES["multi_hop"])
+    encoder = DocumentEncoder("embedded", "sft", "<|endoftext|>")
+    sequences = build_sequences(
+        [TaskSpec("mh", 3, source_uri=uri)], [uri], encoder, "sft", str(tmp_path)
+    )
+    items = synthetic.held_out_items(uri, 3, lambda key: False)
+    assert [s.item for s in sequences] == [0, 0, 1, 1, 2, 2]  # worked, then direct
+    decode = encoder.tokenizer.decode
+    for sequence in sequences:
+        item = items[sequence.item]
+        direct, worked = (a.strip() for a in item.answers)
+        answer = worked if sequence.loss_mask.any() else direct
+        # The ChatML text the SFT data renders, as one string, minus its final EOS.
+        text = (
+            f"<|im_start|>user\n{item.prompt}<|im_end|>\n"
+            f"<|im_start|>assistant\n{answer}<|im_end|>\n"
+        )
+        assert decode(sequence.tokens.tolist(), skip_special_tokens=False) == text
+        scored = decode(sequence.tokens[sequence.answer_mask].tolist(), skip_special_tokens=False)
+        assert scored == f"{answer}<|im_end|>"
+        assert np.array_equal(sequence.loss_mask, sequence.answer_mask & (answer == worked))
