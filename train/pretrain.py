@@ -43,6 +43,7 @@ from train.engine import (
 )
 from train.faults import CheckpointFault, pause_after
 from train.metrics import MetricsLogger, device_peak_flops, training_flops_per_token
+from train.run_lock import RunLock, exit_with_launcher
 from train.schedule import exit_beta, learning_rate
 from train.sequence_parallel import local_slice, sequence_parallel_group, token_share
 from train.stability import RollbackGuard, SpikeDetector
@@ -223,7 +224,11 @@ class Trainer:
         """The loss of every step; its beta is replaced by the plan's at each step."""
         t = self.cfg.train
         return Objective(
-            beta=t.beta, prior=t.prior, prior_param=t.prior_param, regularizer=t.regularizer
+            kind=t.objective,
+            beta=t.beta,
+            prior=t.prior,
+            prior_param=t.prior_param,
+            regularizer=t.regularizer,
         )
 
     def _init_distributed(self, local_rank: int) -> None:
@@ -601,14 +606,20 @@ def run_job(trainer_class: type[Trainer], raw: DictConfig) -> None:
     """Runs a composed job with ``trainer_class`` (this trainer or one derived from it): the
     config goes to run_dir/config.yaml, the loader and metrics close even after an error."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    trainer = trainer_class(OmegaConf.to_object(raw))
-    if trainer.rank == 0:
-        (Path(trainer.cfg.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(raw))
+    exit_with_launcher()
+    cfg = OmegaConf.to_object(raw)
+    lock = RunLock(Path(cfg.run_dir), _environment()[0]).acquire()
     try:
-        trainer.train()
+        trainer = trainer_class(cfg)
+        if trainer.rank == 0:
+            (Path(trainer.cfg.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(raw))
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        trainer.finish()
     finally:
-        trainer.close()
-    trainer.finish()
+        lock.release()
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="pretrain", version_base=None)
