@@ -1,11 +1,18 @@
 """Synthetic reasoning corpora in the spirit of the Ouro paper's small-scale studies.
 
-Three tasks, each deterministic given its seed:
+Four tasks, each deterministic given its seed:
 
 - `multi_hop`: a random knowledge base of people and relations; documents either state a
   person's facts or ask for a 1- to 4-hop composition of relations (Capo/3-hop QA style).
-- `mano`: prefix-notation arithmetic modulo 23 (the paper's Mano task).
+- `mano`: prefix-notation arithmetic modulo 23 (the paper's Mano task). By default the
+  expressions are trees of depth 1 to 4; with `ops=L` each has l operators, l uniform in
+  [1, L], and held-out questions have exactly L (the paper's hardest length); `mod=M` changes
+  the modulus.
 - `reachability`: a random directed graph and whether one node reaches another.
+- `phop`: p-hop induction (Sanford et al. 2024; Saunshi et al. 2025): in a sequence of
+  `length` letters over an alphabet of `symbols`, one hop goes from a position to the one after
+  the latest earlier occurrence of its letter; the answer is the letter p hops from the end,
+  p uniform in [1, `hops`] (held-out questions: p = `hops`).
 
 A source path `synthetic://<task>?num_docs=N&shards=S&seed=K` is materialised once as S
 JSONL shards in the cache directory (written atomically, so concurrent ranks agree) and then
@@ -33,6 +40,11 @@ from urllib.parse import parse_qsl, urlparse
 FORMAT_VERSION = 2
 MODULUS = 23
 _DEFAULTS = {"num_docs": 20000, "shards": 8, "seed": 0, "chat": 0}
+_TASK_DEFAULTS = {
+    "mano": {"ops": 0, "mod": MODULUS},
+    "phop": {"hops": 4, "length": 16, "symbols": 4},
+}
+"""Parameters of one task: the directory of a source names those that differ from these."""
 _SYLLABLES = "ka lo mi ren sa tor vel dan is ur bel cor fen gal hal jun kir lam nor pim".split()
 _RELATIONS = ("mentor", "neighbor", "employer", "rival", "teacher", "partner")
 _NUM_PEOPLE = 400
@@ -44,17 +56,23 @@ def parse_uri(uri: str) -> tuple[str, dict[str, int]]:
     task = parsed.netloc
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; known: {sorted(TASKS)}")
-    params = dict(_DEFAULTS)
+    params = {**_DEFAULTS, **_TASK_DEFAULTS.get(task, {})}
     for key, value in parse_qsl(parsed.query):
-        if key not in _DEFAULTS or not value.isdigit():
+        if key not in params or not value.isdigit():
             raise ValueError(
-                f"bad parameter {key}={value!r}; expected integers {sorted(_DEFAULTS)}"
+                f"bad parameter {key}={value!r}; expected integers {sorted(params)} for {task}"
             )
         params[key] = int(value)
     if params["num_docs"] < 1 or params["shards"] < 1:
         raise ValueError("num_docs and shards must be positive")
     if params["chat"] not in (0, 1):
         raise ValueError(f"chat must be 0 (documents) or 1 (conversations), got {params['chat']}")
+    if task == "mano" and params["mod"] < 2:
+        raise ValueError(f"mano: mod must be >= 2, got {params['mod']}")
+    if task == "phop" and not (
+        params["hops"] >= 1 and 2 <= params["symbols"] <= 26 and params["length"] >= 4
+    ):
+        raise ValueError(f"phop: needs hops >= 1, 2 <= symbols <= 26 and length >= 4, got {params}")
     return task, params
 
 
@@ -63,8 +81,13 @@ def materialize(uri: str, cache_dir: str, check_only: bool = False) -> list[str]
     task, params = parse_uri(uri)
     if check_only:
         return []
+    own = "".join(
+        f"-{key}{value}"
+        for key, value in params.items()
+        if key in _TASK_DEFAULTS.get(task, {}) and value != _TASK_DEFAULTS[task][key]
+    )
     name = (
-        f"{task}-n{params['num_docs']}-s{params['shards']}-seed{params['seed']}"
+        f"{task}-n{params['num_docs']}-s{params['shards']}-seed{params['seed']}{own}"
         f"{'-chat' if params['chat'] else ''}-v{FORMAT_VERSION}"
     )
     directory = Path(os.path.expanduser(cache_dir), "synthetic", name)
@@ -77,7 +100,7 @@ def _generate(task: str, params: dict[str, int], directory: Path) -> None:
     partial = directory.with_name(f"{directory.name}.partial-{socket.gethostname()}-{os.getpid()}")
     partial.mkdir(parents=True, exist_ok=True)
     generate = TASKS[task]
-    context = _context(task, params["seed"])
+    context = _context(task, params)
     for shard in range(params["shards"]):
         rng = random.Random(_seed(params["seed"], task, shard))
         count = len(range(shard, params["num_docs"], params["shards"]))
@@ -99,8 +122,9 @@ def _seed(seed: int, name: str, index: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) * 1_000_003 + index
 
 
-def _context(task: str, seed: int):
-    return _knowledge_base(seed) if task == "multi_hop" else None
+def _context(task: str, params: dict[str, int]):
+    """What a task's generators share: multi-hop's knowledge base, or the task's parameters."""
+    return _knowledge_base(params["seed"]) if task == "multi_hop" else params
 
 
 def _knowledge_base(seed: int) -> tuple[list[str], dict[str, list[int]]]:
@@ -165,33 +189,94 @@ def multi_hop_item(rng: random.Random, knowledge) -> HeldOutItem:
     )
 
 
-def mano(rng: random.Random, _context=None) -> str:
-    """Several prefix-notation expressions modulo 23 with their values."""
+def mano(rng: random.Random, params=None) -> str:
+    """Several prefix-notation expressions modulo 23 (or ``mod``) with their values."""
+    ops, mod = _mano_settings(params)
     lines = []
     for _ in range(rng.randint(4, 11)):
-        expression, value = _expression(rng, rng.randint(1, 4))
+        if ops:
+            expression, value = _operators_expression(rng, rng.randint(1, ops), mod)
+        else:
+            expression, value = _expression(rng, rng.randint(1, 4), mod)
         lines.append(f"{expression} = {value}")
-    return f"Evaluate modulo {MODULUS} (prefix notation).\n" + "\n".join(lines)
+    return f"Evaluate modulo {mod} (prefix notation).\n" + "\n".join(lines)
+
+
+def _mano_settings(params) -> tuple[int, int]:
+    params = params or _TASK_DEFAULTS["mano"]
+    return params["ops"], params["mod"]
 
 
 _OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
-def _expression(rng: random.Random, depth: int) -> tuple[str, int]:
+def _expression(rng: random.Random, depth: int, mod: int = MODULUS) -> tuple[str, int]:
     if depth == 0 or rng.random() < 0.2:
-        value = rng.randrange(MODULUS)
+        value = rng.randrange(mod)
         return str(value), value
     operator = rng.choice("+-*")
-    left, left_value = _expression(rng, depth - 1)
-    right, right_value = _expression(rng, depth - 1)
-    return f"{operator} {left} {right}", _OPERATORS[operator](left_value, right_value) % MODULUS
+    left, left_value = _expression(rng, depth - 1, mod)
+    right, right_value = _expression(rng, depth - 1, mod)
+    return f"{operator} {left} {right}", _OPERATORS[operator](left_value, right_value) % mod
 
 
-def mano_item(rng: random.Random, _context=None) -> HeldOutItem:
-    """One expression as the first line of a document (always followed by another line)."""
-    expression, value = _expression(rng, rng.randint(1, 4))
-    header = f"Evaluate modulo {MODULUS} (prefix notation).\n"
+def _operators_expression(rng: random.Random, ops: int, mod: int) -> tuple[str, int]:
+    """A uniformly split random tree of exactly ``ops`` operators, in prefix notation."""
+    if ops == 0:
+        value = rng.randrange(mod)
+        return str(value), value
+    operator, left_ops = rng.choice("+-*"), rng.randrange(ops)
+    left, left_value = _operators_expression(rng, left_ops, mod)
+    right, right_value = _operators_expression(rng, ops - 1 - left_ops, mod)
+    return f"{operator} {left} {right}", _OPERATORS[operator](left_value, right_value) % mod
+
+
+def mano_item(rng: random.Random, params=None) -> HeldOutItem:
+    """One expression as the first line of a document (always followed by another line); with
+    ``ops=L``, of exactly L operators."""
+    ops, mod = _mano_settings(params)
+    if ops:
+        expression, value = _operators_expression(rng, ops, mod)
+    else:
+        expression, value = _expression(rng, rng.randint(1, 4), mod)
+    header = f"Evaluate modulo {mod} (prefix notation).\n"
     return HeldOutItem(f"\n{expression} = ", f"{header}{expression} =", (f" {value}\n",))
+
+
+_PHOP_HEADER = "Follow the hops.\n"
+
+
+def phop(rng: random.Random, params) -> str:
+    """Several p-hop questions with their answers, p uniform in [1, hops]."""
+    lines = []
+    for _ in range(rng.randint(2, 6)):
+        line, answer = _phop_question(rng, params, rng.randint(1, params["hops"]))
+        lines.append(f"{line} = {answer}")
+    return _PHOP_HEADER + "\n".join(lines)
+
+
+def _phop_question(rng: random.Random, params, hops: int) -> tuple[str, str]:
+    """``"{p} hops: {letters}"`` and the letter ``hops`` hops from the last position."""
+    letters = "abcdefghijklmnopqrstuvwxyz"[: params["symbols"]]
+    sequence = [rng.choice(letters) for _ in range(params["length"])]
+    return f"{hops} hops: {' '.join(sequence)}", sequence[hop_position(sequence, hops)]
+
+
+def hop_position(sequence: list[str], hops: int) -> int:
+    """The position ``hops`` hops from the last one; a hop from i goes to j + 1 for the latest
+    j < i holding the same letter as i, and stays at i when there is none."""
+    position = len(sequence) - 1
+    for _ in range(hops):
+        earlier = [j for j in range(position) if sequence[j] == sequence[position]]
+        if earlier:
+            position = earlier[-1] + 1
+    return position
+
+
+def phop_item(rng: random.Random, params) -> HeldOutItem:
+    """One question of exactly ``hops`` hops, as the first line of a document."""
+    line, answer = _phop_question(rng, params, params["hops"])
+    return HeldOutItem(f"\n{line} = ", f"{_PHOP_HEADER}{line} =", (f" {answer}\n",))
 
 
 def reachability(rng: random.Random, _context=None) -> str:
@@ -230,11 +315,17 @@ def _shortest_path(edges: list[tuple[int, int]], source: int, target: int) -> li
     return None
 
 
-TASKS: dict[str, Callable] = {"multi_hop": multi_hop, "mano": mano, "reachability": reachability}
+TASKS: dict[str, Callable] = {
+    "multi_hop": multi_hop,
+    "mano": mano,
+    "reachability": reachability,
+    "phop": phop,
+}
 HELD_OUT: dict[str, Callable] = {
     "multi_hop": multi_hop_item,
     "mano": mano_item,
     "reachability": reachability_item,
+    "phop": phop_item,
 }
 
 
@@ -245,7 +336,7 @@ def held_out_items(uri: str, count: int, seen: Callable[[str], bool]) -> list[He
     ValueError when the task cannot supply that many unseen questions."""
     task, params = parse_uri(uri)
     rng = random.Random(_seed(params["seed"], f"{task}/held-out", 0))
-    context = _context(task, params["seed"])
+    context = _context(task, params)
     items: dict[str, HeldOutItem] = {}
     for _ in range(200 * count):
         item = HELD_OUT[task](rng, context)
@@ -286,6 +377,6 @@ def question_keys(task: str, text: str) -> list[str]:
     """The keys (``HeldOutItem.key``) of the questions a training document of ``task`` holds."""
     if task == "multi_hop":
         return re.findall(r"Question: Who is [^?]*\?", text)
-    if task == "mano":
+    if task in ("mano", "phop"):
         return [f"\n{line.split(' = ')[0]} = " for line in text.split("\n")[1:]]
     return [text[: text.index("Answer:") + len("Answer:")]] if "Answer:" in text else []

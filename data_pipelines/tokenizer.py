@@ -102,3 +102,21 @@ def token_id(tokenizer: Tokenizer, token: str) -> int:
     if index is None:
         raise ValueError(f"the tokenizer has no token {token!r}")
     return index
+
+
+def word_level_tokenizer(texts) -> Tokenizer:
+    """A tokenizer of one token per space-separated word and one per newline, over the words of
+    ``texts``, with Ouro's special tokens first (ids 0, 1, 2). For synthetic tasks whose symbols
+    are words (numbers, operators, letters): every symbol is exactly one token, so a prompt and
+    its answer tokenize the same apart as together."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+
+    words = sorted({word for text in texts for line in text.split("\n") for word in line.split()})
+    vocabulary = {token: i for i, token in enumerate([*SPECIAL_TOKENS, "\n", *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token=ENDOFTEXT))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r"\n"), "isolated"), pre_tokenizers.Split(" ", "removed")]
+    )
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins with spaces
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return tokenizer

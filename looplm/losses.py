@@ -75,11 +75,15 @@ def log_prior(
     raise ValueError(f"unknown exit prior {kind!r}; choose one of {PRIORS}")
 
 
+OBJECTIVE_KINDS = ("stage1", "stage2", "last_step")
+
+
 @dataclass
 class Objective:
     """Which training objective a forward with labels computes, and its settings."""
 
-    kind: str = "stage1"  # "stage1" (joint LM + exit) or "stage2" (gate only, LM frozen)
+    kind: str = "stage1"  # "stage1" (joint LM + exit), "stage2" (gate only, LM frozen) or
+    # "last_step" (the last step's cross-entropy only, no exit gate: plain looped training)
     beta: float = 0.1  # weight of the exit regularizer (Stage I)
     prior: str = "uniform"  # "uniform", "geometric" or "none" (no regularizer)
     prior_param: float = 0.5  # success probability of the geometric prior
@@ -90,8 +94,8 @@ class Objective:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.kind not in ("stage1", "stage2"):
-            problems.append(f"objective kind must be 'stage1' or 'stage2', got {self.kind!r}")
+        if self.kind not in OBJECTIVE_KINDS:
+            problems.append(f"objective kind must be one of {OBJECTIVE_KINDS}, got {self.kind!r}")
         if self.prior not in PRIORS:
             problems.append(f"prior must be one of {PRIORS}, got {self.prior!r}")
         if self.regularizer not in REGULARIZERS:
@@ -299,6 +303,25 @@ def stage1_loss(
     expected = (p_TN * ce_TN).sum() / denominator + (weighted - weighted.detach())
     regularizer = exit_regularizer(log_p_NT, objective).sum() / denominator
     return _stats(ce_TN, log_p_NT, expected + objective.beta * regularizer)
+
+
+def last_step_loss(
+    step_hidden: list[torch.Tensor],
+    gate_logits_BST: torch.Tensor,
+    labels_BS: torch.Tensor,
+    lm_head: torch.nn.Module,
+    objective: Objective,
+) -> LossOutput:
+    """The last step's mean cross-entropy alone: a looped model trained the usual way, read out
+    only after its T steps (the exit gate gets no gradient). The other steps' losses are
+    measured for the metrics."""
+    rows_N, y_N, z_NT = _targets(labels_BS, gate_logits_BST)
+    dtype = torch.promote_types(step_hidden[0].dtype, torch.float32)
+    weights_TN = torch.zeros(len(step_hidden), rows_N.shape[0], device=y_N.device, dtype=dtype)
+    weights_TN[-1] = 1.0 / max(rows_N.shape[0], 1)
+    loss, ce_TN = _head_losses(lm_head, step_hidden, rows_N, y_N, weights_TN, objective)
+    # The gate's logits join the graph with weight zero, so that every parameter has a gradient.
+    return _stats(ce_TN, exit_log_pdf(z_NT), loss + 0.0 * z_NT.sum())
 
 
 def gate_targets(ce_TN: torch.Tensor, k: float, gamma: float) -> torch.Tensor:

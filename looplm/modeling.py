@@ -36,6 +36,7 @@ from looplm.losses import (
     LossOutput,
     Objective,
     exit_log_pdf,
+    last_step_loss,
     q_exit_steps,
     stage1_loss,
     stage2_loss,
@@ -359,8 +360,10 @@ class LoopLMForCausalLM(nn.Module):
     def loss(
         self, body: LoopLMBodyOutput, labels: torch.Tensor, objective: Objective
     ) -> LossOutput:
-        fn = stage1_loss if objective.kind == "stage1" else stage2_loss
-        return fn(body.step_hidden, body.gate_logits, labels, self.lm_head, objective)
+        fn = {"stage1": stage1_loss, "stage2": stage2_loss, "last_step": last_step_loss}
+        return fn[objective.kind](
+            body.step_hidden, body.gate_logits, labels, self.lm_head, objective
+        )
 
     def _exit_steps(self, gate_logits_BSt, exit_at_step, exit_threshold, num_steps: int):
         """0-based exit step [B, S] of every token: ``exit_at_step``, else Q-exit. Given the gate

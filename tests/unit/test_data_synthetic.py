@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from data_pipelines import synthetic
-from data_pipelines.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from data_pipelines.tokenizer import SPECIAL_TOKENS, load_tokenizer, word_level_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,14 +27,14 @@ def test_generation_is_deterministic_and_cached(tmp_path):
     assert synthetic.materialize(uri, str(tmp_path / "one")) == first
 
 
-def evaluate_prefix(tokens: list[str]) -> tuple[int, list[str]]:
+def evaluate_prefix(tokens: list[str], mod: int = synthetic.MODULUS) -> tuple[int, list[str]]:
     head, rest = tokens[0], tokens[1:]
     if head.isdigit():
         return int(head), rest
-    left, rest = evaluate_prefix(rest)
-    right, rest = evaluate_prefix(rest)
+    left, rest = evaluate_prefix(rest, mod)
+    right, rest = evaluate_prefix(rest, mod)
     value = {"+": left + right, "-": left - right, "*": left * right}[head]
-    return value % synthetic.MODULUS, rest
+    return value % mod, rest
 
 
 def test_mano_answers_are_right():
@@ -149,3 +150,73 @@ def test_conversations_are_a_source_of_their_own_and_bad_parameters_are_named(tm
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             synthetic.parse_uri(uri)
+
+
+def test_a_word_level_tokenizer_gives_every_symbol_one_token(tmp_path):
+    uri = "synthetic://phop?num_docs=20&shards=1&hops=3&symbols=5"
+    documents = [json.loads(line)["text"] for line in open(synthetic.materialize(uri, tmp_path)[0])]
+    tokenizer = word_level_tokenizer(documents)
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(str(path))
+    loaded = load_tokenizer(str(path))
+    assert [loaded.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2]
+    assert loaded.get_vocab_size() == 4 + len({w for d in documents for w in d.split()})
+    for item in synthetic.held_out_items(uri, 5, lambda key: False):
+        prompt, (answer,) = item.prompt, item.answers
+        apart = loaded.encode(prompt).ids + loaded.encode(answer).ids
+        assert apart == loaded.encode(prompt + answer).ids
+        assert len(loaded.encode(answer).ids) == 2  # the letter and the newline
+        assert 0 not in apart  # no unknown word
+    line = documents[0].split("\n")[1]
+    assert len(loaded.encode(line).ids) == len(line.split())
+
+
+def _operators(expression: str) -> int:
+    return sum(token in "+-*" for token in expression.split())
+
+
+def test_mano_of_a_given_length_counts_operators_and_holds_out_the_hardest():
+    params = {"ops": 5, "mod": 7}
+    rng = random.Random(3)
+    lengths = set()
+    for _ in range(30):
+        text = synthetic.mano(rng, params)
+        assert text.startswith("Evaluate modulo 7 (prefix notation).\n")
+        for line in text.splitlines()[1:]:
+            expression, value = line.split(" = ")
+            lengths.add(_operators(expression))
+            assert evaluate_prefix(expression.split(), 7) == (int(value), [])
+    assert lengths == {1, 2, 3, 4, 5}
+    for _ in range(20):
+        item = synthetic.mano_item(rng, params)
+        expression = item.key.strip().removesuffix(" =")
+        assert _operators(expression) == 5
+        assert evaluate_prefix(expression.split(), 7)[0] == int(item.answers[0])
+
+
+def _hop_answer(letters: list[str], hops: int) -> str:
+    """p-hop induction as Sanford et al. define it: find(i) = max{j <= i : x[j-1] = x[i]} (i
+    itself when there is no such j), the answer x[find^p(n-1)]."""
+    i = len(letters) - 1
+    for _ in range(hops):
+        i = max([j for j in range(1, i + 1) if letters[j - 1] == letters[i]], default=i)
+    return letters[i]
+
+
+def test_phop_answers_follow_the_hops():
+    params = {"hops": 5, "length": 12, "symbols": 3}
+    rng = random.Random(4)
+    hops_seen = set()
+    for _ in range(40):
+        text = synthetic.phop(rng, params)
+        for line in text.splitlines()[1:]:
+            question, answer = line.split(" = ")
+            count, letters = question.split(" hops: ")
+            letters = letters.split()
+            hops_seen.add(int(count))
+            assert len(letters) == 12 and set(letters) <= set("abc")
+            assert _hop_answer(letters, int(count)) == answer
+    assert hops_seen == {1, 2, 3, 4, 5}
+    item = synthetic.phop_item(rng, params)
+    assert item.key.startswith("\n5 hops: ")
+    assert synthetic.question_keys("phop", "Follow the hops.\n" + item.key[1:] + "a") == [item.key]

@@ -282,3 +282,32 @@ def test_stage2_trains_only_the_gate():
             if p.grad is not None:
                 p -= 0.5 * p.grad
     close(model(ids, return_all_steps=True).step_logits, before, atol=0.0)
+
+
+# ---- the last step's loss alone (the looped_last ablation) --------------------------------
+
+
+def test_last_step_loss_is_the_last_steps_cross_entropy_and_leaves_the_gate_untrained():
+    model = tiny_model(kv_heads=2, steps=3)
+    ids, labels = batch(seed=23)
+    out = model(ids, labels=labels, objective=Objective(kind="last_step", chunk_tokens=5))
+    out.loss.backward()
+
+    def loss_fn(step_logits, z, labels_BS):
+        keep = labels_BS != -100
+        return torch.nn.functional.cross_entropy(step_logits[-1][keep], labels_BS[keep])
+
+    expected, grads = reference_loss_and_grads(model, ids, labels, loss_fn)
+    close(out.loss, expected)
+    step_logits, z = reference_forward(model, ids)
+    stats = ref.stage1_loss(step_logits, z, labels, beta=0.0)
+    close(out.loss_per_step, stats["loss_per_step"])
+    close(out.loss_per_step[-1], expected)
+    close(out.exit_pdf_mean, stats["exit_pdf_mean"])
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name  # every parameter takes part (ZeRO reduces them all)
+        if name in GATE:  # the reference does not reach the gate at all
+            assert grads[name] is None and not p.grad.any(), name
+        else:
+            assert p.grad.abs().max() > 0, name
+            close(p.grad, grads[name], atol=F64_ATOL)

@@ -174,7 +174,7 @@ def test_the_record_reads_as_one_console_line_and_flat_wandb_keys(tmp_path):
 
 SOURCES = {
     task: f"synthetic://{task}?num_docs=3000&shards=2&seed=5"
-    for task in ("multi_hop", "mano", "reachability")
+    for task in ("multi_hop", "mano", "reachability", "phop")
 }
 
 

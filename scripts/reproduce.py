@@ -1,0 +1,469 @@
+"""Does looping help? Looped models against equal-parameter and equal-FLOP ones on the paper's
+synthetic reasoning tasks, each trained by the normal pre-training job.
+
+    python scripts/reproduce.py --task mano --quick --out runs/repro
+    python scripts/reproduce.py --task all --out runs/repro-full      # the full grid
+
+For an effective depth D and block sizes k, every task and seed trains:
+
+- ``looped``: k layers applied D/k times, the Stage I loss with the entropy regularizer;
+- ``iso_param``: the same k layers applied once (equal parameters);
+- ``iso_flop``: D layers applied once (equal FLOPs, D/k times the parameters);
+- ``looped_last``: k layers applied D/k times, trained on the last step's loss alone.
+
+Each model is ``torchrun --nproc_per_node 2 -m train.pretrain`` on the task's
+``synthetic://`` source alone, with a word-level tokenizer of the task's symbols, evaluated
+by the job itself at its end on held-out questions of the hardest length (exact match by
+recurrent step; proven absent from the training data), and exported in Ouro's format with its
+tokenizer. Tasks (see ``data_pipelines/synthetic.py``): ``mano`` (prefix arithmetic modulo 23,
+l operators with l uniform in [1, L], scored at l = L) and ``phop`` (p-hop induction, p uniform
+in [1, P], scored at p = P).
+
+Written into ``--out``: ``results.json`` (one object per model), ``results.md`` (the table
+and the means over seeds), ``results.png`` (accuracy against effective depth, a line per
+family), ``models/NAME/`` (each model, Ouro format, with ``tokenizer.json``), ``runs/NAME/``
+(each run directory and ``job.log``) and ``tokenizers/``. A model whose run finished is not
+trained again, so an interrupted reproduction continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from data_pipelines import synthetic  # noqa: E402
+from data_pipelines.tokenizer import word_level_tokenizer  # noqa: E402
+
+FAMILIES = ("looped", "iso_param", "iso_flop", "looped_last")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """One size of the grid: the models, the data and the training of every run."""
+
+    depth: int
+    """Effective depth D: layers x loops of the looped models, layers of iso_flop."""
+    blocks: tuple[int, ...]
+    """Block sizes k (each divides D)."""
+    seeds: tuple[int, ...]
+    hidden_size: int
+    heads: int
+    steps: int
+    batch_tokens: int
+    seq_len: int
+    lr: float
+    warmup: int
+    beta: float
+    """Entropy regularizer of the looped family (Stage I)."""
+    eval_items: int
+    tasks: dict[str, str] = field(default_factory=dict)
+    """The ``synthetic://`` source of each task."""
+
+
+QUICK = Scale(
+    depth=6,
+    blocks=(2,),
+    seeds=(0, 1),
+    hidden_size=128,
+    heads=4,
+    steps=200,
+    batch_tokens=4096,
+    seq_len=256,
+    lr=2e-3,
+    warmup=20,
+    beta=0.05,
+    eval_items=256,
+    tasks={
+        "mano": "synthetic://mano?ops=3&num_docs=40000&shards=2",
+        "phop": "synthetic://phop?hops=3&length=12&symbols=4&num_docs=40000&shards=2",
+    },
+)
+FULL = Scale(
+    depth=12,
+    blocks=(2, 3, 6),
+    seeds=(0, 1),
+    hidden_size=256,
+    heads=8,
+    steps=3000,
+    batch_tokens=8192,
+    seq_len=512,
+    lr=1e-3,
+    warmup=200,
+    beta=0.05,
+    eval_items=512,
+    tasks={
+        "mano": "synthetic://mano?ops=10&num_docs=400000&shards=8",
+        "phop": "synthetic://phop?hops=8&length=32&symbols=4&num_docs=400000&shards=8",
+    },
+)
+
+
+@dataclass(frozen=True)
+class Model:
+    task: str
+    family: str
+    layers: int
+    loops: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}-{self.family}-{self.layers}x{self.loops}-seed{self.seed}"
+
+
+def grid(scale: Scale, tasks: list[str], families=FAMILIES) -> list[Model]:
+    """Every model to train, iso_flop once per task and seed (it does not depend on k)."""
+    models = []
+    for task in tasks:
+        for seed in scale.seeds:
+            models.append(Model(task, "iso_flop", scale.depth, 1, seed))
+            for k in scale.blocks:
+                loops = scale.depth // k
+                models.append(Model(task, "looped", k, loops, seed))
+                models.append(Model(task, "iso_param", k, 1, seed))
+                models.append(Model(task, "looped_last", k, loops, seed))
+    return [model for model in models if model.family in families]
+
+
+# ---- one model ---------------------------------------------------------------------------
+
+
+def task_tokenizer(task: str, uri: str, out: Path, cache_dir: Path) -> Path:
+    """A word-level tokenizer of every word of the task's documents and held-out questions."""
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:8]
+    path = out / "tokenizers" / f"{task}-{digest}.json"
+    if not path.is_file():
+        texts = []
+        for shard in synthetic.materialize(uri, str(cache_dir)):
+            with open(shard) as lines:
+                texts += [json.loads(line)["text"] for line in lines]
+        items = synthetic.held_out_items(uri, 64, lambda key: False)
+        texts += [item.prompt + answer for item in items for answer in item.answers]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        word_level_tokenizer(texts).save(str(path))
+    return path
+
+
+def job_overrides(model: Model, scale: Scale, tokenizer: Path, run_dir: Path, cache_dir: Path):
+    from data_pipelines.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(str(tokenizer)).get_vocab_size() if tokenizer.is_file() else "VOCAB"
+    micro_batch = max(1, scale.batch_tokens // (2 * scale.seq_len))
+    objective = "last_step" if model.family == "looped_last" else "stage1"
+    return [
+        "model=tiny",
+        f"model.vocab_size={vocab}",
+        f"model.hidden_size={scale.hidden_size}",
+        f"model.intermediate_size={3 * scale.hidden_size}",
+        f"model.num_attention_heads={scale.heads}",
+        f"model.num_key_value_heads={scale.heads}",
+        f"model.num_hidden_layers={model.layers}",
+        f"model.total_ut_steps={model.loops}",
+        "data=embedded",
+        f"data.tokenizer={tokenizer}",
+        f"data.sources=[{{name:{model.task},paths:['{scale.tasks[model.task]}'],format:jsonl}}]",
+        f"data.seq_len={scale.seq_len}",
+        f"data.seed={model.seed}",
+        f"data.cache_dir={cache_dir}",
+        "data.num_workers=1",
+        f"seed={model.seed}",
+        f"train.max_steps={scale.steps}",
+        f"train.global_batch_tokens={scale.batch_tokens}",
+        f"train.micro_batch_size={micro_batch}",
+        f"train.objective={objective}",
+        f"train.beta={scale.beta if model.family == 'looped' else 0.0}",
+        f"train.log_every={max(1, scale.steps // 10)}",
+        f"optim.lr={scale.lr}",
+        "optim.weight_decay=0.1",
+        "schedule=wsd",
+        f"schedule.warmup_steps={scale.warmup}",
+        "eval=embedded",
+        f"eval.tasks=[{{name:{model.task},source:{model.task}}}]",
+        f"eval.num_items={scale.eval_items}",
+        f"eval.every_steps={max(1, scale.steps // 4)}",
+        "eval.extra_steps=0",
+        "eval.batch_size=64",
+        f"checkpoint.every_steps={scale.steps}",
+        "checkpoint.keep_last=1",
+        "logging.wandb=false",
+        f"run_dir={run_dir}",
+    ]
+
+
+def train(model: Model, scale: Scale, tokenizer: Path, out: Path, cache_dir: Path) -> Path:
+    """Runs the pre-training job of one model (unless it finished before with the same
+    settings); its run directory."""
+    run_dir = out / "runs" / model.name
+    overrides = job_overrides(model, scale, tokenizer, run_dir, cache_dir)
+    finished = run_dir / "finished.json"
+    if finished.is_file() and json.loads(finished.read_text())["overrides"] == overrides:
+        return run_dir
+    if run_dir.exists():  # interrupted, or trained with other settings: trained again
+        shutil.rmtree(run_dir)
+    shutil.rmtree(out / "models" / model.name, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master_port={_free_port()}", "-m", "train.pretrain", *overrides,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    start = time.time()
+    with open(out / "runs" / f"{model.name}.log", "w") as log:
+        code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if code.returncode != 0:
+        tail = (out / "runs" / f"{model.name}.log").read_text()[-3000:]
+        raise RuntimeError(
+            f"{model.name}: the training job failed (exit {code.returncode}):\n{tail}"
+        )
+    finished.write_text(json.dumps({"seconds": time.time() - start, "overrides": overrides}))
+    return run_dir
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def result(model: Model, scale: Scale, run_dir: Path, tokenizer: Path, out: Path) -> dict:
+    """The model's final evaluation, size and training FLOPs; exports it with its tokenizer."""
+    from looplm import LoopLMConfig
+    from train.export import export_checkpoint
+    from train.metrics import training_flops_per_token
+
+    export = out / "models" / model.name
+    if not (export / "config.json").is_file():
+        export_checkpoint(run_dir, export)
+        shutil.copy(tokenizer, export / "tokenizer.json")
+    config = LoopLMConfig.load(export / "config.json")
+    evaluation = [json.loads(line) for line in open(run_dir / "eval.jsonl")][-1]
+    scores = evaluation["tasks"][model.task]
+    tokens = scale.steps * scale.batch_tokens
+    return {
+        **asdict(model),
+        "name": model.name,
+        "params": _parameters(config),
+        "train_tokens": tokens,
+        "train_flops": training_flops_per_token(config, scale.seq_len, model.loops) * tokens,
+        "accuracy_per_step": scores["accuracy_per_step"][: model.loops],
+        "accuracy": scores["accuracy_per_step"][model.loops - 1],
+        "loss_per_step": scores.get("loss_per_step", evaluation["loss_per_step"])[: model.loops],
+        "n": scores["n"],
+        "seconds": json.loads((run_dir / "finished.json").read_text())["seconds"],
+    }
+
+
+def _parameters(config) -> int:
+    import torch
+
+    from looplm import LoopLMForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in LoopLMForCausalLM(config).parameters())
+
+
+# ---- the report --------------------------------------------------------------------------
+
+
+def summary(results: list[dict]) -> list[dict]:
+    """Means over seeds of each (task, family, layers, loops)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["task"], r["family"], r["layers"], r["loops"]), []).append(r)
+    rows = []
+    for (task, family, layers, loops), runs in groups.items():
+        accuracies = [r["accuracy"] for r in runs]
+        per_step = [
+            sum(s) / len(s) for s in zip(*(r["accuracy_per_step"] for r in runs), strict=True)
+        ]
+        rows.append(
+            dict(
+                task=task,
+                family=family,
+                layers=layers,
+                loops=loops,
+                seeds=len(runs),
+                params=runs[0]["params"],
+                train_flops=runs[0]["train_flops"],
+                accuracy=sum(accuracies) / len(accuracies),
+                accuracy_min=min(accuracies),
+                accuracy_max=max(accuracies),
+                accuracy_per_step=per_step,
+            )
+        )
+    return rows
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """The targets, checked on the means: looped >= iso_param + 20 points, looped >= iso_flop
+    - 10 points, and the looped model's last step above its first (a comparison whose
+    baseline was not trained is left out)."""
+    lines = []
+    for looped in sorted(
+        (r for r in rows if r["family"] == "looped"), key=lambda r: (r["task"], r["layers"])
+    ):
+        task, k = looped["task"], looped["layers"]
+        gaps = []
+        for family, target in (("iso_param", 0.20), ("iso_flop", -0.10)):
+            baseline = [
+                r
+                for r in rows
+                if r["task"] == task
+                and r["family"] == family
+                and (family == "iso_flop" or r["layers"] == k)
+            ]
+            if baseline:
+                gaps.append(
+                    (f"looped - {family}", looped["accuracy"] - baseline[0]["accuracy"], target)
+                )
+        first_to_last = looped["accuracy_per_step"][-1] - looped["accuracy_per_step"][0]
+        gaps.append(("last step - first step", first_to_last, 0.0))
+        for what, gap, target in gaps:
+            # at or above target (above, for the steps), up to the means' rounding
+            met = gap > 1e-9 if target == 0.0 else gap >= target - 1e-9
+            bound = "> 0" if target == 0.0 else f">= {100 * target:+.0f}"
+            lines.append(
+                f"{task}, k={k}: {what} = {100 * gap:+.1f} points (target {bound}): "
+                f"{'met' if met else 'NOT met'}"
+            )
+    return lines
+
+
+def write_report(results: list[dict], scale: Scale, out: Path, command: str) -> list[str]:
+    rows = summary(results)
+    checks = verdicts(rows)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    lines = [
+        f"# Looped vs equal-parameter vs equal-FLOP models (effective depth {scale.depth})",
+        "",
+        f"`{command}`",
+        "",
+        "Exact-match accuracy on held-out questions of the hardest length, mean over seeds "
+        "(min-max); accuracy by recurrent step for looped models.",
+        "",
+        "| task | family | layers x loops | params | train FLOPs | accuracy | by step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["task"], FAMILIES.index(r["family"]), r["layers"])):
+        steps = " / ".join(f"{a:.2f}" for a in r["accuracy_per_step"])
+        lines.append(
+            f"| {r['task']} | {r['family']} | {r['layers']} x {r['loops']} | {r['params']:,} | "
+            f"{r['train_flops']:.2e} | {r['accuracy']:.3f} ({r['accuracy_min']:.2f}-"
+            f"{r['accuracy_max']:.2f}) | {steps} |"
+        )
+    lines += ["", "Targets:", ""] + [f"- {line}" for line in checks]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot(rows, out / "results.png")
+    return checks
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for axis, task in zip(axes[0], tasks, strict=True):
+        for family in FAMILIES:
+            for r in (r for r in rows if r["task"] == task and r["family"] == family):
+                if r["loops"] > 1:  # accuracy when exiting at each step: depth k, 2k, ...
+                    depths = [r["layers"] * (t + 1) for t in range(r["loops"])]
+                    label = f"{family} ({r['layers']} layers x {r['loops']})"
+                    axis.plot(depths, r["accuracy_per_step"], marker="o", label=label)
+                else:
+                    label = f"{family} ({r['layers']} layers)"
+                    axis.scatter([r["layers"]], [r["accuracy"]], s=60, marker="s", label=label)
+        axis.set_title(task)
+        axis.set_xlabel("effective depth (layers applied)")
+        axis.set_ylabel("exact-match accuracy, hardest length")
+        axis.set_ylim(0, 1)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--task", default="all", choices=["all", *QUICK.tasks])
+    parser.add_argument("--quick", action="store_true", help="the CPU-sized grid (30 minutes)")
+    parser.add_argument("--out", required=True, help="the output directory")
+    parser.add_argument("--seeds", type=int, nargs="*", help="override the grid's seeds")
+    parser.add_argument("--steps", type=int, help="override the optimizer steps of every run")
+    parser.add_argument("--families", nargs="*", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument(
+        "--source", action="append", default=[], metavar="TASK=URI",
+        help="another synthetic:// source for a task (e.g. mano=synthetic://mano?ops=6&mod=7)",
+    )  # fmt: skip
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="another value of a Scale field (e.g. lr=1e-3, hidden_size=64)")  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true", help="print the grid and the commands")
+    args = parser.parse_args()
+
+    scale = QUICK if args.quick else FULL
+    if args.seeds:
+        scale = Scale(**{**asdict(scale), "seeds": tuple(args.seeds)})
+    if args.steps:
+        scale = Scale(**{**asdict(scale), "steps": args.steps})
+    for assignment in args.set:
+        key, value = assignment.split("=", 1)
+        kind = type(getattr(scale, key))
+        scale = Scale(**{**asdict(scale), key: kind(float(value)) if kind is int else kind(value)})
+    for assignment in args.source:
+        task, uri = assignment.split("=", 1)
+        synthetic.parse_uri(uri)
+        scale = Scale(**{**asdict(scale), "tasks": {**scale.tasks, task: uri}})
+    tasks = list(scale.tasks) if args.task == "all" else [args.task]
+    out = Path(args.out)
+    cache_dir = out / "cache"
+    models = grid(scale, tasks, args.families)
+    command = "python scripts/reproduce.py " + " ".join(sys.argv[1:])
+    print(f"{len(models)} models: tasks {tasks}, depth {scale.depth}, blocks {scale.blocks}, "
+          f"seeds {scale.seeds}, {scale.steps} steps of {scale.batch_tokens} tokens each", flush=True)  # fmt: skip
+    if args.dry_run:
+        for model in models:
+            overrides = job_overrides(model, scale, Path("TOKENIZER"), Path("RUN_DIR"), cache_dir)
+            print(model.name, " ".join(overrides))
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    results, start = [], time.time()
+    for index, model in enumerate(models, 1):
+        uri = scale.tasks[model.task]
+        tokenizer = task_tokenizer(model.task, uri, out, cache_dir)
+        print(f"[{index}/{len(models)}] {model.name}: training", flush=True)
+        run_dir = train(model, scale, tokenizer, out, cache_dir)
+        record = result(model, scale, run_dir, tokenizer, out)
+        results.append(record)
+        steps = " ".join(f"{a:.2f}" for a in record["accuracy_per_step"])
+        print(
+            f"[{index}/{len(models)}] {model.name}: accuracy by step {steps} "
+            f"({record['params']:,} params, {record['seconds']:.0f} s; "
+            f"{(time.time() - start) / 60:.1f} min so far)",
+            flush=True,
+        )
+    checks = write_report(results, scale, out, command)
+    print(f"done in {(time.time() - start) / 60:.1f} min: {out / 'results.md'}")
+    for line in checks:
+        print("  " + line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The reproduction driver's grid, its job settings and its report (the training runs
+themselves are exercised in tests/distributed/test_reproduce.py)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from train.config import config_problems
+from train.pretrain import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
+reproduce = importlib.util.module_from_spec(spec)
+sys.modules["reproduce"] = reproduce  # its dataclasses look their module up
+spec.loader.exec_module(reproduce)
+
+
+def test_the_grid_pairs_every_looped_model_with_its_baselines():
+    scale = reproduce.FULL
+    models = reproduce.grid(scale, ["mano", "phop"])
+    for model in models:
+        assert model.layers * model.loops == (scale.depth if model.loops > 1 else model.layers)
+    per_seed = 1 + 3 * len(scale.blocks)  # iso_flop once, then 3 families per block size
+    assert len(models) == 2 * len(scale.seeds) * per_seed
+    assert len({m.name for m in models}) == len(models)
+    looped = {(m.task, m.layers, m.seed) for m in models if m.family == "looped"}
+    assert looped == {(m.task, m.layers, m.seed) for m in models if m.family == "iso_param"}
+    assert {(m.layers, m.loops) for m in models if m.family == "iso_flop"} == {(scale.depth, 1)}
+    only = reproduce.grid(scale, ["mano"], ["looped"])
+    assert {m.family for m in only} == {"looped"} and {m.task for m in only} == {"mano"}
+
+
+@pytest.mark.parametrize("family", reproduce.FAMILIES)
+def test_each_family_is_a_valid_pre_training_job(tmp_path, family):
+    scale = reproduce.QUICK
+    (model,) = [m for m in reproduce.grid(scale, ["phop"]) if m.family == family][:1]
+    tokenizer = reproduce.task_tokenizer("phop", scale.tasks["phop"], tmp_path, tmp_path / "c")
+    overrides = reproduce.job_overrides(model, scale, tokenizer, tmp_path / "run", tmp_path / "c")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = OmegaConf.to_object(compose("pretrain", overrides=overrides))
+    assert config_problems(cfg, world_size=2) == []
+    built = cfg.model.build_config()
+    assert (built.num_hidden_layers, built.total_ut_steps) == (model.layers, model.loops)
+    assert cfg.train.objective == ("last_step" if family == "looped_last" else "stage1")
+    assert (cfg.train.beta > 0) == (model.loops > 1 and family == "looped")
+    assert [t.source for t in cfg.eval.tasks] == ["phop"] and cfg.eval.extra_steps == 0
+    assert cfg.train.global_batch_tokens == scale.batch_tokens
+    assert built.vocab_size == json.loads(tokenizer.read_text())["model"]["vocab"].__len__()
+
+
+def _record(task, family, layers, loops, seed, per_step):
+    return dict(
+        task=task,
+        family=family,
+        layers=layers,
+        loops=loops,
+        seed=seed,
+        params=1000 * layers,
+        train_flops=1e9 * layers * loops,
+        accuracy_per_step=per_step,
+        accuracy=per_step[-1],
+    )
+
+
+def test_the_report_averages_over_seeds_and_checks_the_targets(tmp_path):
+    results = [
+        _record("mano", "looped", 2, 3, 0, [0.2, 0.5, 0.7]),
+        _record("mano", "looped", 2, 3, 1, [0.4, 0.5, 0.5]),
+        _record("mano", "iso_param", 2, 1, 0, [0.3]),
+        _record("mano", "iso_param", 2, 1, 1, [0.5]),
+        _record("mano", "iso_flop", 6, 1, 0, [0.8]),
+        _record("mano", "iso_flop", 6, 1, 1, [0.8]),
+        _record("mano", "looped_last", 2, 3, 0, [0.0, 0.1, 0.6]),
+        _record("mano", "looped_last", 2, 3, 1, [0.0, 0.1, 0.4]),
+    ]
+    rows = {r["family"]: r for r in reproduce.summary(results)}
+    assert rows["looped"]["accuracy"] == pytest.approx(0.6)
+    assert rows["looped"]["accuracy_per_step"] == pytest.approx([0.3, 0.5, 0.6])
+    assert (rows["looped"]["accuracy_min"], rows["looped"]["accuracy_max"]) == (0.5, 0.7)
+    checks = reproduce.verdicts(list(rows.values()))
+    assert checks == [
+        "mano, k=2: looped - iso_param = +20.0 points (target >= +20): met",
+        "mano, k=2: looped - iso_flop = -20.0 points (target >= -10): NOT met",
+        "mano, k=2: last step - first step = +30.0 points (target > 0): met",
+    ]
+    scale = reproduce.QUICK
+    assert reproduce.write_report(results, scale, tmp_path, "python scripts/reproduce.py") == checks
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    table = (tmp_path / "results.md").read_text()
+    assert (
+        "| mano | looped | 2 x 3 | 2,000 | 6.00e+09 | 0.600 (0.50-0.70) | 0.30 / 0.50 / 0.60 |"
+        in table
+    )
+    assert (tmp_path / "results.png").stat().st_size > 10_000
