@@ -123,6 +123,9 @@ class TrainSettings:
     """Optimizer steps of the run; with a curriculum, a cap (None: run every stage)."""
     num_recurrent_steps: int | None = None
     """T while training (default: the model's total_ut_steps); may differ from a checkpoint's."""
+    objective: str = "stage1"
+    """stage1 (the paper's: expected loss over the exit distribution, plus beta R(p)) or
+    last_step (the last step's loss alone, the exit gate untrained: an ablation)."""
     beta: float = 0.1
     """Weight of the exit-distribution regularizer (Stage I) at the start of the run."""
     beta_final: float | None = None
@@ -288,8 +291,16 @@ def config_problems(cfg: PretrainConfig, world_size: int) -> list[str]:
         p.append(f"train.beta and train.beta_final must be >= 0, got {t.beta}, {t.beta_final}")
     if t.beta_schedule not in BETA_SCHEDULES:
         p.append(f"train.beta_schedule must be one of {BETA_SCHEDULES}, got {t.beta_schedule!r}")
+    if t.objective not in ("stage1", "last_step"):
+        p.append(f"train.objective must be stage1 or last_step, got {t.objective!r}")
     if t.prior not in PRIORS:
         p.append(f"train.prior must be one of {PRIORS}, got {t.prior!r}")
+    if t.prior == "geometric" and not 0.0 < t.prior_param < 1.0:
+        p.append(f"train.prior_param must lie in (0, 1) for a geometric prior, got {t.prior_param}")
+    if t.prior == "geometric" and t.regularizer == "entropy":
+        p.append("train.prior=geometric needs train.regularizer=kl (the entropy form is uniform)")
+    if t.log_every < 1:
+        p.append(f"train.log_every must be >= 1, got {t.log_every}")
     if t.regularizer not in REGULARIZERS:
         p.append(f"train.regularizer must be one of {REGULARIZERS}, got {t.regularizer!r}")
     if ds.zero_stage not in (0, 1, 2, 3):
@@ -436,6 +447,18 @@ def _schedule_problems(cfg: PretrainConfig) -> list[str]:
         p.append("schedule.decay_fraction and schedule.min_lr_ratio must lie in [0, 1]")
     if o.lr <= 0:
         p.append(f"optim.lr must be > 0, got {o.lr}")
+    if o.eps <= 0:
+        p.append(f"optim.eps must be > 0 (Adam divides by it), got {o.eps}")
+    if o.weight_decay < 0:
+        p.append(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    if o.grad_clip < 0:
+        p.append(f"optim.grad_clip must be >= 0 (0: no clipping), got {o.grad_clip}")
+    max_steps = cfg.train.max_steps
+    if max_steps is not None and not cfg.curriculum.stages and s.warmup_steps > max_steps:
+        p.append(
+            f"schedule.warmup_steps ({s.warmup_steps}) is longer than the run "
+            f"(train.max_steps={max_steps})"
+        )
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         p.append(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
     return p

@@ -7,6 +7,7 @@ the crash) are dropped, so the file always describes one consistent run.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -16,6 +17,8 @@ import torch
 from rich.console import Console
 
 from looplm import LoopLMConfig
+
+logger = logging.getLogger("looplm.metrics")
 
 # Dense bf16 peak FLOP/s of common accelerators, for MFU.
 _PEAK_BF16_FLOPS = {
@@ -47,14 +50,23 @@ def device_peak_flops() -> float | None:
 
 def truncate_jsonl_after(path: Path, step: int) -> None:
     """Keeps the records of steps up to ``step`` (a resume drops those written after its
-    checkpoint, which the resumed run writes again)."""
+    checkpoint, which the resumed run writes again). A torn last line (a crash or a full disk
+    in the middle of a write) is dropped with a warning; a damaged line before it is an error
+    naming the file and line."""
     if not path.is_file():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= step
-    ]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number}: not a JSON record ({e.msg})") from e
+            logger.warning("%s: dropping its torn last line (%d characters)", path, len(line))
+            continue
+        if record["step"] <= step:
+            kept.append(line)
     tmp = path.with_suffix(".jsonl.rewrite")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)

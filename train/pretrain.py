@@ -84,6 +84,26 @@ def _environment() -> tuple[int, int, int]:
     )
 
 
+def _single_process_defaults() -> None:
+    """A job started without a launcher (``python -m train.pretrain ...``) runs as one rank:
+    the rendezvous variables a launcher would set, on this machine."""
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    logger.info("no launcher: running as a single rank")
+
+
+class TrainingStalled(RuntimeError):
+    """Every recent update was skipped: the run cannot make progress."""
+
+
 def _check_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +204,7 @@ class Trainer:
         self.loss_spikes = SpikeDetector(cfg.stability, "loss")
         self.grad_spikes = SpikeDetector(cfg.stability, "grad_norm")
         self.guard = RollbackGuard(cfg.stability)
+        self.consecutive_skips = 0
         rank_state = self._resume()
         self.loader = self._build_loader(rank_state)
         self.batches = iter(self.loader)
@@ -490,6 +511,14 @@ class Trainer:
             self.grad_spikes.accept(grad_norm)
         reason = spike if spike is not None else ("non-finite" if skipped else None)
         rollback = None
+        self.consecutive_skips = self.consecutive_skips + 1 if reason is not None else 0
+        if self.consecutive_skips >= cfg.stability.max_consecutive_skips:
+            raise TrainingStalled(
+                f"the last {self.consecutive_skips} updates (to step {self.state.step}) were "
+                f"all skipped, the last for: {reason}. The run is not making progress and "
+                "stops without saving: check optim (lr, eps), the data and the stability "
+                "settings, then resume from the last checkpoint."
+            )
         if reason is not None:
             if self.rank == 0:
                 logger.warning("step %d skipped: %s", self.state.step, reason)
@@ -607,6 +636,7 @@ def run_job(trainer_class: type[Trainer], raw: DictConfig) -> None:
     config goes to run_dir/config.yaml, the loader and metrics close even after an error."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     exit_with_launcher()
+    _single_process_defaults()
     cfg = OmegaConf.to_object(raw)
     lock = RunLock(Path(cfg.run_dir), _environment()[0]).acquire()
     try:

@@ -3,14 +3,18 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from looplm import LoopLMConfig, LoopLMForCausalLM
 from tests.distributed.launch import (
+    REPO,
     bit_equal,
     completed,
+    environment,
     job,
     kill_job,
     metrics,
@@ -348,6 +352,36 @@ def test_a_non_finite_loss_or_gradient_on_one_rank_skips_the_update_everywhere(
         assert optimizer[0].keys() == optimizer[later].keys()
         assert all(bit_equal(optimizer[0][k], optimizer[later][k]) for k in optimizer[0])
     assert any(not torch.equal(weights[0][k], weights[3][k]) for k in weights[0])  # step 4 trains
+
+
+def test_a_job_started_without_a_launcher_runs_as_one_rank(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "train.pretrain",
+        *job(run_dir, cache_dir, "train.max_steps=2"),
+    ]
+    env = {k: v for k, v in environment().items() if k not in ("RANK", "WORLD_SIZE")}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no launcher: running as a single rank" in result.stderr
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+    assert completed(run_dir) == ["step_00000002"]
+
+
+def test_a_run_whose_updates_are_all_skipped_stops_with_an_error(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    args = job(
+        run_dir, cache_dir, "train.max_steps=10", "checkpoint.every_steps=2",
+        "faults.nan_grad_at_steps=[3,4,5,6,7,8]", "stability.max_consecutive_skips=4",
+        "stability.rollback_after=0",
+    )  # fmt: skip
+    code, out = run("train.pretrain", args, tmp_path / "log")
+    assert code != 0
+    assert "the last 4 updates (to step 6) were all skipped, the last for: non-finite" in out
+    assert [r["skipped"] for r in metrics(run_dir)] == [False, False, True, True, True]
+    assert completed(run_dir) == ["step_00000002", "step_00000004"]  # nothing saved after
 
 
 def test_a_loss_spike_skips_its_update_and_the_window_is_checkpointed(tmp_path, cache_dir):

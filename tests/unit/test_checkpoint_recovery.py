@@ -1,8 +1,13 @@
 """Start-up clean-up of interrupted checkpoint writes (single process, no engine needed)."""
 
+import json
+import logging
 from pathlib import Path
 
+import pytest
+
 from train.checkpointing import COMPLETE, CheckpointManager
+from train.metrics import truncate_jsonl_after
 
 
 def _write(folder: Path, complete: bool, step: int) -> Path:
@@ -53,3 +58,19 @@ def test_moving_into_place_replaces_a_checkpoint_of_the_same_step(tmp_path):
     CheckpointManager(tmp_path, keep_last=5, rank=0)._move_into_place(partial, final)
     assert sorted(p.name for p in root.iterdir()) == ["step_00000003"]
     assert (final / "trainer_state.json").read_text() == '{"step": 33}'
+
+
+def test_a_torn_last_log_line_is_dropped_and_a_damaged_earlier_one_named(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    records = [json.dumps({"step": step, "loss": 1.0 / step}) for step in range(1, 6)]
+    path.write_text("\n".join(records) + "\n" + records[0][:9])  # a write cut by a full disk
+    with caplog.at_level(logging.WARNING):
+        truncate_jsonl_after(path, 3)
+    assert path.read_text() == "".join(r + "\n" for r in records[:3])
+    assert "dropping its torn last line (9 characters)" in caplog.text
+    truncate_jsonl_after(path, 3)  # idempotent
+    assert path.read_text() == "".join(r + "\n" for r in records[:3])
+
+    path.write_text(records[0] + "\n" + '{"step": 2, "lo\n' + records[2] + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a JSON record"):
+        truncate_jsonl_after(path, 3)

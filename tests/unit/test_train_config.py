@@ -105,6 +105,18 @@ BAD = [
         "happens on rank 0 only",
     ),
     (["faults.pause_after_step=0"], "faults.pause_after_step must be >= 1"),
+    (["optim.eps=0"], "optim.eps must be > 0"),
+    (["optim.weight_decay=-5"], "optim.weight_decay must be >= 0, got -5"),
+    (["optim.grad_clip=-1"], "optim.grad_clip must be >= 0"),
+    (["train.log_every=0"], "train.log_every must be >= 1"),
+    (["schedule.warmup_steps=400"], "schedule.warmup_steps (400) is longer than the run"),
+    (
+        ["train.prior=geometric", "train.regularizer=kl", "train.prior_param=1.5"],
+        "train.prior_param must lie in (0, 1)",
+    ),
+    (["train.prior=geometric"], "train.prior=geometric needs train.regularizer=kl"),
+    (["train.objective=first_step"], "train.objective must be stage1 or last_step"),
+    (["stability.max_consecutive_skips=0"], "stability.max_consecutive_skips must be >= 1"),
 ]
 
 
