@@ -7,6 +7,12 @@ when every rank has written its part does rank 0 write the ``COMPLETE`` marker a
 folder into place. A crash at any moment leaves either a complete checkpoint or a partial
 folder: restarts remove one without the marker, and move one with it (a crash between the
 marker and the rename) into place.
+
+Before the marker, rank 0 fsyncs every file and writes ``MANIFEST.json`` (each file's size and
+CRC-32); after the rename it fsyncs the folder. At start-up the newest checkpoint is verified
+against its manifest: a damaged one (a truncated or corrupted file) is named, moved aside to
+``.step_N.damaged`` (never deleted) and the next older one is tried. Names in ``checkpoints/``
+that are not checkpoints are ignored with a warning.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +43,9 @@ from looplm import LoopLMConfig
 logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+MANIFEST = "MANIFEST.json"
+DAMAGED = ".damaged"
+_STEP_NAME = re.compile(r"step_(\d{8})")
 UNIVERSAL_TAG = "deepspeed_universal"
 # Lets DeepSpeed's ds_to_universal convert the checkpoint for another number of ranks.
 _UNIVERSAL_INFO = {
@@ -73,6 +84,55 @@ def _fsync_write(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path) -> None:
+    """Fsyncs every file under ``folder`` and records its size and CRC-32 in the manifest."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        _fsync_path(path)
+        files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "crc32": _crc32(path)}
+    for directory in sorted({p for p in folder.rglob("*") if p.is_dir()} | {folder}):
+        _fsync_path(directory)
+    _fsync_write(folder / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """The first file of a checkpoint that does not match its manifest (None: all match, or a
+    checkpoint written before manifests existed)."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"{manifest} is unreadable ({e})"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{path} has {size} bytes, the manifest says {expected['size']}"
+        if _crc32(path) != expected["crc32"]:
+            return f"{path} does not match its checksum (corrupted)"
+    return None
 
 
 def _all_ok(ok: bool) -> bool:
@@ -123,9 +183,38 @@ class CheckpointManager:
         found = [
             p
             for p in self.root.iterdir()
-            if p.name.startswith(_PREFIX) and (p / COMPLETE).is_file()
+            if _STEP_NAME.fullmatch(p.name) and (p / COMPLETE).is_file()
         ]
         return sorted(found, key=lambda p: int(p.name[len(_PREFIX) :]))
+
+    def report_unknown(self) -> None:
+        """Warns of entries of ``checkpoints/`` that are neither checkpoints nor this manager's
+        own dot-folders (they are ignored)."""
+        if self.rank != 0 or not self.root.is_dir():
+            return
+        for p in sorted(self.root.iterdir()):
+            if not _STEP_NAME.fullmatch(p.name) and not p.name.startswith("."):
+                logger.warning("ignoring %s: not a checkpoint (step_NNNNNNNN)", p)
+
+    def set_aside_damaged(self) -> None:
+        """Verifies the newest complete checkpoint against its manifest (rank 0, at start-up);
+        a damaged one is moved aside, named, and the next older one verified in turn."""
+        if self.rank == 0:
+            for path in reversed(self.complete()):
+                problem = manifest_problem(path)
+                if problem is None:
+                    break
+                aside = path.with_name(f".{path.name}{DAMAGED}")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)
+                logger.error(
+                    "checkpoint %s is damaged: %s. Moved aside to %s; resuming from the newest "
+                    "checkpoint before it",
+                    path.name,
+                    problem,
+                    aside,
+                )
+        _barrier()
 
     def latest(self) -> Path | None:
         done = self.complete()
@@ -176,10 +265,12 @@ class CheckpointManager:
         if self.rank == 0:
             model_config.save(partial / MODEL_CONFIG)
             _fsync_write(partial / "trainer_state.json", json.dumps(trainer_state, indent=2))
+            write_manifest(partial)
             self._interrupt("before_complete", step)
             _fsync_write(partial / COMPLETE, f"{step}\n")
             self._interrupt("before_rename", step)
             self._move_into_place(partial, final)
+            _fsync_path(self.root)
             self._prune()
         _barrier()
         return final
@@ -254,10 +345,17 @@ class CheckpointManager:
                 f"{path} holds a checkpoint of another model (differs in {differences}); "
                 "use a new run_dir, or the same model settings to resume"
             )
-        self.load_weights(engine, path, world_size)
+        try:
+            self.load_weights(engine, path, world_size)
+        except Exception as e:
+            raise RuntimeError(f"loading the DeepSpeed state of {path} failed: {e}") from e
         if self.saved_world_size(path) != world_size:
             return None
-        return torch.load(path / f"rank_{self.rank:05d}.pt", weights_only=False)
+        rank_file = path / f"rank_{self.rank:05d}.pt"
+        try:
+            return torch.load(rank_file, weights_only=False)
+        except Exception as e:
+            raise RuntimeError(f"{rank_file} cannot be read: {e}") from e
 
     def _convert_to_universal(self, path: Path) -> None:
         """Rank 0 converts the checkpoint to DeepSpeed's universal format, once."""

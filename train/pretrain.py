@@ -177,6 +177,8 @@ class Trainer:
             interrupt=CheckpointFault(cfg.faults, self.rank),
         )
         self.checkpoints.remove_partial()
+        self.checkpoints.report_unknown()
+        self.checkpoints.set_aside_damaged()
         self.latest = self.checkpoints.latest()
         self.state = TrainerState(world_size=self.world_size)
         if self.latest is not None:
@@ -506,9 +508,12 @@ class Trainer:
         self.state.tokens += plan.tokens
         skipped = engine.skipped_steps > skipped_before
         self.state.skipped_steps += int(skipped)
-        if not skipped:
-            self.loss_spikes.accept(loss_value)
-            self.grad_spikes.accept(grad_norm)
+        # Every finite value enters the windows, a skipped spike too: a level that lasts (the
+        # gradient norm rising as a model leaves a plateau) becomes the new normal within a few
+        # steps. Judged against windows of accepted values only, every later step would look
+        # like a spike, and the run would skip every update from there on.
+        self.loss_spikes.accept(loss_value)
+        self.grad_spikes.accept(grad_norm)
         reason = spike if spike is not None else ("non-finite" if skipped else None)
         rollback = None
         self.consecutive_skips = self.consecutive_skips + 1 if reason is not None else 0

@@ -264,6 +264,7 @@ def test_a_crash_inside_a_checkpoint_write_loses_nothing_and_resume_is_exact(
     assert partial.is_dir()
     assert (partial / "COMPLETE").is_file() == (moment == "before_rename")
     assert (partial / "trainer_state.json").is_file() == (moment != "mid_write")
+    assert (partial / "MANIFEST.json").is_file() == (moment != "mid_write")
     killed = [0, 1] if rank is None else [rank]
     rank_files = [(partial / f"rank_{r:05d}.pt").is_file() for r in killed]
     assert rank_files == [moment != "mid_write"] * len(killed)
@@ -274,6 +275,33 @@ def test_a_crash_inside_a_checkpoint_write_loses_nothing_and_resume_is_exact(
     assert f"resumed from {root / f'step_{resumed_at:08d}'}" in out
     assert not list(root.glob(".*"))
     assert [r["loss"] for r in metrics(run_dir)] == four_step_reference
+
+
+@pytest.mark.parametrize("damaged", ["rank_00001.pt", "deepspeed/mp_rank_00_model_states.pt"])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
+    tmp_path, cache_dir, damaged
+):
+    run_dir = tmp_path / "run"
+    steps = ["train.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=5"]
+    code, out = run("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "a.log")
+    assert code == 0, out[-3000:]
+    reference = [r["loss"] for r in metrics(run_dir)]
+    (run_dir / "checkpoints" / "step_00000001.bak").mkdir()  # not a checkpoint
+    newest = run_dir / "checkpoints" / "step_00000004"
+    target = newest / damaged
+    assert target.is_file(), sorted(str(p) for p in newest.rglob("*"))
+    half = target.stat().st_size // 2
+    target.write_bytes(target.read_bytes()[:half])  # torn by a crash
+
+    code, out = run("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "b.log")
+    assert code == 0, out[-3000:]
+    assert f"checkpoint step_00000004 is damaged: {target} has" in out
+    assert "ignoring" in out and "step_00000001.bak: not a checkpoint" in out
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000002'}" in out
+    aside = run_dir / "checkpoints" / ".step_00000004.damaged"
+    assert (aside / damaged).stat().st_size == half  # kept as it was, not deleted
+    assert [r["loss"] for r in metrics(run_dir)] == reference  # steps 3-4 again, exactly
+    assert completed(run_dir) == ["step_00000002", "step_00000004"]
 
 
 def test_init_from_an_ouro_directory_starts_from_its_weights(tmp_path, cache_dir):
@@ -384,6 +412,25 @@ def test_a_run_whose_updates_are_all_skipped_stops_with_an_error(tmp_path, cache
     assert completed(run_dir) == ["step_00000002", "step_00000004"]  # nothing saved after
 
 
+def test_a_lasting_rise_of_the_gradient_norm_becomes_the_new_normal(tmp_path, cache_dir):
+    # Gradients 50x larger (then clipped) from step 12 on: judged against a window of accepted
+    # steps only, every update from there on was skipped, and the run stalled.
+    run_dir = tmp_path / "run"
+    shifted = ",".join(str(step) for step in range(12, 41))
+    args = job(
+        run_dir, cache_dir, "train.max_steps=40", "checkpoint.every_steps=40",
+        "stability.min_history=8", "stability.window=20", "stability.rollback_after=0",
+        "faults.spike_factor=50", f"faults.spike_grad_at_steps=[{shifted}]",
+    )  # fmt: skip
+    code, out = run("train.pretrain", args, tmp_path / "log")
+    assert code == 0, out[-3000:]
+    records = metrics(run_dir)
+    skipped = [r["step"] for r in records if r["skipped"]]
+    assert skipped and skipped == list(range(12, 12 + len(skipped))) and len(skipped) <= 5
+    assert records[11]["grad_norm"] > 5 * max(r["grad_norm"] for r in records[5:11])
+    assert len(records) == 40
+
+
 def test_a_loss_spike_skips_its_update_and_the_window_is_checkpointed(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     args = job(
@@ -399,7 +446,8 @@ def test_a_loss_spike_skips_its_update_and_the_window_is_checkpointed(tmp_path, 
         json.loads((run_dir / f"checkpoints/step_{s:08d}/trainer_state.json").read_text())
         for s in (3, 4)
     ]
-    assert states[0]["loss_window"] == states[1]["loss_window"] == [r["loss"] for r in records[:3]]
+    assert states[0]["loss_window"] == [r["loss"] for r in records[:3]]
+    assert states[1]["loss_window"] == [r["loss"] for r in records[:4]]  # the spike's too
     before, after = (
         load_checkpoint_model(run_dir / f"checkpoints/step_{s:08d}").state_dict() for s in (3, 4)
     )

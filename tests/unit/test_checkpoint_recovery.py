@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from train.checkpointing import COMPLETE, CheckpointManager
+from train.checkpointing import COMPLETE, CheckpointManager, manifest_problem, write_manifest
 from train.metrics import truncate_jsonl_after
 
 
@@ -74,3 +74,45 @@ def test_a_torn_last_log_line_is_dropped_and_a_damaged_earlier_one_named(tmp_pat
     path.write_text(records[0] + "\n" + '{"step": 2, "lo\n' + records[2] + "\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a JSON record"):
         truncate_jsonl_after(path, 3)
+
+
+def test_the_manifest_catches_a_truncated_corrupted_or_missing_file(tmp_path):
+    folder = tmp_path / "step_00000002"
+    (folder / "deepspeed").mkdir(parents=True)
+    (folder / "deepspeed" / "model.pt").write_bytes(bytes(range(256)) * 64)
+    (folder / "rank_00000.pt").write_bytes(b"rank state")
+    write_manifest(folder)
+    assert manifest_problem(folder) is None
+    model = folder / "deepspeed" / "model.pt"
+    data = bytearray(model.read_bytes())
+    data[1000] ^= 1  # one flipped bit, same size
+    model.write_bytes(bytes(data))
+    assert manifest_problem(folder) == f"{model} does not match its checksum (corrupted)"
+    model.write_bytes(bytes(data[:100]))
+    assert manifest_problem(folder) == f"{model} has 100 bytes, the manifest says 16384"
+    model.unlink()
+    assert manifest_problem(folder) == f"{model} is missing"
+    (folder / "MANIFEST.json").unlink()
+    assert manifest_problem(folder) is None  # a checkpoint from before manifests
+
+
+def test_damaged_checkpoints_are_set_aside_and_unknown_names_ignored(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        write_manifest(_write(root / f"step_{step:08d}", True, step))
+    (root / "step_00000008.bak").mkdir()
+    (root / "step_00000006" / "trainer_state.json").write_text("{}")
+    (root / "step_00000004" / "trainer_state.json").write_text('{"step": 5}')
+    manager = CheckpointManager(tmp_path, keep_last=5, rank=0)
+    with caplog.at_level(logging.WARNING):
+        manager.report_unknown()
+        manager.set_aside_damaged()
+    assert manager.latest() == root / "step_00000002"
+    assert sorted(p.name for p in root.iterdir()) == [
+        ".step_00000004.damaged",
+        ".step_00000006.damaged",
+        "step_00000002",
+        "step_00000008.bak",
+    ]
+    assert "step_00000008.bak: not a checkpoint" in caplog.text
+    assert "checkpoint step_00000006 is damaged" in caplog.text
