@@ -157,8 +157,16 @@ def _weight_files(directory: Path) -> dict[str, Path]:
     single = directory / WEIGHTS_NAME
     if not single.is_file():
         raise FileNotFoundError(f"{directory} holds neither {WEIGHTS_NAME} nor {INDEX_NAME}")
-    with safe_open(single, framework="pt") as f:
+    with _open(single) as f:
         return dict.fromkeys(f.keys(), single)
+
+
+def _open(path: Path):
+    """A safetensors file, opened; a damaged one (truncated, not safetensors) is named."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
 
 
 def check_tensor_names(
@@ -182,10 +190,16 @@ def check_tensor_names(
 
 def load_state_dict(directory: Path, expected: dict[str, torch.Size], dtype: torch.dtype):
     files = _weight_files(directory)
-    handles = {f: safe_open(f, framework="pt") for f in set(files.values())}
+    handles = {f: _open(f) for f in set(files.values())}
     found = {name: torch.Size(handles[f].get_slice(name).get_shape()) for name, f in files.items()}
     check_tensor_names(expected, found, str(directory))
-    return {name: handles[f].get_tensor(name).to(dtype) for name, f in files.items()}
+    state = {}
+    for name, f in files.items():
+        try:
+            state[name] = handles[f].get_tensor(name).to(dtype)
+        except Exception as e:
+            raise ValueError(f"{f}: tensor {name} cannot be read ({e})") from e
+    return state
 
 
 def load_pretrained(cls, path, dtype=None, attn_implementation: str = "sdpa", device=None):

@@ -165,6 +165,16 @@ def test_missing_shard_file_is_named(tmp_path):
         LoopLMForCausalLM.from_pretrained(tmp_path / "m")
 
 
+@pytest.mark.parametrize("cut", [40, "half"])  # inside the header, inside the tensors
+def test_a_truncated_weights_file_is_named(tmp_path, cut):
+    small_model().save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2 if cut == "half" else cut])
+    with pytest.raises(ValueError, match=str(weights)):
+        LoopLMForCausalLM.from_pretrained(tmp_path / "m")
+
+
 def test_other_model_type_is_rejected(tmp_path):
     small_model().save_pretrained(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
