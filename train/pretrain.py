@@ -286,7 +286,8 @@ class Trainer:
             name="main",
             start=0,
             end=cfg.train.max_steps * cfg.train.global_batch_tokens,
-            weights=None,
+            # the configured mixture: a resume with changed weights applies them (logged)
+            weights={source.name: source.weight for source in cfg.data.sources},
             seq_len=cfg.data.seq_len,
             global_batch_tokens=cfg.train.global_batch_tokens,
             batch_ramp_from=cfg.train.global_batch_tokens,
@@ -340,8 +341,19 @@ class Trainer:
         if self.stage is not None and self.stage.index == stage.index:
             return
         entering = self.stage is not None or self.state.tokens == stage.start
+        resuming = self.stage is None and self.latest is not None
         self.stage, self.state.stage = stage, stage.name
+        saved = self.loader.stage
         self.loader.set_stage(stage.weights, stage.seq_len)
+        if resuming and self.loader.stage is not saved and self.rank == 0:
+            logger.warning(
+                "the data stage changes at resume (step %d): weights %s -> %s, seq_len %d -> %d",
+                self.state.step,
+                saved.weights,
+                self.loader.stage.weights,
+                saved.seq_len,
+                self.loader.stage.seq_len,
+            )
         self._apply_model_settings(stage)
         names = list(self.trainable)
         self.trainable = dict(zip(names, trainable_mask(names, stage.trainable), strict=True))

@@ -304,6 +304,25 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
     assert completed(run_dir) == ["step_00000002", "step_00000004"]
 
 
+def test_changed_mixture_weights_apply_from_the_resume_and_are_logged(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    code, out = run(
+        "train.pretrain",
+        job(run_dir, cache_dir, "train.max_steps=2", "checkpoint.every_steps=2"),
+        tmp_path / "a.log",
+    )
+    assert code == 0, out[-3000:]
+    changed = ["train.max_steps=4", "checkpoint.every_steps=2", "data.sources.1.weight=0.6"]
+    code, out = run("train.pretrain", job(run_dir, cache_dir, *changed), tmp_path / "b.log")
+    assert code == 0, out[-3000:]
+    assert "the data stage changes at resume (step 2): weights" in out
+    for step, weight in ((2, 0.15), (4, 0.6)):
+        state = torch.load(
+            run_dir / f"checkpoints/step_{step:08d}/rank_00000.pt", weights_only=False
+        )
+        assert state["data"]["stage"]["weights"]["multi_hop"] == weight
+
+
 def test_init_from_an_ouro_directory_starts_from_its_weights(tmp_path, cache_dir):
     torch.manual_seed(5)
     source = LoopLMForCausalLM(
