@@ -69,6 +69,10 @@ class TrainerState:
     """The rollback guard's spikes, rollbacks and lowered-LR window."""
     skipped_steps: int = 0
     """Updates skipped so far (non-finite values and spikes)."""
+    consecutive_skips: int = 0
+    """Updates skipped in a row up to this step."""
+    grad_spike_run: int = 0
+    """Steps in a row judged grad-norm spikes up to this step."""
     good: bool = True
     """No spike in the recent past when saved: a checkpoint a rollback may return to."""
     data_seed_offset: int = 0
@@ -206,7 +210,6 @@ class Trainer:
         self.loss_spikes = SpikeDetector(cfg.stability, "loss")
         self.grad_spikes = SpikeDetector(cfg.stability, "grad_norm")
         self.guard = RollbackGuard(cfg.stability)
-        self.consecutive_skips = 0
         rank_state = self._resume()
         self.loader = self._build_loader(rank_state)
         self.batches = iter(self.loader)
@@ -512,7 +515,21 @@ class Trainer:
         means = _mean_over_ranks(sums / plan.accumulation)
         loss_value, grad_norm = means[0].item(), pre_step_grad_norm(engine)
         loss_spike = self.loss_spikes.judge(loss_value)
-        spike = loss_spike or self.grad_spikes.judge(grad_norm)
+        grad_spike = None if loss_spike else self.grad_spikes.judge(grad_norm)
+        self.state.grad_spike_run = self.state.grad_spike_run + 1 if grad_spike else 0
+        if grad_spike and self.state.grad_spike_run > cfg.stability.grad_norm_patience:
+            # Skipped updates leave the weights as they are: a gradient norm still high on new
+            # batches at unchanged weights comes from the weights, which skipping never changes.
+            if self.rank == 0:
+                logger.warning(
+                    "step %d: %s, as on the %d steps before at unchanged weights; the (clipped) "
+                    "update proceeds",
+                    self.state.step + 1,
+                    grad_spike,
+                    cfg.stability.grad_norm_patience,
+                )
+            grad_spike = None
+        spike = loss_spike or grad_spike
         if spike is not None:
             skip_update(engine)
         engine.step()
@@ -528,10 +545,10 @@ class Trainer:
         self.grad_spikes.accept(grad_norm)
         reason = spike if spike is not None else ("non-finite" if skipped else None)
         rollback = None
-        self.consecutive_skips = self.consecutive_skips + 1 if reason is not None else 0
-        if self.consecutive_skips >= cfg.stability.max_consecutive_skips:
+        self.state.consecutive_skips = self.state.consecutive_skips + 1 if reason else 0
+        if self.state.consecutive_skips >= cfg.stability.max_consecutive_skips:
             raise TrainingStalled(
-                f"the last {self.consecutive_skips} updates (to step {self.state.step}) were "
+                f"the last {self.state.consecutive_skips} updates (to step {self.state.step}) were "
                 f"all skipped, the last for: {reason}. The run is not making progress and "
                 "stops without saving: check optim (lr, eps), the data and the stability "
                 "settings, then resume from the last checkpoint."

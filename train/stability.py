@@ -55,6 +55,10 @@ class StabilitySettings:
     """LR multiplier after a rollback (the conservative-LR guard)."""
     lr_factor_steps: int = 500
     """Steps the lowered LR lasts after a rollback."""
+    grad_norm_patience: int = 3
+    """Grad-norm spikes skipped in a row; from the next one on the (clipped) update proceeds.
+    A skipped update leaves the weights unchanged, so a gradient norm that stays high over
+    new batches comes from the weights, and skipping could never end it."""
     max_consecutive_skips: int = 20
     """Updates skipped in a row (spikes or non-finite values) that end the run with an error:
     it is not making progress. Applies with the spike guards off too."""
@@ -72,6 +76,8 @@ def stability_problems(s: StabilitySettings) -> list[str]:
         p.append("stability.rollback_after and max_rollbacks must be >= 0, rollback_within >= 1")
     if not 0 < s.lr_factor <= 1 or s.lr_factor_steps < 0:
         p.append("stability.lr_factor must lie in (0, 1] and lr_factor_steps be >= 0")
+    if s.grad_norm_patience < 0:
+        p.append(f"stability.grad_norm_patience must be >= 0, got {s.grad_norm_patience}")
     if s.max_consecutive_skips < 1:
         p.append(f"stability.max_consecutive_skips must be >= 1, got {s.max_consecutive_skips}")
     return p
