@@ -472,7 +472,9 @@ def probe_problem(shard: Shard, options: ReadOptions, kind: str) -> str | None:
         return None
     with open(shard.path, "rb") as file:
         head = file.read(8)
-    if head and shard.format in _MAGIC and not head.startswith(_MAGIC[shard.format]):
+    if not head:
+        return f"{shard.path}: the file is empty"
+    if shard.format in _MAGIC and not head.startswith(_MAGIC[shard.format]):
         return f"{shard.path}: not a {shard.format} file (it starts with {head!r})"
     try:
         if shard.format in ("parquet", "arrow"):
@@ -480,8 +482,8 @@ def probe_problem(shard: Shard, options: ReadOptions, kind: str) -> str | None:
             missing = options.field not in names
             return f"{shard.path}: no column {options.field!r} (has {names})" if missing else None
         return _first_records_problem(shard, options, kind)
-    except Exception:  # a damaged file: the reader reports it as bad input, by policy
-        return None
+    except Exception as e:  # damaged: bad input, unless every probed file of the source is
+        return f"{shard.path}: unreadable ({type(e).__name__}: {e})"
 
 
 def _schema(shard: Shard) -> pa.Schema:
@@ -494,8 +496,9 @@ def _schema(shard: Shard) -> pa.Schema:
 
 
 def _first_records_problem(shard: Shard, options: ReadOptions, kind: str) -> str | None:
-    seen = Counter()
+    seen, lines = Counter(), 0
     for record in islice(_direct_records(shard, 0, _latin1_bytes, False), _PROBED_RECORDS * 5):
+        lines += 1
         if not record.value.strip():
             continue
         try:
@@ -505,8 +508,8 @@ def _first_records_problem(shard: Shard, options: ReadOptions, kind: str) -> str
             seen[f"{problem.kind.replace('_', ' ')}: {problem}"] += 1
         if sum(seen.values()) == _PROBED_RECORDS:
             break
-    if not seen:
-        return None
+    if not seen:  # blank lines only: the whole file, or as far as the probe reads
+        return f"{shard.path}: holds no records" if lines < _PROBED_RECORDS * 5 else None
     count, (most, _) = sum(seen.values()), seen.most_common(1)[0]
     return (
         f"{shard.path}: its first {count} records are all unusable ({most}); check the "

@@ -331,6 +331,32 @@ def test_a_wrong_format_or_field_is_a_startup_error_naming_the_file(tmp_path):
             )
 
 
+def test_a_source_without_a_usable_file_is_a_startup_error(tmp_path):
+    good = write_format(tmp_path, "jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n  \n\n")
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(open(good, "rb").read())[:40])
+    unusable = [str(tmp_path / n) for n in ("empty.jsonl", "blank.jsonl", "cut.jsonl.gz")]
+    for paths, expected in [
+        ([unusable[0]], "empty.jsonl: the file is empty"),
+        ([unusable[1]], "blank.jsonl: holds no records"),
+        ([unusable[2]], "cut.jsonl.gz: unreadable"),
+    ]:
+        source = SourceConfig(name="docs", paths=paths)
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            build_data_loader(
+                make_config(tmp_path, [source]), rank=0, world_size=1, micro_batch_size=1
+            )
+    # One usable file among them: the others are bad input, read past at run time.
+    loader = build_data_loader(
+        make_config(tmp_path, [SourceConfig(name="docs", paths=[*unusable, good])]),
+        rank=0,
+        world_size=1,
+        micro_batch_size=1,
+    )
+    assert next(iter(loader))["input_ids"].numel() > 0
+
+
 def test_a_few_bad_first_records_are_bad_input_not_a_startup_error(tmp_path):
     lines = ["{not json", '{"body": "no text field"}', ""] + [
         json.dumps({"text": d}) for d in DOCUMENTS
