@@ -537,12 +537,9 @@ class Trainer:
         self.state.tokens += plan.tokens
         skipped = engine.skipped_steps > skipped_before
         self.state.skipped_steps += int(skipped)
-        # Every finite value enters the windows, a skipped spike too: a level that lasts (the
-        # gradient norm rising as a model leaves a plateau) becomes the new normal within a few
-        # steps. Judged against windows of accepted values only, every later step would look
-        # like a spike, and the run would skip every update from there on.
-        self.loss_spikes.accept(loss_value)
-        self.grad_spikes.accept(grad_norm)
+        if not skipped:  # a lasting grad-norm level enters once its patience has run out
+            self.loss_spikes.accept(loss_value)
+            self.grad_spikes.accept(grad_norm)
         reason = spike if spike is not None else ("non-finite" if skipped else None)
         rollback = None
         self.state.consecutive_skips = self.state.consecutive_skips + 1 if reason else 0
