@@ -9,6 +9,7 @@ Each config group has one dataclass; every YAML file of a group starts from it
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -453,12 +454,7 @@ def _schedule_problems(cfg: PretrainConfig) -> list[str]:
         p.append(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     if o.grad_clip < 0:
         p.append(f"optim.grad_clip must be >= 0 (0: no clipping), got {o.grad_clip}")
-    max_steps = cfg.train.max_steps
-    if max_steps is not None and not cfg.curriculum.stages and s.warmup_steps > max_steps:
-        p.append(
-            f"schedule.warmup_steps ({s.warmup_steps}) is longer than the run "
-            f"(train.max_steps={max_steps})"
-        )
+
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         p.append(f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
     return p
@@ -494,7 +490,20 @@ def fault_problems(f: FaultSettings, world_size: int) -> list[str]:
     return p
 
 
+def config_warnings(cfg: PretrainConfig) -> list[str]:
+    """Settings that run but are probably not meant (a smoke test may mean them)."""
+    warnings, steps, warmup = [], cfg.train.max_steps, cfg.schedule.warmup_steps
+    if steps is not None and not cfg.curriculum.stages and warmup > steps:
+        warnings.append(
+            f"schedule.warmup_steps ({warmup}) is longer than the run (train.max_steps={steps}): "
+            "the LR never reaches optim.lr"
+        )
+    return warnings
+
+
 def validate(cfg: PretrainConfig, world_size: int) -> None:
     problems = config_problems(cfg, world_size)
     if problems:
         raise ValueError("invalid training config:\n  - " + "\n  - ".join(problems))
+    for warning in config_warnings(cfg):
+        logging.getLogger("looplm.config").warning(warning)

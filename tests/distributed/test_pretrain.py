@@ -82,6 +82,8 @@ def test_two_rank_run_logs_every_step_and_checkpoints(tmp_path, cache_dir, zero)
         "grad_norm_window": [r["grad_norm"] for r in records],
         "guard": {"spike_steps": [], "rollbacks": [], "lowered_until": 0},
         "skipped_steps": 0,
+        "consecutive_skips": 0,
+        "grad_spike_run": 0,
         "good": True,
         "data_seed_offset": 0,
     }

@@ -1,5 +1,6 @@
 """Every shipped config composes; bad configs fail before any process group starts."""
 
+import logging
 import math
 from pathlib import Path
 
@@ -109,7 +110,6 @@ BAD = [
     (["optim.weight_decay=-5"], "optim.weight_decay must be >= 0, got -5"),
     (["optim.grad_clip=-1"], "optim.grad_clip must be >= 0"),
     (["train.log_every=0"], "train.log_every must be >= 1"),
-    (["schedule.warmup_steps=400"], "schedule.warmup_steps (400) is longer than the run"),
     (
         ["train.prior=geometric", "train.regularizer=kl", "train.prior_param=1.5"],
         "train.prior_param must lie in (0, 1)",
@@ -162,3 +162,10 @@ def test_beta_schedules_anneal_from_beta_to_beta_final(kind):
     if kind == "cosine":
         assert betas[25] == pytest.approx(0.05 + 0.05 * 0.5 * (1 + math.cos(math.pi / 4)))
     assert all(a >= b for a, b in zip(betas, betas[1:], strict=False))
+
+
+def test_a_warmup_longer_than_the_run_is_a_warning(caplog):
+    cfg = to_object(composed("experiment=tiny_cpu", "schedule.warmup_steps=400"))
+    with caplog.at_level(logging.WARNING):
+        validate(cfg, world_size=2)
+    assert "schedule.warmup_steps (400) is longer than the run (train.max_steps=300)" in caplog.text
