@@ -255,7 +255,7 @@ def result(model: Model, scale: Scale, run_dir: Path, tokenizer: Path, out: Path
     return {
         **asdict(model),
         "name": model.name,
-        "params": _parameters(config),
+        "params": config.num_parameters(),
         "train_tokens": tokens,
         "train_flops": training_flops_per_token(config, scale.seq_len, model.loops) * tokens,
         "accuracy_per_step": scores["accuracy_per_step"][: model.loops],
@@ -264,15 +264,6 @@ def result(model: Model, scale: Scale, run_dir: Path, tokenizer: Path, out: Path
         "n": scores["n"],
         "seconds": json.loads((run_dir / "finished.json").read_text())["seconds"],
     }
-
-
-def _parameters(config) -> int:
-    import torch
-
-    from looplm import LoopLMForCausalLM
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in LoopLMForCausalLM(config).parameters())
 
 
 # ---- the report --------------------------------------------------------------------------
