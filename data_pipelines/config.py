@@ -82,6 +82,12 @@ class DataConfig:
     window_tokens: int = 1_000_000
     """A window also ends at the document that brings it to this many tokens, which bounds
     memory and resume time for long documents."""
+    max_document_chars: int = 1_000_000
+    """Characters of one document the tokenizer sees at a time, which bounds a reader's
+    memory (the tokenizer holds about 100 bytes per character it is given). A longer
+    pre-training document is tokenized in pieces of at most this many characters, cut at
+    whitespace, and stays one document; a longer SFT conversation is skipped as bad input
+    (`too_long`). Both are counted and logged with file and line."""
     on_bad_input: str = "skip"
     """skip: count, log with file and line, go on. error: raise at the first bad record."""
     allow_source_change: bool = False
@@ -130,7 +136,16 @@ def _field_problems(cfg: DataConfig) -> list[str]:
         (cfg.prefetch_factor < 1, f"data.prefetch_factor: must be >= 1, got {cfg.prefetch_factor}"),
         (cfg.shuffle_window < 1, f"data.shuffle_window: must be >= 1, got {cfg.shuffle_window}"),
         (cfg.window_tokens < 1, f"data.window_tokens: must be >= 1, got {cfg.window_tokens}"),
+        (
+            cfg.max_document_chars < 1,
+            f"data.max_document_chars: must be >= 1, got {cfg.max_document_chars}",
+        ),
         (cfg.max_retries < 1, f"data.max_retries: must be >= 1, got {cfg.max_retries}"),
+        (
+            cfg.retry_backoff_s < 0,
+            f"data.retry_backoff_s: must be >= 0, got {cfg.retry_backoff_s}",
+        ),
+        (cfg.seed < 0, f"data.seed: must be >= 0, got {cfg.seed}"),
         (
             cfg.on_bad_input not in BAD_INPUT_POLICIES,
             f"data.on_bad_input: {cfg.on_bad_input!r} is not one of {BAD_INPUT_POLICIES}",

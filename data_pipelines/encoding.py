@@ -14,6 +14,9 @@ import numpy as np
 
 from data_pipelines.tokenizer import IM_END, IM_START, load_tokenizer, token_id
 
+DEFAULT_MAX_CHARS = 1_000_000
+"""Characters the tokenizer is given in one call at most (`data.max_document_chars`)."""
+
 
 @dataclass
 class Documents:
@@ -53,8 +56,12 @@ class Documents:
 class DocumentEncoder:
     """Tokenizes pre-training texts or renders and tokenizes SFT conversations."""
 
-    def __init__(self, tokenizer: str, kind: str, eos_token: str):
+    def __init__(
+        self, tokenizer: str, kind: str, eos_token: str, max_chars: int = DEFAULT_MAX_CHARS
+    ):
         self.tokenizer = load_tokenizer(tokenizer)
+        self.max_chars = max_chars
+        """Characters given to the tokenizer in one call at most."""
         # A special token's text inside a document (a web page quoting "<|endoftext|>", a
         # message holding "<|im_end|>") is text: encoded as such, it can neither end a
         # document early nor forge a turn of the ChatML structure built here.
@@ -71,20 +78,29 @@ class DocumentEncoder:
         """Encode a batch of payloads (texts, or lists of (role, content) for SFT)."""
         if self.kind == "sft":
             return self._encode_conversations(payloads)
-        tokens: list[int] = []
-        lengths = []
-        for encoding in self._encodings(payloads):
-            ids = encoding.ids
-            tokens += ids
-            tokens.append(self.eos)
-            lengths.append(len(ids) + 1)
-        return Documents(np.array(tokens, dtype=np.int32), np.array(lengths, dtype=np.int64))
-
-    def _encodings(self, texts: list[str]):
-        return self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        eos = np.array([self.eos], dtype=np.int32)
+        documents = [part for ids in self._ids(payloads) for part in (ids, eos)]
+        lengths = np.array([len(ids) + 1 for ids in documents[::2]], dtype=np.int64)
+        return Documents(np.concatenate(documents), lengths)
 
     def _ids(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(encoding.ids, dtype=np.int32) for encoding in self._encodings(texts)]
+        """Each text's token ids. The tokenizer is given at most `max_chars` characters per
+        call: a longer text is tokenized in pieces cut at whitespace (`text_pieces`), and
+        its pieces' ids are joined; a long text is what makes the tokenizer's memory grow,
+        by about 100 bytes per character."""
+        pieces, owners = [], []
+        for index, text in enumerate(texts):
+            for piece in text_pieces(text, self.max_chars):
+                pieces.append(piece)
+                owners.append(index)
+        ids: list[list[np.ndarray]] = [[] for _ in texts]
+        for start, end in _calls(pieces, self.max_chars):
+            encodings = self.tokenizer.encode_batch_fast(
+                pieces[start:end], add_special_tokens=False
+            )
+            for owner, encoding in zip(owners[start:end], encodings, strict=True):
+                ids[owner].append(np.asarray(encoding.ids, dtype=np.int32))
+        return [parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in ids]
 
     def _encode_conversations(self, conversations: list[list[tuple[str, str]]]) -> Documents:
         contents = [content for messages in conversations for _, content in messages]
@@ -122,3 +138,35 @@ class DocumentEncoder:
         if role not in self.headers:
             self.headers[role] = self._ids([role + "\n"])[0]
         return self.headers[role]
+
+
+def text_pieces(text: str, max_chars: int) -> list[str]:
+    """`text` cut into pieces of at most `max_chars` characters, each cut made at the last
+    whitespace of a piece's second half, where there is one, so that a word is not cut in
+    two; the whitespace begins the next piece, as byte-level BPE attaches a space to the
+    word after it. Joined, the pieces are `text`."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        cut = max(text.rfind(space, start + max_chars // 2 + 1, end) for space in " \n\t")
+        cut = cut if cut > start else end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _calls(pieces: list[str], max_chars: int) -> list[tuple[int, int]]:
+    """Consecutive runs of `pieces` of at most `max_chars` characters together (a longer
+    piece alone), as (start, end) index pairs."""
+    calls, start, size = [], 0, 0
+    for index, piece in enumerate(pieces):
+        if index > start and size + len(piece) > max_chars:
+            calls.append((start, index))
+            start, size = index, 0
+        size += len(piece)
+    if pieces:
+        calls.append((start, len(pieces)))
+    return calls

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ import numpy as np
 
 from data_pipelines import synthetic
 from data_pipelines.encoding import DocumentEncoder
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,12 @@ def held_out_synthetic(
         os.path.expanduser(cache_dir), "synthetic", "held-out", f"{spec.name}-{digest}.json"
     )
     if cached.is_file():
-        return [synthetic.HeldOutItem(k, p, tuple(a)) for k, p, a in json.loads(cached.read_text())]
+        try:
+            return [
+                synthetic.HeldOutItem(k, p, tuple(a)) for k, p, a in json.loads(cached.read_text())
+            ]
+        except (ValueError, TypeError) as error:  # torn by a crash: prove the set again
+            logger.warning("%s is unreadable (%s); building it again", cached, error)
     items = prove_held_out(spec, training_uris, cache_dir)
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_name(f"{cached.name}.{socket.gethostname()}-{os.getpid()}")

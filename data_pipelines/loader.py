@@ -189,7 +189,8 @@ class PackedDataLoader:
         self._generation += 1
 
     def bad_input_counts(self) -> dict[str, int]:
-        """Bad records skipped so far on this rank, by kind."""
+        """Bad records skipped so far on this rank, by kind, and long documents noted
+        (`long_document`, tokenized in pieces)."""
         total: Counter = Counter()
         for state in self.worker_states:
             total.update(state.bad_input)
@@ -210,6 +211,7 @@ class PackedDataLoader:
                 "shuffle": cfg.shuffle,
                 "shuffle_window": cfg.shuffle_window,
                 "window_tokens": cfg.window_tokens,
+                "max_document_chars": cfg.max_document_chars,
                 "tokenizer": tokenizer_summary(cfg.tokenizer).sha256[:16],
                 "eos_token": cfg.eos_token,
                 "kind": cfg.kind,
@@ -230,7 +232,8 @@ class PackedDataLoader:
         changed = [
             f"{key}: saved {saved.get(key)!r}, now {current[key]!r}"
             for key in current
-            if key != "sources" and saved.get(key) != current[key]
+            # A key missing from the state is a setting added after it was saved.
+            if key != "sources" and key in saved and saved[key] != current[key]
         ]
         changed += [
             f"sources.{name} (format, text_field, messages_field, text_split): saved "
@@ -323,7 +326,9 @@ class _SlotDataset(IterableDataset):
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
         worker = ((info.id if info else 0) + self.rotation) % self.per_rank
         slot = Slot(self.rank * self.per_rank + worker, self.world_size * self.per_rank)
-        encoder = DocumentEncoder(self.cfg.tokenizer, self.cfg.kind, self.cfg.eos_token)
+        encoder = DocumentEncoder(
+            self.cfg.tokenizer, self.cfg.kind, self.cfg.eos_token, self.cfg.max_document_chars
+        )
         state = SlotState(**self.states[worker])
         mixture = MixtureStream(self.cfg, self.shards, slot, self.stage, state, encoder)
         while True:

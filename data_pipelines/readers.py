@@ -72,7 +72,8 @@ class RemoteReadError(RuntimeError):
 
 
 class BadInputLog:
-    """Counts bad records by kind, logs them with their location, or raises (policy `error`).
+    """Counts bad records by kind, logs them with their location, or raises (policy `error`);
+    also counts and logs records that are used but noted (`note`: a long document).
 
     A muted log counts and raises but does not log: it serves a window re-read on resume,
     whose bad records were logged before.
@@ -89,10 +90,18 @@ class BadInputLog:
         message = f"{where}: {kind.replace('_', ' ')}: {detail}"
         if self.policy == "error":
             raise BadInputError(message)
+        self._log(kind, "skipped " + message)
+
+    def note(self, kind: str, where: str, detail: str) -> None:
+        """Record one record of `kind` at `where` that is used, but not as it stands."""
+        self.counts[kind] += 1
+        self._log(kind, f"{where}: {kind.replace('_', ' ')}: {detail}")
+
+    def _log(self, kind: str, message: str) -> None:
         if self.muted:
             return
         if self.counts[kind] <= _LOGGED_PER_KIND:
-            logger.warning("skipped %s", message)
+            logger.warning("%s", message)
         if self.counts[kind] == _LOGGED_PER_KIND:
             logger.warning("further %s records are counted but not logged", kind)
 
@@ -113,6 +122,9 @@ class ReadOptions:
     text_split: str = "paragraph"
     max_retries: int = 5
     retry_backoff_s: float = 1.0
+    max_document_chars: int | None = None
+    """Longer pre-training documents are noted (`long_document`), longer SFT conversations
+    skipped (`too_long`); None: no limit."""
     salvage: bool = False
     """Reading a truncated shard again up to its break, a line or a row at a time: the
     builders lose the whole chunk or batch the file breaks in."""
@@ -524,10 +536,23 @@ def parse_record(
 
     Returns None, after reporting to `log`, when the record is unusable.
     """
+    where = f"{shard.path}:{record.line}"
     try:
-        return _payload(record.value, shard.format, options.field, kind)
+        payload = _payload(record.value, shard.format, options.field, kind)
+        limit = options.max_document_chars
+        if limit is not None:
+            size = len(payload) if kind == "pretrain" else sum(len(c) for _, c in payload)
+            if size > limit and kind == "sft":
+                raise _Unusable(
+                    "too_long",
+                    f"{size:,} characters of content, over {limit:,} (max_document_chars)",
+                )
+            if size > limit:
+                detail = f"{size:,} characters, tokenized in pieces of at most {limit:,}"
+                log.note("long_document", where, detail)
+        return payload
     except _Unusable as problem:
-        log.report(problem.kind, f"{shard.path}:{record.line}", str(problem))
+        log.report(problem.kind, where, str(problem))
         return None
 
 

@@ -8,6 +8,7 @@ are dealt to slots; with fewer, every slot reads every shard and keeps every
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import os
@@ -118,10 +119,7 @@ def _expand(path: str, fmt: str, cache_dir: str, check_only: bool) -> list[Shard
             raise ShardResolutionError([f"{path}: {error}"]) from error
         return [_local_shard(file, "jsonl") for file in files]
     if path.startswith(STDLIB):
-        root = sysconfig.get_paths()["stdlib"]
-        pattern = path[len(STDLIB) :] or "**/*.py"
-        files = glob.glob(os.path.join(root, pattern), recursive=True)
-        files = [file for file in files if "site-packages" not in file and os.path.isfile(file)]
+        files = _stdlib_files(path[len(STDLIB) :] or "**/*.py")
         return [_local_shard(file, "text" if fmt == "auto" else fmt) for file in files]
     if _is_hub_id(path) and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
         raise ShardResolutionError([f"{path}: no such local path (and hub access is off)"])
@@ -136,6 +134,15 @@ def _expand(path: str, fmt: str, cache_dir: str, check_only: bool) -> list[Shard
         except Exception as error:
             raise ShardResolutionError([f"{path}: cannot list it ({error!r})"]) from error
     return _expand_local(path, fmt)
+
+
+@functools.cache
+def _stdlib_files(pattern: str) -> tuple[str, ...]:
+    """The standard library's files matching `pattern`, listed once per process (a recursive
+    glob of the whole library takes about a second)."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = glob.glob(os.path.join(root, pattern), recursive=True)
+    return tuple(file for file in files if "site-packages" not in file and os.path.isfile(file))
 
 
 def _expand_local(path: str, fmt: str) -> list[Shard]:

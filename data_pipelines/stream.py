@@ -119,6 +119,7 @@ class SourceStream:
             source.text_split,
             cfg.max_retries,
             cfg.retry_backoff_s,
+            cfg.max_document_chars,
         )
         self.position = position or StreamPosition()
         self._epoch_pieces: tuple[int, list[Piece]] = (-1, [])
@@ -292,14 +293,19 @@ class _DeferredLog:
     def __init__(self, log: BadInputLog):
         self.log, self.index = log, 0
         self.reports: list[tuple[int, str, str, str]] = []
+        self.notes: list[tuple[int, str, str, str]] = []
 
     def report(self, kind: str, where: str, detail: str) -> None:
         if self.log.policy == "error":
             self.log.report(kind, where, detail)
         self.reports.append((self.index, kind, where, detail))
 
+    def note(self, kind: str, where: str, detail: str) -> None:
+        self.notes.append((self.index, kind, where, detail))
+
     def commit(self, end: int | None) -> None:
-        """Pass on the reports of records before `end` (all of them when None)."""
-        for index, kind, where, detail in self.reports:
-            if end is None or index < end:
-                self.log.report(kind, where, detail)
+        """Pass on the reports and notes of records before `end` (all of them when None)."""
+        for entries, record in ((self.reports, self.log.report), (self.notes, self.log.note)):
+            for index, kind, where, detail in entries:
+                if end is None or index < end:
+                    record(kind, where, detail)

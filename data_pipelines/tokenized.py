@@ -365,7 +365,7 @@ def _prepare_output(out_dir: str, overwrite: bool) -> None:
 
 def _pretokenize_shard(job) -> tuple[int, int, dict[str, int]]:
     shard, stem, source, cfg = job
-    encoder = DocumentEncoder(cfg.tokenizer, "pretrain", cfg.eos_token)
+    encoder = DocumentEncoder(cfg.tokenizer, "pretrain", cfg.eos_token, cfg.max_document_chars)
     dtype = token_dtype(encoder.tokenizer.get_vocab_size())
     log = BadInputLog(cfg.on_bad_input)
     parts = [np.zeros(0, dtype=np.int64)]
@@ -391,7 +391,11 @@ def _windows(
     """The payloads of the shard's records, `shuffle_window` at a time; None for a record
     skipped as bad input, so that a payload's place is its record's index."""
     options = ReadOptions(
-        source.text_field, source.text_split, cfg.max_retries, cfg.retry_backoff_s
+        source.text_field,
+        source.text_split,
+        cfg.max_retries,
+        cfg.retry_backoff_s,
+        cfg.max_document_chars,
     )
     window = []
     for index, record in enumerate(read_raw(shard, 0, options, log)):

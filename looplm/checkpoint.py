@@ -148,7 +148,10 @@ def _weight_files(directory: Path) -> dict[str, Path]:
     """Which file holds each tensor."""
     index = directory / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a safetensors index: {e!r}") from e
         files = {name: directory / file for name, file in weight_map.items()}
         missing = sorted({str(f) for f in files.values() if not f.is_file()})
         if missing:

@@ -15,6 +15,7 @@ left alone).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from tqdm import tqdm
@@ -34,8 +35,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--format", default="auto")
     parser.add_argument("--text-field", default="text")
     parser.add_argument("--text-split", default="paragraph", choices=["file", "paragraph", "line"])
-    parser.add_argument("--tokenizer", default="embedded")
-    parser.add_argument("--on-bad-input", default="skip", choices=["skip", "error"])
+    parser.add_argument(
+        "--tokenizer",
+        help="tokenizer.json, or `embedded` (default: the data config's, else embedded)",
+    )
+    parser.add_argument("--on-bad-input", choices=["skip", "error"], help="default: skip")
+    parser.add_argument(
+        "--max-document-chars",
+        type=int,
+        help="longer documents are tokenized in pieces (default: 1,000,000)",
+    )
     parser.add_argument("--procs", type=int, default=os.cpu_count(), help="parallel processes")
     parser.add_argument("--out", required=True, help="output directory (empty or absent)")
     parser.add_argument(
@@ -47,13 +56,21 @@ def parse_args() -> argparse.Namespace:
 
 
 def source_and_config(args: argparse.Namespace) -> tuple[SourceConfig, DataConfig]:
-    """The source to convert and the data settings (tokenizer, bad-input policy) to use."""
+    """The source to convert and the data settings (tokenizer, bad-input policy, document
+    limit) to use: the data config's, or the defaults, each overridden by its option when
+    given."""
+    given = {
+        "tokenizer": args.tokenizer,
+        "on_bad_input": args.on_bad_input,
+        "max_document_chars": args.max_document_chars,
+    }
+    given = {name: value for name, value in given.items() if value is not None}
     if args.data_config:
         cfg = load_data_config(args.data_config)
         matching = [source for source in cfg.sources if source.name == args.source]
         if not matching:
             raise SystemExit(f"--source must be one of {[source.name for source in cfg.sources]}")
-        return matching[0], cfg
+        return matching[0], dataclasses.replace(cfg, **given)
     if not args.paths:
         raise SystemExit("give --data-config with --source, or --paths")
     source = SourceConfig(
@@ -63,9 +80,7 @@ def source_and_config(args: argparse.Namespace) -> tuple[SourceConfig, DataConfi
         text_field=args.text_field,
         text_split=args.text_split,
     )
-    return source, DataConfig(
-        sources=[source], tokenizer=args.tokenizer, on_bad_input=args.on_bad_input
-    )
+    return source, DataConfig(sources=[source], **given)
 
 
 def main() -> None:
@@ -91,6 +106,9 @@ def main() -> None:
     print(
         f"wrote {num_shards} shards, {totals['documents']:,} documents, {totals['tokens']:,} tokens to {args.out}"
     )
+    long = bad.pop("long_document", 0)
+    if long:
+        print(f"{long:,} documents over {cfg.max_document_chars:,} characters tokenized in pieces")
     if bad:
         print(f"skipped bad records: {dict(bad)}")
 

@@ -113,6 +113,26 @@ def write_manifest(folder: Path) -> None:
     _fsync_write(folder / MANIFEST, json.dumps({"files": files}, indent=1))
 
 
+def read_json(path: Path):
+    """The JSON in `path`; a file that cannot be read or parsed is an error naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path} cannot be read as JSON: {error}") from error
+
+
+def unreadable_file(folder: Path) -> str | None:
+    """The first torch file under `folder` that does not open (a truncated or corrupted zip
+    archive), with the reason; None when all open. Memory-mapped, so only the archive's
+    directory is read."""
+    for path in sorted(Path(folder).rglob("*.pt")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as error:
+            return f"{path}: {error}"
+    return None
+
+
 def manifest_problem(folder: Path) -> str | None:
     """The first file of a checkpoint that does not match its manifest (None: all match, or a
     checkpoint written before manifests existed)."""
@@ -299,7 +319,7 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
 
     def trainer_state(self, path: Path) -> dict:
-        return json.loads((path / "trainer_state.json").read_text())
+        return read_json(path / "trainer_state.json")
 
     def saved_world_size(self, path: Path) -> int:
         return self.trainer_state(path)["world_size"]
@@ -348,7 +368,9 @@ class CheckpointManager:
         try:
             self.load_weights(engine, path, world_size)
         except Exception as e:
-            raise RuntimeError(f"loading the DeepSpeed state of {path} failed: {e}") from e
+            bad = unreadable_file(path)
+            where = f"; {bad}" if bad else ""
+            raise RuntimeError(f"loading the DeepSpeed state of {path} failed: {e}{where}") from e
         if self.saved_world_size(path) != world_size:
             return None
         rank_file = path / f"rank_{self.rank:05d}.pt"

@@ -256,6 +256,13 @@ def config_problems(cfg: PretrainConfig, world_size: int) -> list[str]:
         p.append("init_from is required: this experiment continues a trained model")
     if t.micro_batch_size < 1:
         p.append(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+    if t.global_batch_tokens < 1:
+        p.append(f"train.global_batch_tokens must be >= 1, got {t.global_batch_tokens}")
+    if cfg.seed < 0:
+        p.append(f"seed must be >= 0 (numpy's generators take no negative seed), got {cfg.seed}")
+    for name in ("reduce_bucket_size", "stage3_prefetch_bucket_size"):
+        if getattr(ds, name) < 1:
+            p.append(f"deepspeed.{name} must be >= 1, got {getattr(ds, name)}")
     if d.seq_len < 2:
         p.append(f"data.seq_len must be >= 2, got {d.seq_len}")
     stages = cfg.curriculum.stages
@@ -343,16 +350,13 @@ def _model_config(cfg: PretrainConfig) -> tuple[LoopLMConfig | None, list[str]]:
         from train.export import MODEL_CONFIG, is_run_checkpoint, resolve_checkpoint
 
         path = Path(cfg.init_from)
-        if path.is_dir() and is_run_checkpoint(path):
-            try:
-                return LoopLMConfig.load(resolve_checkpoint(path) / MODEL_CONFIG), []
-            except (OSError, ValueError) as e:
-                return None, [f"init_from: {e}"]
         if path.is_dir():
+            config = resolve_checkpoint(path) / MODEL_CONFIG if is_run_checkpoint(path) else path
             try:
-                return LoopLMConfig.load(path), []
+                source = LoopLMConfig.load(config)
             except (OSError, ValueError) as e:
                 return None, [f"init_from: {e}"]
+            return source, _ignored_model_settings(cfg.model, source)
         if cfg.init_from.count("/") == 1 and not path.exists():
             return None, []  # a hub id, fetched when the run starts
         return None, [f"init_from: no Ouro-format directory at {cfg.init_from}"]
@@ -362,6 +366,20 @@ def _model_config(cfg: PretrainConfig) -> tuple[LoopLMConfig | None, list[str]]:
         return cfg.model.build_config(), []
     except ValueError as e:
         return None, [f"model: {e}"]
+
+
+def _ignored_model_settings(model: ModelSettings, source: LoopLMConfig) -> list[str]:
+    """Model settings given beside init_from that differ from the source's: the model comes
+    from init_from, so they would be ignored."""
+    architecture = {f.name for f in dataclasses.fields(LoopLMConfig)}
+    return [
+        f"model.{f.name}={getattr(model, f.name)} is set, but the model comes from init_from, "
+        f"whose {f.name} is {getattr(source, f.name)}; remove the setting"
+        for f in dataclasses.fields(model)
+        if f.name in architecture
+        and getattr(model, f.name) is not None
+        and getattr(model, f.name) != getattr(source, f.name)
+    ]
 
 
 def _sequence_parallel_problems(
@@ -483,6 +501,8 @@ def fault_problems(f: FaultSettings, world_size: int) -> list[str]:
                 f"faults.checkpoint_fault_moment={f.checkpoint_fault_moment} happens on rank 0 "
                 f"only; checkpoint_fault_rank {f.checkpoint_fault_rank} would never fail"
             )
+    if f.spike_factor <= 0:
+        p.append(f"faults.spike_factor must be > 0, got {f.spike_factor}")
     for name in ("checkpoint_fault_at_step", "pause_after_step"):
         value = getattr(f, name)
         if value is not None and value < 1:

@@ -263,8 +263,8 @@ def stage_problems(
     seq_len, batch = base["seq_len"], base["global_batch_tokens"]
     for i, s in enumerate(settings):
         where = f"curriculum.stages[{i}] ({s.name})"
-        seq_len = s.seq_len or seq_len
-        batch = s.global_batch_tokens or batch
+        seq_len = seq_len if s.seq_len is None else s.seq_len
+        batch = batch if s.global_batch_tokens is None else s.global_batch_tokens
         unit = micro_batch_size * seq_len * dp_size
         if s.tokens < 1:
             p.append(f"{where}: tokens must be >= 1, got {s.tokens}")

@@ -13,7 +13,6 @@ source model directory in which every other tensor keeps its bits.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -30,6 +29,7 @@ from safetensors.torch import save_file
 
 from looplm import LoopLMForCausalLM, Objective
 from looplm.checkpoint import INDEX_NAME, WEIGHTS_NAME, resolve_model_dir
+from train.checkpointing import read_json
 from train.config import PretrainConfig, config_problems
 from train.export import export_dir_problems, prepare_source
 from train.pretrain import CONFIG_DIR, Trainer, run_job
@@ -76,6 +76,8 @@ def gate_tuning_problems(cfg: GateTuningConfig, world_size: int) -> list[str]:
     p = config_problems(cfg, world_size)
     if cfg.stage2.k <= 0:
         p.append(f"stage2.k must be > 0, got {cfg.stage2.k}")
+    if cfg.stage2.gamma < 0:
+        p.append(f"stage2.gamma must be >= 0 (an improvement in nats), got {cfg.stage2.gamma}")
     if cfg.curriculum.stages:
         p.append("curriculum.stages: gate tuning runs one stage (train.max_steps steps)")
     p += export_dir_problems(cfg.init_from, cfg.run_dir, cfg.export_dir)
@@ -89,7 +91,7 @@ def export_tuned_gate(source: str, gate: dict[str, torch.Tensor], out_dir: str |
     source_dir, out_dir = resolve_model_dir(source), Path(out_dir)
     index = source_dir / INDEX_NAME
     if index.is_file():
-        files = {source_dir / f for f in json.loads(index.read_text())["weight_map"].values()}
+        files = {source_dir / f for f in read_json(index)["weight_map"].values()}
     else:
         files = {source_dir / WEIGHTS_NAME}
     partial = out_dir.with_name(out_dir.name + ".partial")

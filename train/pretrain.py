@@ -37,12 +37,14 @@ from train.curriculum import Stage, StepPlan, trainable_mask
 from train.engine import (
     build_engine,
     build_model,
+    parameter_groups,
     pre_step_grad_norm,
     set_accumulation,
     skip_update,
 )
 from train.faults import CheckpointFault, pause_after
 from train.metrics import MetricsLogger, device_peak_flops, training_flops_per_token
+from train.resume_settings import check_resume_settings
 from train.run_lock import RunLock, exit_with_launcher
 from train.schedule import exit_beta, learning_rate
 from train.sequence_parallel import local_slice, sequence_parallel_group, token_share
@@ -188,6 +190,7 @@ class Trainer:
         if self.latest is not None:
             saved = self.checkpoints.trainer_state(self.latest)
             self.state = TrainerState(**{**saved, "world_size": self.world_size})
+            check_resume_settings(self.run_dir, asdict(cfg), self.state.step, self.rank == 0)
         self.reshaped = self.latest is not None and saved["world_size"] != self.world_size
         if self.reshaped:
             # The streams are split by rank: their saved positions do not carry over to
@@ -400,6 +403,7 @@ class Trainer:
         rank_state = self.checkpoints.load(
             self.engine, self.latest, self.world_size, self.model.config, managed
         )
+        self._apply_optimizer_settings()
         self.loss_spikes.load_state_dict({"history": self.state.loss_window})
         self.grad_spikes.load_state_dict({"history": self.state.grad_norm_window})
         if self.state.guard:
@@ -414,6 +418,18 @@ class Trainer:
                 self.state.tokens,
             )
         return rank_state
+
+    def _apply_optimizer_settings(self) -> None:
+        """The configured weight decay, betas and eps, over those the checkpoint's optimizer
+        state brought back with it (the learning rate is set at every step)."""
+        o = self.cfg.optim
+        fresh = parameter_groups(self.model, o.weight_decay, self._stage_groups())
+        groups = self.engine.optimizer.param_groups
+        assert len(groups) == len(fresh), "the optimizer's groups are built by parameter_groups"
+        for group, configured in zip(groups, fresh, strict=True):
+            group["weight_decay"] = configured["weight_decay"]
+            group["betas"] = tuple(o.betas)
+            group["eps"] = o.eps
 
     def _build_loader(self, rank_state: dict | None):
         cfg = self.cfg

@@ -72,6 +72,7 @@ from data_pipelines.tokenizer import (
     token_id,
     tokenizer_summary,
 )
+from train.checkpointing import read_json
 from train.config import PretrainConfig, config_problems
 from train.export import export_dir_problems, load_checkpoint_model, prepare_source
 from train.pretrain import CONFIG_DIR, Trainer, _environment, run_job
@@ -208,8 +209,8 @@ def count_source_tokens(
 def _read_counts(path: Path, key: dict) -> dict[str, int] | None:
     if not path.is_file():
         return None
-    saved = json.loads(path.read_text())
-    return saved["tokens"] if saved["key"] == key else None
+    saved = read_json(path)
+    return saved["tokens"] if saved.get("key") == key else None
 
 
 def _all_reduce(values: list[int], op=None) -> list[int]:

@@ -407,4 +407,11 @@ def read_records(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / EVAL_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as error:
+                raise ValueError(f"{path}:{number} is not a JSON record: {error}") from error
+    return records

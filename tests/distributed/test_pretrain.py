@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,7 +307,15 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
     assert completed(run_dir) == ["step_00000002", "step_00000004"]
 
 
-def test_changed_mixture_weights_apply_from_the_resume_and_are_logged(tmp_path, cache_dir):
+def optimizer_settings(checkpoint: Path) -> list[tuple]:
+    """(weight_decay, betas, eps) of each parameter group in a checkpoint's optimizer state."""
+    states = sorted((checkpoint / "deepspeed").glob("*optim_states.pt"))
+    saved = torch.load(states[0], weights_only=False)["optimizer_state_dict"]
+    groups = saved["base_optimizer_state"]["param_groups"]
+    return [(g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in groups]
+
+
+def test_changed_settings_apply_from_the_resume_and_are_logged_or_are_refused(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     code, out = run(
         "train.pretrain",
@@ -314,15 +323,40 @@ def test_changed_mixture_weights_apply_from_the_resume_and_are_logged(tmp_path, 
         tmp_path / "a.log",
     )
     assert code == 0, out[-3000:]
-    changed = ["train.max_steps=4", "checkpoint.every_steps=2", "data.sources.1.weight=0.6"]
+    changed = [
+        "train.max_steps=4",
+        "checkpoint.every_steps=2",
+        "data.sources.1.weight=0.6",
+        "optim.weight_decay=0.5",
+        "optim.betas=[0.8,0.9]",
+        "optim.eps=1e-6",
+    ]
     code, out = run("train.pretrain", job(run_dir, cache_dir, *changed), tmp_path / "b.log")
     assert code == 0, out[-3000:]
     assert "the data stage changes at resume (step 2): weights" in out
+    for setting in ("optim.weight_decay: 0.1 -> 0.5", "optim.eps: 1e-08 -> 1e-06"):
+        assert f"setting changed at resume, applies from step 2: {setting}" in out
     for step, weight in ((2, 0.15), (4, 0.6)):
         state = torch.load(
             run_dir / f"checkpoints/step_{step:08d}/rank_00000.pt", weights_only=False
         )
         assert state["data"]["stage"]["weights"]["multi_hop"] == weight
+    # The optimizer state brings back the saved hyperparameters; the configured ones win.
+    assert optimizer_settings(run_dir / "checkpoints/step_00000002") == [
+        (0.1, (0.9, 0.95), 1e-8),
+        (0.0, (0.9, 0.95), 1e-8),
+    ]
+    assert optimizer_settings(run_dir / "checkpoints/step_00000004") == [
+        (0.5, (0.8, 0.9), 1e-6),
+        (0.0, (0.8, 0.9), 1e-6),
+    ]
+    refused = [*changed, "train.max_steps=6", "seed=3", "deepspeed.zero_stage=3"]
+    code, out = run("train.pretrain", job(run_dir, cache_dir, *refused), tmp_path / "c.log")
+    assert code != 0
+    assert "would change settings its checkpoint fixes" in out
+    assert "seed: saved 0, now 3 (the RNG state is restored" in out
+    assert "deepspeed.zero_stage: saved 2, now 3" in out
+    assert completed(run_dir)[-1] == "step_00000004", "a refused resume trains nothing"
 
 
 def test_init_from_an_ouro_directory_starts_from_its_weights(tmp_path, cache_dir):

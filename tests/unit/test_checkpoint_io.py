@@ -175,6 +175,14 @@ def test_a_truncated_weights_file_is_named(tmp_path, cut):
         LoopLMForCausalLM.from_pretrained(tmp_path / "m")
 
 
+def test_a_damaged_shard_index_is_named(tmp_path):
+    small_model().save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    index = tmp_path / "m" / "model.safetensors.index.json"
+    index.write_text(index.read_text()[:50])
+    with pytest.raises(ValueError, match=f"{index} is not a safetensors index"):
+        LoopLMForCausalLM.from_pretrained(tmp_path / "m")
+
+
 def test_other_model_type_is_rejected(tmp_path):
     small_model().save_pretrained(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())

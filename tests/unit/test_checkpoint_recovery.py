@@ -5,9 +5,18 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
-from train.checkpointing import COMPLETE, CheckpointManager, manifest_problem, write_manifest
+from train.checkpointing import (
+    COMPLETE,
+    CheckpointManager,
+    manifest_problem,
+    read_json,
+    unreadable_file,
+    write_manifest,
+)
 from train.metrics import truncate_jsonl_after
+from train.validation import EVAL_FILE, read_records
 
 
 def _write(folder: Path, complete: bool, step: int) -> Path:
@@ -116,3 +125,31 @@ def test_damaged_checkpoints_are_set_aside_and_unknown_names_ignored(tmp_path, c
     ]
     assert "step_00000008.bak: not a checkpoint" in caplog.text
     assert "checkpoint step_00000006 is damaged" in caplog.text
+
+
+def test_a_damaged_trainer_state_is_named(tmp_path):
+    folder = _write(tmp_path / "checkpoints" / "step_00000004", complete=True, step=4)
+    state = folder / "trainer_state.json"
+    state.write_text('{"step": 4, "tok')
+    with pytest.raises(ValueError, match=f"{state} cannot be read as JSON"):
+        CheckpointManager(tmp_path, keep_last=2, rank=0).trainer_state(folder)
+    with pytest.raises(ValueError, match="cannot be read as JSON"):
+        read_json(tmp_path / "absent.json")
+
+
+def test_the_torch_file_that_does_not_open_is_named(tmp_path):
+    folder = tmp_path / "step_00000004"
+    (folder / "deepspeed").mkdir(parents=True)
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_optim_states.pt"):
+        torch.save({"weights": torch.arange(1000.0)}, folder / "deepspeed" / name)
+    torch.save({"rng": 1}, folder / "rank_00000.pt")
+    assert unreadable_file(folder) is None
+    broken = folder / "deepspeed" / "zero_pp_rank_0_optim_states.pt"
+    broken.write_bytes(broken.read_bytes()[:300])
+    assert unreadable_file(folder).startswith(f"{broken}: ")
+
+
+def test_a_damaged_evaluation_record_is_named_with_its_line(tmp_path):
+    (tmp_path / EVAL_FILE).write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=f"{tmp_path / EVAL_FILE}:2 is not a JSON record"):
+        read_records(tmp_path)

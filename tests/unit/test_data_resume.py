@@ -115,6 +115,7 @@ def test_a_state_from_another_layout_or_no_loader_is_refused_by_name(tmp_path):
         ("seed", 7, "seed: saved 0, now 7"),
         ("shuffle_window", 3, "shuffle_window: saved 4, now 3"),
         ("window_tokens", 9, "window_tokens: saved 1000000, now 9"),
+        ("max_document_chars", 9, "max_document_chars: saved 1000000, now 9"),
         ("shuffle", False, "shuffle: saved True, now False"),
         ("eos_token", "<|im_end|>", "eos_token: saved '<|endoftext|>', now '<|im_end|>'"),
     ],
@@ -146,6 +147,17 @@ def test_a_source_read_another_way_restarts_when_allowed(tmp_path):
         build(cfg, state)
     cfg.allow_source_change = True
     assert len(take(build(cfg, state), 3)) == 3
+
+
+def test_a_state_saved_before_a_setting_existed_still_resumes(tmp_path):
+    cfg = two_source_config(tmp_path)
+    loader = build(cfg)
+    reference = take(loader, 8)
+    loader = build(cfg)
+    first = take(loader, 3)
+    state = loader.state_dict()
+    del state["settings"]["max_document_chars"]
+    assert_same_batches(reference, first + take(build(cfg, state), 5))
 
 
 def test_a_state_saved_before_settings_were_recorded_still_resumes(tmp_path):

@@ -15,6 +15,7 @@ from data_pipelines.eval_tasks import (
     TaskSpec,
     build_sequences,
     file_problems,
+    held_out_synthetic,
     prove_held_out,
     training_documents,
 )
@@ -189,6 +190,16 @@ def test_held_out_questions_never_occur_in_the_training_documents(tmp_path, task
     # Drawn from the source's generator: each answer is one the documents' format gives.
     for item in items:
         assert item.prompt.startswith(item.key.lstrip("\n")[:10]) or item.key.strip() in item.prompt
+
+
+def test_a_torn_held_out_cache_is_built_again(tmp_path, caplog):
+    spec = TaskSpec("mano", 20, source_uri=SOURCES["mano"])
+    first = held_out_synthetic(spec, [SOURCES["mano"]], str(tmp_path))
+    (cached,) = (tmp_path / "synthetic" / "held-out").glob("mano-*.json")
+    cached.write_text(cached.read_text()[:100])
+    assert held_out_synthetic(spec, [SOURCES["mano"]], str(tmp_path)) == first
+    assert f"{cached} is unreadable" in caplog.text
+    assert json.loads(cached.read_text())
 
 
 def test_the_generators_questions_do_overlap_training_without_the_filter(tmp_path):
