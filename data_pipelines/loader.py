@@ -75,7 +75,12 @@ class PackedDataLoader:
         self.fingerprints = {name: fingerprint(files) for name, files in shards.items()}
         self._settings: dict | None = None
         slots = world_size * self.num_slots_per_rank
-        few = {name: len(files) for name, files in shards.items() if len(files) < slots}
+        # Pre-tokenized shards are read by index: a slot reads only its own documents.
+        few = {
+            name: len(files)
+            for name, files in shards.items()
+            if len(files) < slots and any(file.format != "tokens" for file in files)
+        }
         if few and rank == 0:
             logger.warning(
                 "sources with fewer shards than the %d reading slots (ranks x workers): %s; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -14,6 +15,15 @@ from tokenizers import Tokenizer
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '" + IM_END + "\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{% endif %}"
+)
+"""ChatML as `data_pipelines.encoding` renders it for training: `<|im_start|>role\\ncontent<|im_end|>\\n`
+per message; the generation prompt opens an assistant turn."""
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 """Ouro's special tokens, in id order: 0, 1, 2."""
 
@@ -120,3 +130,40 @@ def word_level_tokenizer(texts) -> Tokenizer:
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins with spaces
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
     return tokenizer
+
+
+def write_tokenizer_files(
+    tokenizer: Tokenizer, directory: Path, model_max_length: int, eos_token: str = IM_END
+) -> None:
+    """`tokenizer.json`, and `tokenizer_config.json` / `special_tokens_map.json` as Hugging Face
+    tokenizers read them: BOS and padding `<|endoftext|>`, EOS `eos_token` (`<|im_end|>` for a
+    chat model, `<|endoftext|>` for a base model), and the ChatML `chat_template` when the
+    vocabulary holds its tokens."""
+    directory = Path(directory)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    special = {"bos_token": ENDOFTEXT, "eos_token": eos_token, "pad_token": ENDOFTEXT}
+    chat = all(tokenizer.token_to_id(token) is not None for token in (IM_START, IM_END))
+    extra = [IM_START, IM_END] if chat else []
+    added = {
+        str(index): {
+            "content": token.content,
+            "lstrip": token.lstrip,
+            "normalized": token.normalized,
+            "rstrip": token.rstrip,
+            "single_word": token.single_word,
+            "special": token.special,
+        }
+        for index, token in sorted(tokenizer.get_added_tokens_decoder().items())
+    }
+    config = {
+        **special,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": extra,
+        **({"chat_template": CHATML_TEMPLATE} if chat else {}),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    special_map = {**special, "additional_special_tokens": extra}
+    (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")

@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from launch.commands import hostfile_command, local_command, sbatch_script
+from launch.commands import hostfile_command, local_command, sbatch_script, visible_gpus
 from launch.config import HostfileLauncher, LaunchConfig, LocalLauncher, SlurmLauncher, validate
+from launch.hostfile import parse_hostfile
+from launch.job_check import job_problems
 
 JOB_ARGS_SEPARATOR = "--"
 
@@ -34,6 +36,19 @@ def launch(cfg: LaunchConfig, cli_job_args: list[str]) -> int:
     validate(cfg)
     job_args = [*cfg.launch.args, *cli_job_args]
     launcher, module = cfg.launcher, cfg.launch.module
+    if cfg.launch.validate:
+        problems = job_problems(module, job_args, world_size(launcher))
+        if problems is None:
+            print(
+                f"note: {module} has no checks here; its settings are not validated",
+                file=sys.stderr,
+            )
+        elif problems:
+            raise ValueError(
+                f"the job's settings ({module} {shlex.join(job_args)}) have problems:\n  - "
+                + "\n  - ".join(problems)
+                + "\n(launch.validate=false skips this check)"
+            )
     if isinstance(launcher, SlurmLauncher):
         script = sbatch_script(launcher, module, job_args)
         if cfg.launch.dry_run:
@@ -49,6 +64,17 @@ def launch(cfg: LaunchConfig, cli_job_args: list[str]) -> int:
         print(shlex.join(command))
         return 0
     return execute(command)
+
+
+def world_size(launcher) -> int:
+    """The ranks the launch starts: nodes times workers per node."""
+    if isinstance(launcher, SlurmLauncher):
+        return launcher.nodes * max(launcher.gpus_per_node, 1)
+    if isinstance(launcher, LocalLauncher):
+        return launcher.nproc_per_node or max(visible_gpus(), 1)
+    hosts = parse_hostfile(launcher.hostfile)
+    nodes = launcher.num_nodes or len(hosts)
+    return nodes * (launcher.num_gpus or min(list(hosts.values())[:nodes]))
 
 
 def execute(command: list[str]) -> int:

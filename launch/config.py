@@ -34,6 +34,10 @@ class LaunchSettings:
     the command line are appended to them."""
     dry_run: bool = False
     """Print the command (slurm: the batch script) and start nothing."""
+    validate: bool = True
+    """Compose the job's config from its overrides and run its checks (for the ranks this
+    launch starts) before printing, writing or submitting anything; false: skip (e.g. for data
+    that only the compute nodes can see)."""
 
 
 @dataclass

@@ -26,6 +26,14 @@ _DTYPES = {
     "float16": torch.float16,
     "float64": torch.float64,
 }
+OURO_CODE_REPO = "ByteDance/Ouro-1.4B"
+"""The hub repository whose remote code (``trust_remote_code``) loads an Ouro directory."""
+AUTO_CLASSES = {
+    "AutoConfig": "configuration_ouro.OuroConfig",
+    "AutoModel": "modeling_ouro.OuroModel",
+    "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM",
+}
+"""The released ``auto_map``, whose modules sit next to the weights in the released repos."""
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
 
 
@@ -106,11 +114,37 @@ def save_pretrained(model, path, max_shard_size: int | str = "5GB", dtype=None) 
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (partial / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     config = model.config.replace(torch_dtype=_dtype_name(stored_dtype))
+    config.extra = {**config.extra, "auto_map": auto_map(partial)}
+    if "dtype" in config.extra:  # the newer name of torch_dtype: both say the same
+        config.extra["dtype"] = config.torch_dtype
     config.save(partial / "config.json")
     _write_generation_config(config, partial)
+    readable_as_umask_allows(partial)
     if path.exists():
         shutil.rmtree(path)
     os.replace(partial, path)
+
+
+def auto_map(directory: Path) -> dict[str, str]:
+    """``auto_map`` for a directory: the released modules when they are in it, else the same
+    modules in the released repository (``repo--module.Class``), so that
+    ``trust_remote_code=True`` loads any export."""
+    local = all((directory / f"{v.split('.')[0]}.py").is_file() for v in AUTO_CLASSES.values())
+    return {k: v if local else f"{OURO_CODE_REPO}--{v}" for k, v in AUTO_CLASSES.items()}
+
+
+def readable_as_umask_allows(directory: Path) -> None:
+    """Gives the directory and every file in it the modes a plain ``open`` or ``mkdir`` would
+    (0666 / 0777 less the umask): some writers (safetensors) create files 0600, which the
+    rest of a cluster group then cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for root, folders, files in os.walk(directory):
+        for name in folders:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def _write_generation_config(config: LoopLMConfig, directory: Path) -> None:

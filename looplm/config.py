@@ -118,6 +118,9 @@ class LoopLMConfig:
         for value in eos:
             if value is not None and not 0 <= value < self.vocab_size:
                 p.append(f"eos_token_id ({value}) is outside the vocabulary [0, {self.vocab_size})")
+        step = self.extra.get("early_exit_step")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            p.append(f"early_exit_step must be a step index >= 0 or null, got {step!r}")
         if self.extra.get("use_sliding_window"):
             p.append("use_sliding_window=true is not supported: Ouro attends over full context")
         if self.extra.get("rope_scaling"):

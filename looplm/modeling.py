@@ -366,9 +366,15 @@ class LoopLMForCausalLM(nn.Module):
         )
 
     def _exit_steps(self, gate_logits_BSt, exit_at_step, exit_threshold, num_steps: int):
-        """0-based exit step [B, S] of every token: ``exit_at_step``, else Q-exit. Given the gate
-        logits of only the first t < num_steps steps, a token not exited by then gets t."""
+        """0-based exit step [B, S] of every token: ``exit_at_step``, else Q-exit at
+        ``exit_threshold``; with neither given, the config's ``early_exit_step`` (a 0-based step
+        index of the released format, used when it is below ``num_steps``), else Q-exit at its
+        ``early_exit_threshold``. Given the gate logits of only the first t < num_steps steps,
+        a token not exited by then gets t."""
         ran = gate_logits_BSt.shape[-1]
+        default = self.config.extra.get("early_exit_step")
+        if exit_at_step is None and exit_threshold is None and default is not None:
+            exit_at_step = default + 1 if default < num_steps else None
         if exit_at_step is not None:
             step = min(exit_at_step - 1, ran)
             return torch.full(gate_logits_BSt.shape[:2], step, device=gate_logits_BSt.device)

@@ -25,25 +25,14 @@ from pathlib import Path
 
 import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
-from data_pipelines.tokenizer import IM_END, token_id
+from data_pipelines.tokenizer import CHATML_TEMPLATE, IM_END, load_tokenizer, token_id
 from looplm import LoopLMForCausalLM
 from looplm.generation import KV_SHARING_MODES
-from train.export import resolve_checkpoint
-from train.sft import CHATML_TEMPLATE, export_thinking_model
+from train.export import export_thinking_model, resolve_checkpoint, run_tokenizer
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
-def _run_tokenizer(checkpoint: Path) -> str:
-    """The ``data.tokenizer`` of the run a checkpoint belongs to."""
-    for run_dir in (checkpoint, checkpoint.parent.parent):
-        config = run_dir / "config.yaml"
-        if config.is_file():
-            return OmegaConf.load(config).data.tokenizer
-    raise FileNotFoundError(f"no config.yaml of the run of {checkpoint}; pass --tokenizer")
 
 
 def load_chat_model(
@@ -54,17 +43,18 @@ def load_chat_model(
     directory = Path(path)
     if not (directory / "config.json").is_file():
         checkpoint = resolve_checkpoint(directory)
-        name = tokenizer or _run_tokenizer(checkpoint)
+        name = tokenizer or run_tokenizer(checkpoint)
+        if name is None:
+            raise FileNotFoundError(f"no config.yaml of the run of {checkpoint}; pass --tokenizer")
         directory = export_thinking_model(checkpoint, workdir / "model", name)
     model = LoopLMForCausalLM.from_pretrained(directory, dtype=dtype).eval()
-    tokenizer_file = Path(tokenizer) if tokenizer else directory / "tokenizer.json"
-    if not tokenizer_file.is_file():
+    if tokenizer is None and not (directory / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{directory} holds no tokenizer.json; pass --tokenizer")
     settings = directory / "tokenizer_config.json"
     template = CHATML_TEMPLATE
     if settings.is_file():
         template = json.loads(settings.read_text()).get("chat_template") or CHATML_TEMPLATE
-    return model, Tokenizer.from_file(str(tokenizer_file)), template
+    return model, load_tokenizer(tokenizer or str(directory / "tokenizer.json")), template
 
 
 def render_prompt(template: str, prompt: str, system: str | None = None) -> str:
@@ -127,7 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("model", help="an Ouro-format directory, a run directory or a checkpoint")
     parser.add_argument("prompt", help="the user's message")
     parser.add_argument("--system", default=None, help="a system message before the prompt")
-    parser.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the model's)")
+    parser.add_argument(
+        "--tokenizer", default=None, help="a tokenizer.json or `embedded` (default: the model's)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument(
         "--exit-threshold",

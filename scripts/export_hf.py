@@ -1,9 +1,14 @@
 """Export a looplm training checkpoint as an Ouro-format (Hugging Face) model directory.
 
-    python scripts/export_hf.py RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype bfloat16]
+    python scripts/export_hf.py RUN_DIR_OR_CHECKPOINT OUT_DIR [--dtype bfloat16] \
+        [--tokenizer PATH|embedded] [--chat]
 
-A run directory exports its latest complete checkpoint. The directory loads with
-``LoopLMForCausalLM.from_pretrained`` and with the released Ouro modeling code.
+A run directory exports its latest complete checkpoint. The directory is self-contained: the
+weights, ``config.json`` (with an ``auto_map`` for ``trust_remote_code``), the generation
+config and the tokenizer files (the run's ``data.tokenizer`` unless ``--tokenizer`` names
+another) with the ChatML template. ``--chat`` makes ``<|im_end|>`` the EOS, as an SFT run's
+export has it. It loads with ``LoopLMForCausalLM.from_pretrained``, with the released Ouro
+modeling code, and with ``scripts/chat.py OUT_DIR``.
 """
 
 import argparse
@@ -20,8 +25,13 @@ def main() -> None:
     )
     parser.add_argument("out_dir", help="where the Ouro-format directory is written")
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer.json or `embedded` (default: the run's)"
+    )
+    parser.add_argument("--chat", action="store_true", help="EOS <|im_end|> (a chat model)")
     args = parser.parse_args()
-    print(export_checkpoint(args.checkpoint, args.out_dir, args.dtype))
+    out = export_checkpoint(args.checkpoint, args.out_dir, args.dtype, args.tokenizer, args.chat)
+    print(f"wrote {out}: " + ", ".join(sorted(path.name for path in out.iterdir())))
 
 
 if __name__ == "__main__":

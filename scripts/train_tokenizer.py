@@ -13,11 +13,17 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
+from dataclasses import replace
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data_pipelines.config import DataConfig, SourceConfig, load_data_config
-from data_pipelines.readers import BadInputLog, ReadOptions, parse_record, read_raw
+from data_pipelines.config import (
+    DataConfig,
+    SourceConfig,
+    load_data_config,
+    validate_data_config,
+)
+from data_pipelines.readers import BadInputError, BadInputLog, ReadOptions, parse_record, read_raw
 from data_pipelines.shards import resolve_shards
 from data_pipelines.tokenizer import SPECIAL_TOKENS
 
@@ -34,6 +40,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--max-documents", type=int, default=200_000, help="per source")
     parser.add_argument("--out", required=True, help="where to write tokenizer.json")
+    parser.add_argument(
+        "--skip-bad-input",
+        action="store_true",
+        help="skip (and count) unusable records and files instead of stopping at the first",
+    )
     return parser.parse_args()
 
 
@@ -54,12 +65,12 @@ def sources_of(args: argparse.Namespace) -> tuple[list[SourceConfig], DataConfig
     return [source], DataConfig(sources=[source])
 
 
-def documents(source: SourceConfig, cfg: DataConfig, limit: int) -> Iterator[str]:
-    """Up to `limit` texts of `source`, read in shard order; bad records are skipped."""
+def documents(source: SourceConfig, cfg: DataConfig, limit: int, log: BadInputLog) -> Iterator[str]:
+    """Up to `limit` texts of `source`, read in shard order; a bad record (or a file without
+    the field) stops the run, or with a skipping `log` is counted and skipped."""
     options = ReadOptions(
         source.text_field, source.text_split, cfg.max_retries, cfg.retry_backoff_s
     )
-    log = BadInputLog("skip")
     count = 0
     for shard in resolve_shards(source, cfg.cache_dir):
         for record in read_raw(shard, 0, options, log):
@@ -90,11 +101,23 @@ def main() -> None:
         show_progress=True,
     )
 
+    log = BadInputLog("skip" if args.skip_bad_input else "error")
+
     def corpus() -> Iterator[str]:
         for source in sources:
-            yield from documents(source, cfg, args.max_documents)
+            yield from documents(source, cfg, args.max_documents, log)
 
-    tokenizer.train_from_iterator(corpus(), trainer)
+    problems = validate_data_config(replace(cfg, sources=sources))
+    if problems:
+        raise SystemExit("invalid sources:\n  " + "\n  ".join(problems))
+    try:
+        tokenizer.train_from_iterator(corpus(), trainer)
+    except BadInputError as error:
+        raise SystemExit(
+            f"error: {error} (--skip-bad-input skips and counts such records)"
+        ) from None
+    if log.counts:
+        print(f"skipped bad input: {dict(log.counts)}")
     for index, token in enumerate(SPECIAL_TOKENS):
         assert tokenizer.token_to_id(token) == index, f"{token} is not id {index}"
     tokenizer.save(args.out)

@@ -518,6 +518,14 @@ def config_warnings(cfg: PretrainConfig) -> list[str]:
             f"schedule.warmup_steps ({warmup}) is longer than the run (train.max_steps={steps}): "
             "the LR never reaches optim.lr"
         )
+    model_cfg, _ = _model_config(cfg)
+    vocab = _tokenizer_vocab_size(cfg.data.tokenizer) if model_cfg is not None else None
+    if vocab is not None and model_cfg.vocab_size > max(2 * vocab, vocab + 256):
+        warnings.append(
+            f"the model's vocab_size ({model_cfg.vocab_size}) is much larger than the tokenizer's "
+            f"vocabulary ({vocab} tokens, {cfg.data.tokenizer}): {model_cfg.vocab_size - vocab} "
+            "embedding rows never see a token; model.vocab_size sets the model's"
+        )
     return warnings
 
 

@@ -155,6 +155,34 @@ def pre_step_grad_norm(engine) -> float:
     return norm / getattr(engine.optimizer, "loss_scale", 1.0) if norm >= 0 else float("nan")
 
 
+class _GuardSkipNotice(logging.Filter):
+    """Drops DeepSpeed's "OVERFLOW! ... Gradients are non-finite" line for an update the
+    guards skip on purpose (their gradients were finite; the trainer logs why)."""
+
+    active = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.active and "OVERFLOW!" in record.getMessage())
+
+
+GUARD_SKIP_NOTICE = _GuardSkipNotice()
+
+
+def step_skipping_update(engine) -> None:
+    """``engine.step()`` with its update skipped (see ``skip_update``), without DeepSpeed's
+    overflow notice."""
+    from deepspeed.utils import logger as deepspeed_logger
+
+    if GUARD_SKIP_NOTICE not in deepspeed_logger.filters:
+        deepspeed_logger.addFilter(GUARD_SKIP_NOTICE)
+    skip_update(engine)
+    GUARD_SKIP_NOTICE.active = True
+    try:
+        engine.step()
+    finally:
+        GUARD_SKIP_NOTICE.active = False
+
+
 def skip_update(engine) -> None:
     """Makes the coming ``engine.step()`` skip its update on every rank, leaving weights and
     optimizer state untouched: a NaN gradient (in one small parameter) trips DeepSpeed's

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
+from data_pipelines.tokenizer import (
+    ENDOFTEXT,
+    IM_END,
+    load_tokenizer,
+    token_id,
+    write_tokenizer_files,
+)
 from looplm import LoopLMConfig, LoopLMForCausalLM
+from looplm.checkpoint import readable_as_umask_allows
 from train.checkpointing import DEEPSPEED_TAG, MODEL_CONFIG, CheckpointManager
 
 logger = logging.getLogger(__name__)
@@ -51,10 +62,70 @@ def load_checkpoint_model(path: str | Path, attn_implementation: str = "sdpa") -
     return model
 
 
-def export_checkpoint(path: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
-    """Writes the checkpoint at ``path`` as an Ouro-format directory; returns ``out_dir``."""
-    load_checkpoint_model(path).save_pretrained(out_dir, dtype=dtype)
-    return Path(out_dir)
+def run_tokenizer(checkpoint: str | Path) -> str | None:
+    """The ``data.tokenizer`` of the run a checkpoint (or run directory) belongs to, from the
+    run's ``config.yaml``; None when there is none."""
+    checkpoint = Path(checkpoint)
+    for run_dir in (checkpoint, checkpoint.parent.parent):
+        config = run_dir / "config.yaml"
+        if config.is_file():
+            return OmegaConf.select(OmegaConf.load(config), "data.tokenizer")
+    return None
+
+
+def export_checkpoint(
+    path: str | Path,
+    out_dir: str | Path,
+    dtype: str | None = None,
+    tokenizer: str | None = None,
+    chat: bool = False,
+) -> Path:
+    """Writes the checkpoint at ``path`` (or the latest of a run directory) as a self-contained
+    Ouro-format directory; returns ``out_dir``.
+
+    With the tokenizer (``tokenizer``, else the run's ``data.tokenizer``) go its files, with the
+    ChatML template when its vocabulary has the chat tokens. ``chat``: a chat model, whose
+    EOS is ``<|im_end|>`` (BOS and padding ``<|endoftext|>``) in ``config.json``,
+    ``generation_config.json`` and the tokenizer files. Written to a sibling folder first
+    and moved into place when complete; the files are as readable as the umask allows.
+    """
+    out_dir = Path(out_dir)
+    checkpoint = resolve_checkpoint(path)
+    name = tokenizer or run_tokenizer(checkpoint)
+    if name is None and chat:
+        raise FileNotFoundError(f"no config.yaml of the run of {checkpoint}; give a tokenizer")
+    files = load_tokenizer(name) if name is not None else None
+    model = load_checkpoint_model(checkpoint)
+    if chat:
+        ids = {token: token_id(files, token) for token in (ENDOFTEXT, IM_END)}
+        model.config = model.model.config = model.config.replace(
+            bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT]
+        )
+    staging = out_dir.with_name(out_dir.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, dtype=dtype)
+    if files is not None:
+        if files.get_vocab_size() > model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer {name!r} has {files.get_vocab_size()} tokens, more than the "
+                f"model's vocab_size ({model.config.vocab_size})"
+            )
+        eos = IM_END if chat else ENDOFTEXT
+        write_tokenizer_files(files, staging, model.config.max_position_embeddings, eos)
+    else:
+        logger.warning("no tokenizer written: %s has no run config.yaml to name one", checkpoint)
+    readable_as_umask_allows(staging)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(staging, out_dir)
+    return out_dir
+
+
+def export_thinking_model(
+    checkpoint: str | Path, out_dir: str | Path, tokenizer: str, dtype: str | None = None
+) -> Path:
+    """A run checkpoint as a chat model (see ``export_checkpoint``)."""
+    return export_checkpoint(checkpoint, out_dir, dtype, tokenizer, chat=True)
 
 
 def prepare_source(init_from: str, run_dir: Path) -> str:

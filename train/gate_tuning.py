@@ -28,7 +28,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from looplm import LoopLMForCausalLM, Objective
-from looplm.checkpoint import INDEX_NAME, WEIGHTS_NAME, resolve_model_dir
+from looplm.checkpoint import (
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    readable_as_umask_allows,
+    resolve_model_dir,
+)
 from train.checkpointing import read_json
 from train.config import PretrainConfig, config_problems
 from train.export import export_dir_problems, prepare_source
@@ -87,7 +92,8 @@ def gate_tuning_problems(cfg: GateTuningConfig, world_size: int) -> list[str]:
 def export_tuned_gate(source: str, gate: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
     """Copies the source model directory to ``out_dir`` with the gate tensors replaced (cast to
     their stored dtype): every other tensor, the sharding, the configs and any other file keep
-    their bytes. Written to a sibling folder first and moved into place when complete."""
+    their bytes (their modes are those the umask allows). Written to a sibling folder first and
+    moved into place when complete."""
     source_dir, out_dir = resolve_model_dir(source), Path(out_dir)
     index = source_dir / INDEX_NAME
     if index.is_file():
@@ -113,6 +119,7 @@ def export_tuned_gate(source: str, gate: dict[str, torch.Tensor], out_dir: str |
     if missing:
         shutil.rmtree(partial, ignore_errors=True)
         raise ValueError(f"{source_dir} holds no tensors named {missing}")
+    readable_as_umask_allows(partial)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(partial, out_dir)
@@ -166,6 +173,8 @@ class GateTuner(Trainer):
         super().finish()
         if self.cfg.export_dir is None or not self.finished():
             return
+        if self.already_finished and Path(self.cfg.export_dir, "config.json").is_file():
+            return  # exported when the run completed
         gate = {
             name: _full_fp32(param)
             for name, param in self.model.named_parameters()

@@ -63,7 +63,6 @@ from lm_eval.utils import (
     make_disjoint_window,
     simple_parse_args_string,
 )
-from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
@@ -71,6 +70,7 @@ from data_pipelines.tokenizer import ENDOFTEXT, load_tokenizer, tokenizer_proble
 from looplm import LoopLMForCausalLM
 from looplm.generation import KV_SHARING_MODES, generate
 from train.evaluate import load_model
+from train.export import run_tokenizer
 
 logger = logging.getLogger("looplm.harness")
 MODEL_NAME = "looplm"
@@ -195,21 +195,12 @@ def _resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def _run_tokenizer_name(path: Path) -> str | None:
-    """The ``data.tokenizer`` of the run that ``path`` (a run or checkpoint directory) is from."""
-    for run_dir in (path, path.parent.parent):
-        config = run_dir / "config.yaml"
-        if config.is_file():
-            return OmegaConf.select(OmegaConf.load(config), "data.tokenizer")
-    return None
-
-
 def find_tokenizer(pretrained: str, tokenizer: str | None = None) -> tuple[Tokenizer, str]:
     """The tokenizer and its name: ``tokenizer`` when given, else ``tokenizer.json`` beside an
     Ouro-format model, else the ``data.tokenizer`` of the run's ``config.yaml``."""
     path = Path(pretrained)
     beside = path / "tokenizer.json"
-    name = tokenizer or (str(beside) if beside.is_file() else _run_tokenizer_name(path))
+    name = tokenizer or (str(beside) if beside.is_file() else run_tokenizer(path))
     if name is None:
         raise FileNotFoundError(
             f"no tokenizer for {pretrained}: looked for {beside} and for the data.tokenizer of "

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -72,6 +73,18 @@ def truncate_jsonl_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+ETA_WINDOW = 10
+"""Progress lines whose pace the ETA extrapolates."""
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 class MetricsLogger:
     """Writes one JSON object per optimizer step; rank 0 only."""
 
@@ -82,6 +95,10 @@ class MetricsLogger:
         self.enabled, self.log_every, self.max_steps = enabled, log_every, max_steps
         self.console = Console(stderr=True, soft_wrap=True)
         self.start, self.start_step = time.time(), resume_step
+        self.window: list[dict] = []
+        """The records since the last progress line, whose losses it averages."""
+        self.pace: deque[tuple[float, int]] = deque(maxlen=ETA_WINDOW)
+        """(time, step) of the last progress lines, whose pace the ETA extrapolates."""
         self.wandb = None
         if enabled:
             self._truncate_after(resume_step)
@@ -116,8 +133,10 @@ class MetricsLogger:
                 flat.update({f"{key}/{i + 1}": v for i, v in enumerate(record[key])})
             self.wandb.log(flat, step=record["step"])
         step = record["step"]
+        self.window.append(record)
         if step % self.log_every == 0 or step == self.max_steps or step == self.start_step + 1:
             self._console_line(record)
+            self.window = []
 
     def log_eval(self, record: dict, values: dict, line: str) -> None:
         """An evaluation's wandb ``values`` (at its step) and console ``line``."""
@@ -128,15 +147,26 @@ class MetricsLogger:
         self.console.print(line)
 
     def _console_line(self, r: dict) -> None:
-        done = r["step"] - self.start_step
-        elapsed = time.time() - self.start
-        eta = elapsed / max(done, 1) * (self.max_steps - r["step"])
-        per_step = " ".join(f"{x:.3f}" for x in r["loss_per_step"])
+        """The step's progress: losses averaged over the steps since the last line (one step's
+        loss is noise), and an ETA from the pace of the last few lines, once there are two
+        (the first steps include start-up)."""
+        now = time.time()
+        self.pace.append((now, r["step"]))
+        (first_time, first_step), count = self.pace[0], len(self.window)
+        if r["step"] > first_step:
+            seconds = (now - first_time) / (r["step"] - first_step) * (self.max_steps - r["step"])
+            eta = f"eta {_duration(seconds)}"
+        else:
+            eta = "eta (measuring)"
+        losses = [x["loss"] for x in self.window]
+        per_step = [sum(x["loss_per_step"][i] for x in self.window) / count
+                    for i in range(len(r["loss_per_step"]))]  # fmt: skip
+        mean = f"loss {sum(losses) / count:.4f}" + (f" (mean of {count})" if count > 1 else "")
         mfu = f" mfu {r['mfu']:.1%}" if r.get("mfu") is not None else ""
         self.console.print(
-            f"step {r['step']}/{self.max_steps}  loss {r['loss']:.4f} [{per_step}]  "
+            f"step {r['step']}/{self.max_steps}  {mean} [{' '.join(f'{x:.3f}' for x in per_step)}]  "
             f"H(exit) {r['exit_entropy']:.3f}  lr {r['lr']:.2e}  gnorm {r['grad_norm']:.3f}  "
-            f"{r['tokens_per_s']:,.0f} tok/s{mfu}  eta {eta / 60:.1f} min"
+            f"{r['tokens_per_s']:,.0f} tok/s{mfu}  {eta}"
         )
 
     def close(self) -> None:

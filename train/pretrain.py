@@ -10,6 +10,7 @@ checkpoint, exactly: the per-step losses of a resumed run equal the uninterrupte
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import signal
@@ -40,7 +41,7 @@ from train.engine import (
     parameter_groups,
     pre_step_grad_norm,
     set_accumulation,
-    skip_update,
+    step_skipping_update,
 )
 from train.faults import CheckpointFault, pause_after
 from train.metrics import MetricsLogger, device_peak_flops, training_flops_per_token
@@ -171,6 +172,8 @@ class Trainer:
         _check_run_dir(self.run_dir)
         self.dp_size = data_parallel_size(cfg, self.world_size)
         self.dp_rank = self.rank // cfg.deepspeed.sequence_parallel_size
+        if self.rank == 0 and cfg.eval.enabled:
+            logger.info("preparing the held-out evaluation sets ...")
         self.validator = self._build_validator()
         self._init_distributed(local_rank)
         torch.manual_seed(cfg.seed)
@@ -190,13 +193,13 @@ class Trainer:
         if self.latest is not None:
             saved = self.checkpoints.trainer_state(self.latest)
             self.state = TrainerState(**{**saved, "world_size": self.world_size})
-            check_resume_settings(self.run_dir, asdict(cfg), self.state.step, self.rank == 0)
         self.reshaped = self.latest is not None and saved["world_size"] != self.world_size
         if self.reshaped:
             # The streams are split by rank: their saved positions do not carry over to
             # another number of ranks, so the streams start anew under a seed of this step.
             self.state.data_seed_offset = self.state.step
         self.sp = sequence_parallel_group(cfg.deepspeed.sequence_parallel_size)
+        self._phase("building the model")
         self.model = self.build_model()
         self.model.model.sequence_parallel = self.sp
         self.curriculum = build_curriculum(cfg, self.model.config, self.world_size)
@@ -206,6 +209,10 @@ class Trainer:
         self.trainable = dict.fromkeys((n for n, _ in self.model.named_parameters()), True)
         if self.curriculum and any(s.trainable for s in self.curriculum.stages):
             self._freeze_by_stage()
+        self._phase(
+            f"building the DeepSpeed engine ({self.model.config.num_parameters():,} parameters, "
+            f"ZeRO-{cfg.deepspeed.zero_stage}, {self.world_size} ranks)"
+        )
         self.engine, self.precision = build_engine(
             cfg, self.model, plan.accumulation, self.reshaped, self._stage_groups()
         )
@@ -214,6 +221,7 @@ class Trainer:
         self.grad_spikes = SpikeDetector(cfg.stability, "grad_norm")
         self.guard = RollbackGuard(cfg.stability)
         rank_state = self._resume()
+        self._phase("opening the data streams: " + ", ".join(s.name for s in cfg.data.sources))
         self.loader = self._build_loader(rank_state)
         self.batches = iter(self.loader)
         self.total_steps = self._total_steps()
@@ -226,6 +234,15 @@ class Trainer:
         if self.curriculum is not None and self.rank == 0:
             for line in self.curriculum.describe():
                 logger.info("curriculum: %s", line)
+        self.already_finished = self.latest is not None and self.finished()
+        """The run was complete before this job: it says so and changes nothing."""
+        self.started = time.time()
+        self.start_state = (self.state.step, self.state.tokens)
+
+    def _phase(self, what: str) -> None:
+        """A start-up line, so that no phase of a start is silent."""
+        if self.rank == 0:
+            logger.info("%s ...", what)
 
     def _build_validator(self) -> Validator | None:
         """The held-out tasks, built (and proven held out) before any process group starts."""
@@ -468,6 +485,16 @@ class Trainer:
         """Optimizer steps until the run's end (train.max_steps, the curriculum's last token)
         or a stop signal."""
         cfg = self.cfg
+        if self.already_finished:
+            if self.rank == 0:
+                logger.warning(
+                    "%s is already complete (step %d, %d tokens): nothing to train. Raise "
+                    "train.max_steps (or add a curriculum stage) to go on, or use a new run_dir.",
+                    self.run_dir,
+                    self.state.step,
+                    self.state.tokens,
+                )
+            return
         if self.rank == 0 and cfg.logging.wandb:
             self.metrics.attach_wandb(
                 self.run_dir, cfg.logging.wandb_project, cfg.logging.wandb_mode, asdict(cfg)
@@ -547,8 +574,9 @@ class Trainer:
             grad_spike = None
         spike = loss_spike or grad_spike
         if spike is not None:
-            skip_update(engine)
-        engine.step()
+            step_skipping_update(engine)
+        else:
+            engine.step()
         self.state.step += 1
         self.state.tokens += plan.tokens
         skipped = engine.skipped_steps > skipped_before
@@ -664,18 +692,70 @@ class Trainer:
         self.metrics.close()
 
     def finish(self) -> None:
-        if self.rank == 0 and self.cfg.logging.plot_at_end:
+        """Plots and the end-of-run summary (rank 0); nothing for a run already complete."""
+        if self.rank == 0 and self.cfg.logging.plot_at_end and not self.already_finished:
             try:
                 from launch.plotting import plot_run
 
                 plot_run(self.run_dir)
             except Exception as e:  # a plot must never fail a finished run
                 logger.warning("could not draw the run's plots: %s", e)
+        if self.rank == 0 and not self.already_finished:
+            self.metrics.console.print(self.summary())
         if dist.is_initialized():
             dist.barrier()
 
+    def summary(self) -> str:
+        """One screen on what this job did and where its outputs are."""
+        step, tokens = self.start_state
+        seconds = time.time() - self.started
+        done = self.state.tokens - tokens
+        records = read_metrics(self.run_dir)[-SUMMARY_WINDOW:]
+        state = "complete" if self.finished() else "stopped (the same command resumes it)"
+        lines = [
+            f"run {state}: step {self.state.step}/{self.total_steps}, {self.state.tokens:,} tokens",
+            f"this job: steps {step + 1}-{self.state.step}, {done:,} tokens in "
+            f"{seconds / 60:.1f} min ({done / max(seconds, 1e-9):,.0f} tokens/s)",
+        ]
+        if records:
+            t = len(records[-1]["loss_per_step"])
+            per_step = [
+                sum(r["loss_per_step"][i] for r in records) / len(records) for i in range(t)
+            ]
+            lines.append(
+                f"loss by recurrent step, mean of the last {len(records)} steps: "
+                + " ".join(f"{x:.3f}" for x in per_step)
+            )
+        total = max(self.state.step, 1)
+        lines.append(
+            f"updates skipped: {self.state.skipped_steps} ({self.state.skipped_steps / total:.1%})"
+            f", rollbacks: {len(self.guard.rollbacks)}"
+        )
+        latest = self.checkpoints.latest()
+        lines.append(
+            f"checkpoints: {self.run_dir / 'checkpoints'} (latest: {latest.name if latest else 'none'})"
+        )
+        outputs = [self.run_dir / "metrics.jsonl"]
+        if self.validator is not None:
+            outputs.append(self.validator.path)
+        if self.cfg.logging.plot_at_end:
+            outputs.append(self.run_dir / "plots")
+        lines.append("outputs: " + ", ".join(str(path) for path in outputs))
+        return "\n".join(["-" * 72, *lines, "-" * 72])
+
 
 register_configs()
+
+
+SUMMARY_WINDOW = 20
+"""Steps whose mean loss per recurrent step the end-of-run summary gives."""
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run_job(trainer_class: type[Trainer], raw: DictConfig) -> None:
@@ -687,6 +767,7 @@ def run_job(trainer_class: type[Trainer], raw: DictConfig) -> None:
     cfg = OmegaConf.to_object(raw)
     lock = RunLock(Path(cfg.run_dir), _environment()[0]).acquire()
     try:
+        _check_resumed_settings(raw, Path(cfg.run_dir))
         trainer = trainer_class(cfg)
         if trainer.rank == 0:
             (Path(trainer.cfg.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(raw))
@@ -697,6 +778,17 @@ def run_job(trainer_class: type[Trainer], raw: DictConfig) -> None:
         trainer.finish()
     finally:
         lock.release()
+
+
+def _check_resumed_settings(raw: DictConfig, run_dir: Path) -> None:
+    """A job resuming a run compares its composed config, as ``config.yaml`` records it, with
+    the previous job's, before anything is built (see ``train.resume_settings``)."""
+    latest = CheckpointManager(run_dir, keep_last=1, rank=0).latest()
+    if latest is None:
+        return
+    current = OmegaConf.to_container(raw, resolve=True, throw_on_missing=False)
+    step = int(latest.name.split("_")[-1])
+    check_resume_settings(run_dir, current, step, log=_environment()[0] == 0)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="pretrain", version_base=None)

@@ -45,7 +45,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -65,31 +64,22 @@ from data_pipelines.shards import Shard, fingerprint, resolve_shards
 from data_pipelines.stream import Slot, SourceStream
 from data_pipelines.tokenizer import (
     ENDOFTEXT,
-    IM_END,
-    IM_START,
     is_local_tokenizer,
-    load_tokenizer,
-    token_id,
     tokenizer_summary,
 )
 from train.checkpointing import read_json
 from train.config import PretrainConfig, config_problems
-from train.export import export_dir_problems, load_checkpoint_model, prepare_source
+from train.export import (
+    export_dir_problems,
+    export_thinking_model,
+    prepare_source,
+)
 from train.pretrain import CONFIG_DIR, Trainer, _environment, run_job
 
 logger = logging.getLogger("looplm.sft")
 
 TOKEN_COUNTS = "dataset_tokens.json"
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '" + IM_END + "\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{% endif %}"
-)
-"""ChatML as ``data_pipelines`` renders it for training: ``<|im_start|>role\\ncontent<|im_end|>\\n``
-per message; the generation prompt opens an assistant turn."""
 
 
 @dataclass
@@ -275,66 +265,6 @@ def _token_share_weights(data: DataConfig, counts: dict[str, int]) -> DataConfig
 # ---- the export --------------------------------------------------------------------------
 
 
-def chat_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    """Ids of ``<|endoftext|>``, ``<|im_start|>`` and ``<|im_end|>``."""
-    return {token: token_id(tokenizer, token) for token in (ENDOFTEXT, IM_START, IM_END)}
-
-
-def write_tokenizer_files(tokenizer: Tokenizer, directory: Path, model_max_length: int) -> None:
-    """``tokenizer.json``, and ``tokenizer_config.json`` / ``special_tokens_map.json`` naming
-    the chat tokens and the ChatML template, as Hugging Face tokenizers read them."""
-    tokenizer.save(str(directory / "tokenizer.json"))
-    special = {"bos_token": ENDOFTEXT, "eos_token": IM_END, "pad_token": ENDOFTEXT}
-    extra = [IM_START, IM_END]
-    added = {
-        str(index): {
-            "content": token.content,
-            "lstrip": token.lstrip,
-            "normalized": token.normalized,
-            "rstrip": token.rstrip,
-            "single_word": token.single_word,
-            "special": token.special,
-        }
-        for index, token in sorted(tokenizer.get_added_tokens_decoder().items())
-    }
-    config = {
-        **special,
-        "added_tokens_decoder": added,
-        "additional_special_tokens": extra,
-        "chat_template": CHATML_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": model_max_length,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    special_map = {**special, "additional_special_tokens": extra}
-    (directory / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
-
-
-def export_thinking_model(
-    checkpoint: str | Path, out_dir: str | Path, tokenizer: str, dtype: str | None = None
-) -> Path:
-    """Writes a run checkpoint (or the latest of a run directory) as a self-contained Ouro-format
-    chat model: EOS ``<|im_end|>``, BOS and padding ``<|endoftext|>`` in ``config.json`` and
-    ``generation_config.json``, and the tokenizer files with the ChatML template. Written to a
-    sibling folder first and moved into place when complete; returns ``out_dir``."""
-    out_dir = Path(out_dir)
-    chat_tokenizer = load_tokenizer(tokenizer)
-    ids = chat_token_ids(chat_tokenizer)
-    model = load_checkpoint_model(checkpoint)
-    model.config = model.model.config = model.config.replace(
-        bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT]
-    )
-    staging = out_dir.with_name(out_dir.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, dtype=dtype)
-    write_tokenizer_files(chat_tokenizer, staging, model.config.max_position_embeddings)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
-    return out_dir
-
-
 # ---- the job -----------------------------------------------------------------------------
 
 
@@ -385,6 +315,8 @@ class SFTTrainer(Trainer):
         super().finish()
         if self.cfg.export_dir is None or not self.finished():
             return
+        if self.already_finished and Path(self.cfg.export_dir, "config.json").is_file():
+            return  # exported when the run completed
         if self.rank == 0:
             out = export_thinking_model(
                 self.checkpoints.latest(),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from looplm import LoopLMConfig, LoopLMForCausalLM
 from tests.distributed.launch import (
@@ -25,6 +26,7 @@ from tests.distributed.launch import (
     wait_for,
     wait_paused,
 )
+from tests.unit.test_checkpoint_io import ouro_keys
 from train.export import export_checkpoint, load_checkpoint_model
 
 pytestmark = pytest.mark.distributed
@@ -139,13 +141,41 @@ def test_export_of_a_trained_checkpoint_loads_with_the_same_logits(tmp_path, cac
     )
     assert code == 0, out[-3000:]
     trained = load_checkpoint_model(run_dir)
-    exported = LoopLMForCausalLM.from_pretrained(export_checkpoint(run_dir, tmp_path / "hf"))
+    old_umask = os.umask(0o022)
+    try:
+        # as scripts/export_hf.py runs it
+        export = export_checkpoint(run_dir, tmp_path / "hf", dtype="bfloat16")
+    finally:
+        os.umask(old_umask)
+    exported = LoopLMForCausalLM.from_pretrained(export, dtype="float32")
     ids = torch.randint(0, trained.config.vocab_size, (2, 16))
     assert torch.equal(
-        trained(ids, return_all_steps=True).step_logits,
+        trained.to(torch.bfloat16).float()(ids, return_all_steps=True).step_logits,
         exported(ids, return_all_steps=True).step_logits,
     )
     assert not torch.equal(trained.lm_head.weight, LoopLMForCausalLM(trained.config).lm_head.weight)
+    # Self-contained and readable by the group: the tokenizer of the run, world-readable files.
+    names = {path.name for path in export.iterdir()}
+    assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= names
+    assert {oct(path.stat().st_mode & 0o777) for path in export.iterdir()} == {"0o644"}
+    config = json.loads((export / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config.get("dtype", "bfloat16") == "bfloat16"
+    assert config["auto_map"]["AutoModelForCausalLM"] == (
+        "ByteDance/Ouro-1.4B--modeling_ouro.OuroForCausalLM"
+    )
+    with safe_open(export / "model.safetensors", framework="pt") as weights:
+        assert set(weights.keys()) == ouro_keys(trained.config.num_hidden_layers)
+    # The directory alone is enough to chat with (ChatML from its tokenizer files).
+    command = [sys.executable, str(REPO / "scripts" / "chat.py"), str(export), "Hello"]
+    result = subprocess.run(
+        [*command, "--max-new-tokens", "5", "--json"],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["new_tokens"] >= 1
 
 
 def test_a_run_dir_of_another_model_is_refused(tmp_path, cache_dir):
@@ -154,11 +184,13 @@ def test_a_run_dir_of_another_model_is_refused(tmp_path, cache_dir):
         "train.pretrain", job(run_dir, cache_dir, "train.max_steps=1"), tmp_path / "a.log"
     )
     assert code == 0, out[-3000:]
-    code, out = run(
-        "train.pretrain",
-        job(run_dir, cache_dir, "train.max_steps=2", "model.num_hidden_layers=3"),
-        tmp_path / "b.log",
-    )
+    other = job(run_dir, cache_dir, "train.max_steps=2", "model.num_hidden_layers=3")
+    code, out = run("train.pretrain", other, tmp_path / "b.log")
+    assert code != 0
+    assert "model.num_hidden_layers: saved None, now 3 (the checkpoint holds" in out
+    # Without the run's config.yaml, the checkpoint's own model config refuses it.
+    (run_dir / "config.yaml").unlink()
+    code, out = run("train.pretrain", other, tmp_path / "c.log")
     assert code != 0
     assert "holds a checkpoint of another model" in out and "num_hidden_layers" in out
 
@@ -499,6 +531,7 @@ def test_a_loss_spike_skips_its_update_and_the_window_is_checkpointed(tmp_path, 
     records = metrics(run_dir)
     assert [r["skipped"] for r in records] == [False, False, False, True, False]
     assert "the window mean" in records[3]["skip_reason"] and "step 4 skipped" in out
+    assert "OVERFLOW" not in out, "DeepSpeed's non-finite notice for a finite, guarded skip"
     states = [
         json.loads((run_dir / f"checkpoints/step_{s:08d}/trainer_state.json").read_text())
         for s in (3, 4)
@@ -508,3 +541,24 @@ def test_a_loss_spike_skips_its_update_and_the_window_is_checkpointed(tmp_path, 
         load_checkpoint_model(run_dir / f"checkpoints/step_{s:08d}").state_dict() for s in (3, 4)
     )
     assert all(bit_equal(before[k], after[k]) for k in before)
+
+
+def test_the_console_averages_summarises_and_a_finished_run_changes_nothing(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    args = job(run_dir, cache_dir, "train.max_steps=4", "train.log_every=2",
+               "logging.plot_at_end=true")  # fmt: skip
+    code, out = run("train.pretrain", args, tmp_path / "a.log")
+    assert code == 0, out[-3000:]
+    records = metrics(run_dir)
+    mean = (records[2]["loss"] + records[3]["loss"]) / 2
+    assert f"step 4/4  loss {mean:.4f} (mean of 2)" in out
+    assert "run complete: step 4/4" in out and "updates skipped: 0 (0.0%)" in out
+    assert "loss by recurrent step, mean of the last 4 steps: " in out
+    plots = {path: path.stat().st_mtime_ns for path in (run_dir / "plots").iterdir()}
+    before = (run_dir / "metrics.jsonl").read_text()
+    code, out = run("train.pretrain", args, tmp_path / "b.log")
+    assert code == 0, out[-3000:]
+    assert "is already complete (step 4, " in out and "run complete" not in out
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    assert {path: path.stat().st_mtime_ns for path in (run_dir / "plots").iterdir()} == plots
+    assert completed(run_dir)[-1] == "step_00000004"

@@ -18,13 +18,12 @@ from omegaconf import OmegaConf
 from data_pipelines import build_data_loader
 from data_pipelines.packing import IGNORE_INDEX
 from data_pipelines.shards import resolve_shards
-from data_pipelines.tokenizer import load_tokenizer
+from data_pipelines.tokenizer import CHATML_TEMPLATE, load_tokenizer
 from looplm import LoopLMConfig, LoopLMForCausalLM, Objective
 from tests.distributed.launch import REPO, environment, metrics, run
 from train.export import load_checkpoint_model, prepare_source
 from train.pretrain import CONFIG_DIR
 from train.sft import (
-    CHATML_TEMPLATE,
     SFTConfig,
     count_source_tokens,
     dataset_tokens,

@@ -1,4 +1,6 @@
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from looplm import LoopLMConfig, LoopLMForCausalLM
+from looplm.checkpoint import auto_map
 from tests.conftest import OURO_TINY
 
 OURO_LAYER_KEYS = {
@@ -205,3 +208,55 @@ def test_hub_ids_go_through_the_hub_client(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="ByteDance/Ouro-1.4B is neither a local directory"):
         LoopLMForCausalLM.from_pretrained("ByteDance/Ouro-1.4B")
+
+
+@pytest.mark.parametrize(
+    ("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)]
+)
+def test_exported_files_are_as_readable_as_the_umask_allows(tmp_path, umask, file_mode, dir_mode):
+    old = os.umask(umask)
+    try:
+        small_model().save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == dir_mode
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (tmp_path / "m").iterdir()}
+    assert len(modes) > 4 and set(modes.values()) == {file_mode}, modes
+
+
+def test_every_export_names_the_released_remote_code(tmp_path):
+    small_model().save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "ByteDance/Ouro-1.4B--configuration_ouro.OuroConfig",
+        "AutoModel": "ByteDance/Ouro-1.4B--modeling_ouro.OuroModel",
+        "AutoModelForCausalLM": "ByteDance/Ouro-1.4B--modeling_ouro.OuroForCausalLM",
+    }
+    for module in ("configuration_ouro.py", "modeling_ouro.py"):
+        (tmp_path / "m" / module).write_text("# the released code\n")
+    assert auto_map(tmp_path / "m")["AutoModel"] == "modeling_ouro.OuroModel"
+
+
+def test_dtype_and_torch_dtype_agree_after_a_cast(tmp_path):
+    config = json.loads((Path(OURO_TINY) / "config.json").read_text())
+    config["dtype"] = config["torch_dtype"]  # the newer transformers name, as some releases have
+    model = LoopLMForCausalLM(LoopLMConfig.from_dict(config))
+    model.save_pretrained(tmp_path / "m", dtype="bfloat16")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["dtype"] == saved["torch_dtype"] == "bfloat16"
+
+
+def test_early_exit_step_is_the_default_exit_as_in_the_released_format():
+    torch.manual_seed(0)
+    model = small_model().eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    steps = model(ids, return_all_steps=True).step_logits
+    default = model(ids).logits
+    model.config.extra["early_exit_step"] = 1  # 0-based: the second step
+    assert torch.equal(model(ids).logits, steps[1])
+    assert torch.equal(model(ids, exit_threshold=1.0).logits, default)  # an explicit rule wins
+    assert torch.equal(model(ids, exit_at_step=3).logits, steps[2])
+    model.config.extra["early_exit_step"] = model.config.total_ut_steps  # past the loop: unused
+    assert torch.equal(model(ids).logits, default)
+    with pytest.raises(ValueError, match="early_exit_step must be a step index"):
+        LoopLMConfig.from_preset("tiny", extra={"early_exit_step": -1})

@@ -140,6 +140,27 @@ def test_train_tokenizer_script_on_a_small_corpus(tmp_path):
     assert tokenizer.get_vocab_size() == 300
 
 
+def test_train_tokenizer_never_drops_a_file_silently(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = tmp_path / "a.jsonl"
+    good.write_text("".join(json.dumps({"text": f"river {i} and stone"}) + "\n" for i in range(99)))
+    pq.write_table(pa.table({"body": ["no text column here"] * 5}), tmp_path / "b.parquet")
+    command = [sys.executable, "scripts/train_tokenizer.py", "--paths", str(good),
+               str(tmp_path / "b.parquet"), "--vocab-size", "300", "--out", str(tmp_path / "t.json")]  # fmt: skip
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+    assert result.returncode != 0
+    assert f"{tmp_path / 'b.parquet'}:1: missing field: no column 'text'" in result.stderr
+    assert not (tmp_path / "t.json").exists()
+    result = subprocess.run(
+        [*command, "--skip-bad-input"], cwd=REPO, capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert "skipped bad input: {'missing_field': 1}" in result.stdout
+
+
 def test_conversations_are_a_source_of_their_own_and_bad_parameters_are_named(tmp_path):
     plain = synthetic.materialize("synthetic://mano?num_docs=5&shards=1", str(tmp_path))
     chat = synthetic.materialize("synthetic://mano?num_docs=5&shards=1&chat=1", str(tmp_path))

@@ -1,3 +1,4 @@
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +25,16 @@ CONFIG_DIR = str(REPO / "configs")
 LAUNCHERS = {"local": LocalLauncher, "hostfile": HostfileLauncher, "slurm": SlurmLauncher}
 
 
-def compose_launch(overrides: list[str]) -> LaunchConfig:
+def compose_launch(overrides: list[str], validate: bool = False) -> LaunchConfig:
+    """The launch config; the job's settings are checked only with `validate` (most tests
+    here hand made-up job overrides through)."""
+    overrides = [*overrides, f"launch.validate={str(validate).lower()}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         return to_launch_config(compose("launch", overrides=overrides))
 
 
-def dry_run(capsys, overrides: list[str], job_args: list[str] = ()) -> str:
-    cfg = compose_launch([*overrides, "launch.dry_run=true"])
+def dry_run(capsys, overrides: list[str], job_args: list[str] = (), validate=False) -> str:
+    cfg = compose_launch([*overrides, "launch.dry_run=true"], validate)
     assert run_launch(cfg, list(job_args)) == 0
     return capsys.readouterr().out
 
@@ -305,3 +309,54 @@ def test_job_args_follow_the_first_separator():
         ["a=1", "--", "b"],
     )
     assert split_job_args(["launcher=slurm"]) == (["launcher=slurm"], [])
+
+
+def test_a_job_typo_is_refused_before_anything_is_written_or_submitted(tmp_path, monkeypatch):
+    submitted = []
+    monkeypatch.setattr(launch.app.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(launch.app.subprocess, "run", lambda *a, **k: submitted.append(a))
+    cfg = compose_launch(["launcher=slurm", f"launcher.log_dir={tmp_path}/logs"], validate=True)
+    with pytest.raises(ValueError, match="Could not override 'trian.max_steps'"):
+        run_launch(cfg, ["run_dir=/x", "trian.max_steps=5"])
+    assert submitted == [] and not (tmp_path / "logs").exists()
+
+
+def test_the_job_is_checked_for_the_ranks_the_launch_starts(capsys):
+    job = ["experiment=tiny_cpu", "run_dir=/x"]  # 4 x 256 tokens per pass and rank
+    assert "torchrun" in dry_run(capsys, ["launcher.nproc_per_node=2"], job, validate=True)
+    cfg = compose_launch(["launcher=slurm", "launcher.nodes=4", "launch.dry_run=true"], True)
+    with pytest.raises(ValueError, match=r"global_batch_tokens \(2048\) must be a positive"):
+        run_launch(cfg, job)  # 32 ranks: 32768 tokens a pass
+
+
+def test_help_says_which_settings_go_before_and_after_the_separator():
+    result = subprocess.run(
+        [sys.executable, "-m", "launch", "--help"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "== Before `--`: the launcher ==" in result.stdout
+    assert "== After `--`: the job ==" in result.stdout
+    assert "experiment=" in result.stdout.split("== After")[1]
+
+
+def readme_launch_commands() -> list[list[str]]:
+    """Every `python -m launch ...` command of the README, continuation lines joined."""
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    return [
+        shlex.split(line.split("#")[0])[3:]
+        for line in text.splitlines()
+        if line.strip().startswith("python -m launch ")
+    ]
+
+
+@pytest.mark.parametrize("args", readme_launch_commands(), ids=lambda args: " ".join(args)[:60])
+def test_every_readme_launch_command_runs_as_a_dry_run(args, tmp_path):
+    launcher, job = split_job_args(args)
+    dry = [] if "launch.dry_run=true" in launcher else ["launch.dry_run=true"]
+    result = subprocess.run(
+        [sys.executable, "-m", "launch", *launcher, *dry, "--", *job],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "-m train." in result.stdout

@@ -4,13 +4,11 @@ name: checked over the shipped configs, as `run_job` writes and the trainer read
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 
 import pytest
 from omegaconf import OmegaConf
 
 from tests.unit.test_train_config import composed
-from train.config import to_object
 from train.resume_settings import (
     DATA_POSITIONS,
     REFUSED,
@@ -30,7 +28,8 @@ def saved_run(tmp_path, *overrides: str):
 
 
 def current(*overrides: str) -> dict:
-    return asdict(to_object(composed(*BASE, *overrides)))
+    """The composed config as the job compares it (as config.yaml records it)."""
+    return OmegaConf.to_container(composed(*BASE, *overrides), resolve=True, throw_on_missing=False)
 
 
 def test_flatten_names_every_leaf_with_list_indices():
@@ -115,7 +114,9 @@ def test_data_position_settings_apply_when_the_source_change_is_allowed(tmp_path
 
 def test_a_curriculum_may_change_depth_and_rope_base(tmp_path):
     run = saved_run(tmp_path, "experiment=tiny_ouro_1.4b")
-    changed = asdict(to_object(composed("experiment=tiny_ouro_1.4b", "model.total_ut_steps=2")))
+    changed = OmegaConf.to_container(
+        composed("experiment=tiny_ouro_1.4b", "model.total_ut_steps=2"), resolve=True
+    )
     assert "model.total_ut_steps: None -> 2" in check_resume_settings(run, changed, step=3)
 
 

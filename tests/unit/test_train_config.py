@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from tests.conftest import OURO_TINY
-from train.config import config_problems, register_configs, to_object, validate
+from train.config import config_problems, config_warnings, register_configs, to_object, validate
 from train.schedule import exit_beta, learning_rate
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -169,3 +169,20 @@ def test_a_warmup_longer_than_the_run_is_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
         validate(cfg, world_size=2)
     assert "schedule.warmup_steps (400) is longer than the run (train.max_steps=300)" in caplog.text
+
+
+def test_a_model_vocabulary_much_larger_than_the_tokenizer_is_a_warning(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from data_pipelines.tokenizer import SPECIAL_TOKENS
+
+    vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS, "a", "b"])}
+    small = Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    small.add_special_tokens(list(SPECIAL_TOKENS))
+    small.save(str(tmp_path / "tok.json"))
+    cfg = to_object(composed("experiment=tiny_cpu", f"data.tokenizer={tmp_path / 'tok.json'}"))
+    (warning,) = [w for w in config_warnings(cfg) if "vocab_size" in w]
+    assert "vocab_size (8192) is much larger than the tokenizer's vocabulary (5 tokens" in warning
+    assert not [
+        w for w in config_warnings(to_object(composed("experiment=tiny_cpu"))) if "vocab" in w
+    ]
