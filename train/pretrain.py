@@ -38,7 +38,6 @@ from train.curriculum import Stage, StepPlan, trainable_mask
 from train.engine import (
     build_engine,
     build_model,
-    parameter_groups,
     pre_step_grad_norm,
     set_accumulation,
     step_skipping_update,
@@ -216,6 +215,11 @@ class Trainer:
         self.engine, self.precision = build_engine(
             cfg, self.model, plan.accumulation, self.reshaped, self._stage_groups()
         )
+        self.configured_groups = [
+            {key: group[key] for key in ("weight_decay", "betas", "eps")}
+            for group in self.engine.optimizer.param_groups
+        ]
+        """Each optimizer group's hyperparameters as configured (see _apply_optimizer_settings)."""
         self.objective = self.build_objective()
         self.loss_spikes = SpikeDetector(cfg.stability, "loss")
         self.grad_spikes = SpikeDetector(cfg.stability, "grad_norm")
@@ -438,15 +442,12 @@ class Trainer:
 
     def _apply_optimizer_settings(self) -> None:
         """The configured weight decay, betas and eps, over those the checkpoint's optimizer
-        state brought back with it (the learning rate is set at every step)."""
-        o = self.cfg.optim
-        fresh = parameter_groups(self.model, o.weight_decay, self._stage_groups())
+        state brought back with it (the learning rate is set at every step): each group gets
+        the values it was built with, before the load."""
         groups = self.engine.optimizer.param_groups
-        assert len(groups) == len(fresh), "the optimizer's groups are built by parameter_groups"
-        for group, configured in zip(groups, fresh, strict=True):
-            group["weight_decay"] = configured["weight_decay"]
-            group["betas"] = tuple(o.betas)
-            group["eps"] = o.eps
+        assert len(groups) == len(self.configured_groups)
+        for group, configured in zip(groups, self.configured_groups, strict=True):
+            group.update(configured)
 
     def _build_loader(self, rank_state: dict | None):
         cfg = self.cfg
