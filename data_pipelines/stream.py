@@ -12,6 +12,7 @@ makes the shuffle exact.
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from collections.abc import Iterator
@@ -32,6 +33,8 @@ from data_pipelines.readers import (
 )
 from data_pipelines.shards import Piece, Shard, epoch_pieces
 from data_pipelines.tokenized import read_token_window
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 _TOKENIZE_BATCH = 64
@@ -155,6 +158,12 @@ class SourceStream:
         position.piece += 1
         if position.piece >= len(self._pieces()):
             position.epoch, position.piece = position.epoch + 1, 0
+            if self.slot.index == 0:  # one line per source, not one per reading slot
+                logger.info(
+                    "source %r: epoch %d begins (its documents are read again, reshuffled)",
+                    self.source.name,
+                    position.epoch + 1,
+                )
         position.window_start = 0
 
     def _pieces(self) -> list[Piece]:

@@ -3,7 +3,9 @@
 `plot_run` writes four charts into `RUN_DIR/plots/`, and two more when the run evaluated
 held-out tasks (`eval.jsonl`, written by `train.validation`):
 
-- `loss.png`: the training loss and the loss when exiting at each recurrent step;
+- `loss.png`: the training loss, the loss when exiting at each recurrent step, and each
+  step's loss minus the last step's, smoothed with the raw values faint, stage boundaries
+  marked;
 - `exit_distribution.png`: the mean exit distribution over recurrent steps, stacked;
 - `optimization.png`: learning rate, gradient norm (skipped steps marked) and exit entropy;
 - `throughput.png`: tokens per second and, when the job measured it, MFU;
@@ -82,7 +84,7 @@ def read_evaluations(path: Path) -> list[dict]:
 
 
 def _save(path: Path, draw, steps: np.ndarray, records: list[dict]) -> Path:
-    figure = Figure(figsize=(9, 6), layout="constrained")
+    figure = Figure(figsize=(9, 9 if draw is _draw_loss else 6), layout="constrained")
     FigureCanvasAgg(figure)
     draw(figure, steps, records)
     figure.savefig(path, dpi=110)
@@ -124,15 +126,71 @@ def _step_colors(count: int) -> list:
     return [colormap(index / max(count - 1, 1)) for index in range(count)]
 
 
+def smoothing_window(count: int) -> int:
+    """Steps averaged per point of a smoothed curve: about a fortieth of the run, odd."""
+    return max(1, count // 40) | 1
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average over `window` points (shorter at the ends), skipping NaN; NaN
+    where the window holds no number."""
+    present = ~np.isnan(values)
+    sums = np.concatenate([[0.0], np.cumsum(np.where(present, values, 0.0))])
+    counts = np.concatenate([[0], np.cumsum(present)])
+    index = np.arange(len(values))
+    low = np.clip(index - window // 2, 0, len(values))
+    high = np.clip(index + window // 2 + 1, 0, len(values))
+    number = counts[high] - counts[low]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (sums[high] - sums[low]) / number
+    return np.where(number > 0, mean, np.nan)
+
+
+def stage_boundaries(records: list[dict]) -> list[tuple[float, str]]:
+    """(first optimizer step, name) of every curriculum stage after the first."""
+    return [
+        (float(record["step"]), str(record["stage"]))
+        for previous, record in zip(records, records[1:], strict=False)
+        if record.get("stage") is not None and record.get("stage") != previous.get("stage")
+    ]
+
+
+def _mark_stages(axes, records: list[dict], label: bool) -> None:
+    for step, name in stage_boundaries(records):
+        axes.axvline(step, color="grey", ls=":", lw=1)
+        if label:
+            axes.annotate(name, (step, 1.0), xycoords=("data", "axes fraction"), fontsize="small",
+                          rotation=90, va="top", ha="right", color="grey")  # fmt: skip
+
+
 def _draw_loss(figure: Figure, steps: np.ndarray, records: list[dict]) -> None:
-    axes = figure.subplots()
+    """Three panels, smoothed (the raw values faint): the training objective (the gate loss
+    in gate tuning) on its own axis; the loss when exiting at each recurrent step; and each
+    step's loss minus the last step's, where whether deeper steps help is read at a glance."""
+    objective_axes, step_axes, gap_axes = figure.subplots(3, 1, sharex=True)
+    window = smoothing_window(len(records))
+    gate = "beta" not in records[-1]  # gate tuning records carry no exit-regularizer weight
+    objective = _series(records, "loss")
+    objective_axes.plot(steps, objective, color="black", lw=0.8, alpha=0.25)
+    objective_axes.plot(steps, smooth(objective, window), color="black", lw=1.5)
+    name = "Stage II gate loss" if gate else "training loss"
+    objective_axes.set(title=f"{name} (smoothed over {window} steps; raw faint)", ylabel=name)
     per_step = _matrix(records, "loss_per_step", math.nan)
+    last = np.array([_number(r["loss_per_step"][-1]) for r in records])
     for index, color in enumerate(_step_colors(per_step.shape[1])):
-        axes.plot(steps, per_step[:, index], color=color, lw=1, label=f"exit at step {index + 1}")
-    axes.plot(steps, _series(records, "loss"), color="black", lw=1.5, label="training loss")
-    axes.set(title="Loss per recurrent step", xlabel="optimizer step", ylabel="loss")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+        column = per_step[:, index]
+        step_axes.plot(steps, column, color=color, lw=0.6, alpha=0.2)
+        step_axes.plot(steps, smooth(column, window), color=color, lw=1.3,
+                       label=f"exit at step {index + 1}")  # fmt: skip
+        gap_axes.plot(steps, smooth(column - last, window), color=color, lw=1.3)
+    step_axes.set(ylabel="LM loss" if gate else "loss", title="Loss when exiting at each step")
+    gap_axes.axhline(0.0, color="black", lw=0.8)
+    gap_axes.set(ylabel="minus the last step", xlabel="optimizer step",
+                 title="Each step's loss minus the last step's (above 0: the last step is better)")  # fmt: skip
+    for axes in (objective_axes, step_axes, gap_axes):
+        axes.grid(alpha=0.3)
+        _mark_stages(axes, records, label=axes is objective_axes)
+    step_axes.legend(fontsize="small", loc="upper right")
 
 
 def _draw_exit_distribution(figure: Figure, steps: np.ndarray, records: list[dict]) -> None:
@@ -162,6 +220,7 @@ def _draw_optimization(figure: Figure, steps: np.ndarray, records: list[dict]) -
     entropy_axes.set(ylabel="exit entropy (nats)", xlabel="optimizer step")
     for axes in (lr_axes, norm_axes, entropy_axes):
         axes.grid(alpha=0.3)
+        _mark_stages(axes, records, label=axes is lr_axes)
 
 
 def _draw_throughput(figure: Figure, steps: np.ndarray, records: list[dict]) -> None:

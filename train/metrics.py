@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -100,6 +101,8 @@ class MetricsLogger:
         self.pace: deque[tuple[float, int]] = deque(maxlen=ETA_WINDOW)
         """(time, step) of the last progress lines, whose pace the ETA extrapolates."""
         self.wandb = None
+        self.widest = 0
+        """The most recurrent steps a record had: wandb keys up to it are logged each step."""
         if enabled:
             self._truncate_after(resume_step)
 
@@ -129,8 +132,11 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             flat = {k: v for k, v in record.items() if not isinstance(v, list)}
+            self.widest = max(self.widest, len(record["loss_per_step"]))
             for key in ("loss_per_step", "exit_pdf_mean"):
-                flat.update({f"{key}/{i + 1}": v for i, v in enumerate(record[key])})
+                values = record[key] + [math.nan] * (self.widest - len(record[key]))
+                # NaN for a step the loop no longer runs (T dropped), not its last value
+                flat.update({f"{key}/{i + 1}": v for i, v in enumerate(values)})
             self.wandb.log(flat, step=record["step"])
         step = record["step"]
         self.window.append(record)

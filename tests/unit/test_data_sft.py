@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,3 +269,26 @@ def test_special_token_text_in_documents_and_messages_is_plain_text(tmp_path):
     ids = first_document(build_data_loader(cfg, rank=0, world_size=1, micro_batch_size=1))
     assert [ids.count(token) for token in (1, 2, 0)] == [0, 0, 1] and ids[-1] == 0
     assert TOKENIZER.decode(ids[:-1]) == f"quoting {forged} in a page"
+
+
+def test_the_shipped_sample_conversations_are_the_generators_and_load_as_sft_data(tmp_path):
+    from data_pipelines import synthetic
+    from data_pipelines.eval_tasks import file_problems
+
+    assets = Path(__file__).resolve().parents[2] / "data_pipelines" / "assets"
+    by_task = []
+    for task in ("multi_hop", "reachability", "mano"):
+        uri = f"synthetic://{task}?num_docs=12&shards=1&chat=1&seed=11"
+        (path,) = synthetic.materialize(uri, str(tmp_path / "cache"))
+        by_task.append([json.loads(line) for line in open(path)][:12])
+    train = [rows[i] for i in range(9) for rows in by_task]
+    test = [row for rows in by_task for row in rows[9:12]]
+    read = [json.loads(line) for line in (assets / "sample_chat.jsonl").read_text().splitlines()]
+    held = (assets / "sample_chat_test.jsonl").read_text().splitlines()
+    assert read == train and [json.loads(line) for line in held] == test
+    assert file_problems(str(assets / "sample_chat_test.jsonl"), "sft") == []
+    source = SourceConfig(name="chat", paths=[str(assets / "sample_chat.jsonl")])
+    cfg = make_config(tmp_path, [source], kind="sft", shuffle=False, seq_len=256)
+    loader = build_data_loader(cfg, rank=0, world_size=1, micro_batch_size=1)
+    batch = take(loader, 1)[0]
+    assert (batch["labels"] != IGNORE_INDEX).any() and loader.bad_input_counts() == {}

@@ -395,3 +395,13 @@ def test_a_bad_shard_at_an_epoch_boundary_is_not_taken_for_an_empty_source(tmp_p
     loader = build_data_loader(cfg, rank=0, world_size=1, micro_batch_size=2)
     take(loader, 12)  # past the epoch boundary
     assert loader.bad_input_counts()["malformed"] >= 10
+
+
+def test_a_source_read_again_says_so(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "few.jsonl", DOCUMENTS[:3])
+    caplog.set_level(logging.INFO, logger="data_pipelines.stream")
+    loader = loader_for(tmp_path, str(path), shuffle=False)
+    take(loader, 2)
+    assert "source 'docs': epoch 1 begins" not in caplog.text
+    take(loader, 12)
+    assert "source 'docs': epoch 2 begins (its documents are read again, reshuffled)" in caplog.text

@@ -4,9 +4,18 @@ import math
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pytest
+from matplotlib.figure import Figure
 
-from launch.plotting import plot_run, read_metrics
+from launch.plotting import (
+    _draw_loss,
+    plot_run,
+    read_metrics,
+    smooth,
+    smoothing_window,
+    stage_boundaries,
+)
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "plot_run.py"
 CHARTS = ["loss.png", "exit_distribution.png", "optimization.png", "throughput.png"]
@@ -23,6 +32,7 @@ def _record(step: int, num_steps: int) -> dict:
         "loss_per_step": per_step,
         "exit_pdf_mean": pdf,
         "exit_entropy": -sum(p * math.log(p) for p in pdf),
+        "beta": 0.1,
         "grad_norm": None if step == 7 else 1.0 / math.sqrt(step),
         "lr": 3e-4 * min(1.0, step / 10),
         "skipped": step == 25,
@@ -116,3 +126,37 @@ def test_evaluations_get_their_accuracy_and_loss_charts(tmp_path):
     assert [path.name for path in paths] == [*CHARTS, "eval_accuracy.png", "eval_loss.png"]
     for path in paths[-2:]:
         assert matplotlib.image.imread(path).std() > 0.01, f"{path.name} is blank"
+
+
+def test_smoothing_is_a_centred_moving_average_that_skips_gaps():
+    values = np.array([1.0, 2.0, math.nan, 4.0, 8.0, math.nan, math.nan, math.nan, 3.0])
+    expected = []
+    for index in range(len(values)):
+        window = [v for v in values[max(0, index - 1) : index + 2] if not math.isnan(v)]
+        expected.append(sum(window) / len(window) if window else math.nan)
+    np.testing.assert_allclose(smooth(values, 3), expected, equal_nan=True)
+    assert smoothing_window(10) == 1 and smoothing_window(400) == 11
+
+
+def test_the_loss_chart_shows_the_depth_gap_and_the_stage_boundaries(tmp_path):
+    records = [_record(step, 4) | {"stage": "a" if step <= 30 else "b"} for step in range(1, 81)]
+    figure = Figure()
+    _draw_loss(figure, np.arange(1.0, 81.0), records)
+    objective, per_step, gap = figure.axes
+    assert "training loss" in objective.get_title()
+    window = smoothing_window(len(records))
+    first, last = (np.array([r["loss_per_step"][i] for r in records]) for i in (0, -1))
+    gap_of_step_1 = [line for line in gap.get_lines() if line.get_color() != "black"][0]
+    np.testing.assert_allclose(gap_of_step_1.get_ydata(), smooth(first - last, window))
+    assert (gap_of_step_1.get_ydata() > 0).all(), "step 1 is worse than the last in the data"
+    assert stage_boundaries(records) == [(31.0, "b")]
+    dotted = [line for line in gap.get_lines() if line.get_linestyle() == ":"]
+    assert [line.get_xdata()[0] for line in dotted] == [31.0]
+
+
+def test_gate_tuning_keeps_its_gate_loss_off_the_lm_loss_axis(tmp_path):
+    records = [{k: v for k, v in _record(step, 4).items() if k != "beta"} for step in range(1, 30)]
+    figure = Figure()
+    _draw_loss(figure, np.arange(1.0, 30.0), records)
+    assert "Stage II gate loss" in figure.axes[0].get_title()
+    assert figure.axes[1].get_ylabel() == "LM loss"

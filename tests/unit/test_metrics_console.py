@@ -1,0 +1,46 @@
+"""The progress line (losses averaged since the last line, ETA from the recent pace) and the
+wandb keys of recurrent steps, with wandb itself in offline mode."""
+
+from __future__ import annotations
+
+import math
+
+from train.metrics import MetricsLogger
+
+
+def record(step: int, loss: float, steps: int = 4) -> dict:
+    return {
+        "step": step,
+        "loss": loss,
+        "loss_per_step": [loss + t for t in range(steps)],
+        "exit_pdf_mean": [1.0 / steps] * steps,
+        "exit_entropy": 0.5,
+        "lr": 1e-3,
+        "grad_norm": 1.0,
+        "tokens_per_s": 100.0,
+    }
+
+
+def test_progress_lines_average_the_steps_since_the_last_line(tmp_path, capsys):
+    metrics = MetricsLogger(tmp_path, True, resume_step=0, log_every=3, max_steps=9)
+    for step, loss in enumerate([9.0, 1.0, 2.0, 6.0, 4.0, 5.0, 7.0], start=1):
+        metrics.log(record(step, loss))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("step 1/9  loss 9.0000 [9.000 10.000 11.000 12.000]")
+    assert lines[0].endswith("eta (measuring)")
+    assert lines[1].startswith("step 3/9  loss 1.5000 (mean of 2) [1.500 2.500 3.500 4.500]")
+    assert lines[2].startswith("step 6/9  loss 5.0000 (mean of 3) [5.000 6.000")
+    assert " eta " in lines[2] and len(lines) == 3
+
+
+def test_wandb_keys_of_steps_the_loop_no_longer_runs_become_nan(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    metrics = MetricsLogger(tmp_path, True, resume_step=0, log_every=1, max_steps=3)
+    metrics.attach_wandb(tmp_path, "looplm-test", "offline", {})
+    for step, steps in ((1, 4), (2, 2), (3, 2)):  # wandb commits a step when the next comes
+        metrics.log(record(step, 1.0, steps))
+    summary = metrics.wandb.summary
+    assert summary["exit_pdf_mean/2"] == 0.5 and math.isnan(summary["exit_pdf_mean/4"])
+    assert math.isnan(summary["loss_per_step/3"])
+    metrics.close()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
