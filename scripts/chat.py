@@ -18,6 +18,7 @@ object with both, the token count and why decoding stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -30,7 +31,6 @@ from tokenizers import Tokenizer
 from data_pipelines.tokenizer import CHATML_TEMPLATE, IM_END, load_tokenizer, token_id
 from looplm import LoopLMForCausalLM
 from looplm.generation import KV_SHARING_MODES
-from train.export import export_thinking_model, resolve_checkpoint, run_tokenizer
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -40,6 +40,8 @@ def load_chat_model(
 ) -> tuple[LoopLMForCausalLM, Tokenizer, str]:
     """The model, its tokenizer and its chat template. A run directory or checkpoint is
     exported into ``workdir`` first."""
+    from train.export import export_thinking_model, resolve_checkpoint, run_tokenizer
+
     directory = Path(path)
     if not (directory / "config.json").is_file():
         checkpoint = resolve_checkpoint(directory)
@@ -148,9 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as workdir:
         try:
-            model, tokenizer, template = load_chat_model(
-                args.model, args.tokenizer, args.dtype, Path(workdir)
-            )
+            # What loading prints (DeepSpeed's notices, the export of a checkpoint) goes to
+            # stderr: stdout holds the answer only (one JSON object with --json).
+            with contextlib.redirect_stdout(sys.stderr):
+                model, tokenizer, template = load_chat_model(
+                    args.model, args.tokenizer, args.dtype, Path(workdir)
+                )
         except (OSError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

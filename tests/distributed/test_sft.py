@@ -350,7 +350,7 @@ def test_sft_run_lowers_the_loss_and_exports_a_thinking_model_that_chats(tmp_pat
         [*command, *options], capture_output=True, text=True, env=environment(), timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    answer = json.loads(done.stdout)
     assert answer["stopped"] == "eos" and answer["stop_token"] == "<|im_end|>", answer
     # A run directory is exported the same way first (its tokenizer from its config.yaml).
     command[2] = str(run_dir)
@@ -362,7 +362,7 @@ def test_sft_run_lowers_the_loss_and_exports_a_thinking_model_that_chats(tmp_pat
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1])["stopped"] == "eos"
+    assert json.loads(done.stdout)["stopped"] == "eos"
 
     # A run checkpoint as init_from is written once as an Ouro-format source.
     source = LoopLMForCausalLM.from_pretrained(prepare_source(str(run_dir), tmp_path / "second"))
