@@ -165,7 +165,9 @@ class MetricsLogger:
         else:
             eta = "eta (measuring)"
         losses = [x["loss"] for x in self.window]
-        per_step = [sum(x["loss_per_step"][i] for x in self.window) / count
+        # Per-step losses of the records that ran as many steps as this one (T may change).
+        same = [x for x in self.window if len(x["loss_per_step"]) == len(r["loss_per_step"])]
+        per_step = [sum(x["loss_per_step"][i] for x in same) / len(same)
                     for i in range(len(r["loss_per_step"]))]  # fmt: skip
         mean = f"loss {sum(losses) / count:.4f}" + (f" (mean of {count})" if count > 1 else "")
         mfu = f" mfu {r['mfu']:.1%}" if r.get("mfu") is not None else ""

@@ -711,7 +711,7 @@ class Trainer:
         step, tokens = self.start_state
         seconds = time.time() - self.started
         done = self.state.tokens - tokens
-        records = read_metrics(self.run_dir)[-SUMMARY_WINDOW:]
+        records = same_depth_tail(read_metrics(self.run_dir)[-SUMMARY_WINDOW:])
         state = "complete" if self.finished() else "stopped (the same command resumes it)"
         lines = [
             f"run {state}: step {self.state.step}/{self.total_steps}, {self.state.tokens:,} tokens",
@@ -750,6 +750,20 @@ register_configs()
 
 SUMMARY_WINDOW = 20
 """Steps whose mean loss per recurrent step the end-of-run summary gives."""
+
+
+def same_depth_tail(records: list[dict]) -> list[dict]:
+    """The last records that ran as many recurrent steps as the last one (a curriculum may
+    change T), whose per-step losses can be averaged."""
+    if not records:
+        return []
+    depth = len(records[-1]["loss_per_step"])
+    tail = []
+    for record in reversed(records):
+        if len(record["loss_per_step"]) != depth:
+            break
+        tail.append(record)
+    return tail[::-1]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from train.metrics import MetricsLogger
+from train.pretrain import same_depth_tail
 
 
 def record(step: int, loss: float, steps: int = 4) -> dict:
@@ -44,3 +45,13 @@ def test_wandb_keys_of_steps_the_loop_no_longer_runs_become_nan(tmp_path, monkey
     assert math.isnan(summary["loss_per_step/3"])
     metrics.close()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_a_change_of_depth_between_lines_averages_only_the_steps_that_ran_alike(tmp_path, capsys):
+    metrics = MetricsLogger(tmp_path, True, resume_step=0, log_every=3, max_steps=9)
+    for step, (loss, steps) in enumerate([(1.0, 2), (2.0, 2), (4.0, 3)], start=1):
+        metrics.log(record(step, loss, steps))
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("step 3/9  loss 3.0000 (mean of 2) [4.000 5.000 6.000]")
+    records = [record(1, 1.0, 2), record(2, 2.0, 3), record(3, 3.0, 3)]
+    assert [r["step"] for r in same_depth_tail(records)] == [2, 3]
