@@ -4,7 +4,7 @@
 
     # the tokenizer shipped in data_pipelines/assets, from the embedded corpus
     python scripts/train_tokenizer.py --data-config configs/data/embedded.yaml \\
-        --vocab-size 8192 --out data_pipelines/assets/tokenizer.json
+        --vocab-size 8192 --out data_pipelines/assets/tokenizer.json --skip-bad-input
     # from files
     python scripts/train_tokenizer.py --paths "corpus/*.jsonl" --format jsonl --out tok.json
 """
@@ -43,7 +43,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--skip-bad-input",
         action="store_true",
-        help="skip (and count) unusable records and files instead of stopping at the first",
+        help="skip (and count) unusable records and files instead of stopping at the first "
+        "(empty documents are always skipped and counted)",
     )
     return parser.parse_args()
 
@@ -82,6 +83,17 @@ def documents(source: SourceConfig, cfg: DataConfig, limit: int, log: BadInputLo
                     return
 
 
+class _StopAtUnusable(BadInputLog):
+    """Counts empty documents (an empty file, a blank line: nothing to learn from, nothing
+    lost) and stops at any other bad record: a file without the field, a malformed or
+    undecodable record, a truncated file."""
+
+    def report(self, kind: str, where: str, detail: str) -> None:
+        if kind != "empty_document":
+            raise BadInputError(f"{where}: {kind.replace('_', ' ')}: {detail}")
+        super().report(kind, where, detail)
+
+
 def build_tokenizer() -> Tokenizer:
     """An untrained byte-level BPE tokenizer (GPT-2 style pre-tokenization)."""
     tokenizer = Tokenizer(models.BPE())
@@ -101,7 +113,7 @@ def main() -> None:
         show_progress=True,
     )
 
-    log = BadInputLog("skip" if args.skip_bad_input else "error")
+    log = BadInputLog("skip") if args.skip_bad_input else _StopAtUnusable("skip")
 
     def corpus() -> Iterator[str]:
         for source in sources:
@@ -117,7 +129,7 @@ def main() -> None:
             f"error: {error} (--skip-bad-input skips and counts such records)"
         ) from None
     if log.counts:
-        print(f"skipped bad input: {dict(log.counts)}")
+        print(f"skipped: {dict(log.counts)}")
     for index, token in enumerate(SPECIAL_TOKENS):
         assert tokenizer.token_to_id(token) == index, f"{token} is not id {index}"
     tokenizer.save(args.out)

@@ -158,7 +158,14 @@ def test_train_tokenizer_never_drops_a_file_silently(tmp_path):
         [*command, "--skip-bad-input"], cwd=REPO, capture_output=True, text=True, env=env
     )
     assert result.returncode == 0, result.stderr
-    assert "skipped bad input: {'missing_field': 1}" in result.stdout
+    assert "skipped: {'missing_field': 1}" in result.stdout
+    # An empty document loses nothing: counted, never a stop.
+    with open(good, "a") as file:
+        file.write(json.dumps({"text": ""}) + "\n")
+    alone = [*command[:3], str(good), *command[5:]]
+    result = subprocess.run(alone, cwd=REPO, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "skipped: {'empty_document': 1}" in result.stdout
 
 
 def test_conversations_are_a_source_of_their_own_and_bad_parameters_are_named(tmp_path):
