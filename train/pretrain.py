@@ -10,7 +10,6 @@ checkpoint, exactly: the per-step losses of a resumed run equal the uninterrupte
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import signal
@@ -711,7 +710,13 @@ class Trainer:
         step, tokens = self.start_state
         seconds = time.time() - self.started
         done = self.state.tokens - tokens
-        records = same_depth_tail(read_metrics(self.run_dir)[-SUMMARY_WINDOW:])
+        from launch.plotting import read_metrics
+
+        try:
+            records = read_metrics(self.run_dir / "metrics.jsonl")[-SUMMARY_WINDOW:]
+        except (FileNotFoundError, ValueError):  # no step finished in this run
+            records = []
+        records = same_depth_tail(records)
         state = "complete" if self.finished() else "stopped (the same command resumes it)"
         lines = [
             f"run {state}: step {self.state.step}/{self.total_steps}, {self.state.tokens:,} tokens",
@@ -764,13 +769,6 @@ def same_depth_tail(records: list[dict]) -> list[dict]:
             break
         tail.append(record)
     return tail[::-1]
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run_job(trainer_class: type[Trainer], raw: DictConfig) -> None:

@@ -149,24 +149,26 @@ def test_a_source_read_another_way_restarts_when_allowed(tmp_path):
     assert len(take(build(cfg, state), 3)) == 3
 
 
-def test_a_state_saved_before_a_setting_existed_still_resumes(tmp_path):
+def _without_max_document_chars(state: dict) -> dict:
+    settings = {k: v for k, v in state["settings"].items() if k != "max_document_chars"}
+    return {**state, "settings": settings}
+
+
+@pytest.mark.parametrize(
+    "older",
+    [
+        _without_max_document_chars,  # saved before that setting existed
+        lambda state: {k: v for k, v in state.items() if k != "settings"},  # before any
+    ],
+    ids=["before_a_setting_existed", "before_settings_were_recorded"],
+)
+def test_a_state_saved_by_an_older_loader_still_resumes(tmp_path, older):
     cfg = two_source_config(tmp_path)
     loader = build(cfg)
     reference = take(loader, 8)
     loader = build(cfg)
     first = take(loader, 3)
-    state = loader.state_dict()
-    del state["settings"]["max_document_chars"]
-    assert_same_batches(reference, first + take(build(cfg, state), 5))
-
-
-def test_a_state_saved_before_settings_were_recorded_still_resumes(tmp_path):
-    cfg = two_source_config(tmp_path)
-    loader = build(cfg)
-    reference = take(loader, 8)
-    loader = build(cfg)
-    first = take(loader, 3)
-    state = {key: value for key, value in loader.state_dict().items() if key != "settings"}
+    state = older(loader.state_dict())
     assert_same_batches(reference, first + take(build(cfg, state), 5))
 
 
