@@ -16,7 +16,7 @@ import argparse
 from train.export import export_checkpoint
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -29,7 +29,11 @@ def main() -> None:
         "--tokenizer", default=None, help="tokenizer.json or `embedded` (default: the run's)"
     )
     parser.add_argument("--chat", action="store_true", help="EOS <|im_end|> (a chat model)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     out = export_checkpoint(args.checkpoint, args.out_dir, args.dtype, args.tokenizer, args.chat)
     print(f"wrote {out}: " + ", ".join(sorted(path.name for path in out.iterdir())))
 

@@ -25,7 +25,7 @@ from data_pipelines.shards import resolve_shards
 from data_pipelines.tokenized import OutputNotEmptyError, pretokenize
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="remove the pre-tokenized files (tokens.json, *.bin, *.idx.npy) already in --out",
     )
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def source_and_config(args: argparse.Namespace) -> tuple[SourceConfig, DataConfig]:

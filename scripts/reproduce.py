@@ -390,7 +390,7 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -407,7 +407,11 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="another value of a Scale field (e.g. lr=1e-3, hidden_size=64)")  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="print the grid and the commands")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
 
     scale = QUICK if args.quick else FULL
     if args.seeds:
@@ -426,7 +430,7 @@ def main() -> None:
     out = Path(args.out)
     cache_dir = out / "cache"
     models = grid(scale, tasks, args.families)
-    command = "python scripts/reproduce.py " + " ".join(sys.argv[1:])
+    command = "python scripts/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"{len(models)} models: tasks {tasks}, depth {scale.depth}, blocks {scale.blocks}, "
           f"seeds {scale.seeds}, {scale.steps} steps of {scale.batch_tokens} tokens each", flush=True)  # fmt: skip
     if args.dry_run:

@@ -28,7 +28,7 @@ from data_pipelines.shards import resolve_shards
 from data_pipelines.tokenizer import SPECIAL_TOKENS
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -46,7 +46,7 @@ def parse_args() -> argparse.Namespace:
         help="skip (and count) unusable records and files instead of stopping at the first "
         "(empty documents are always skipped and counted)",
     )
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def sources_of(args: argparse.Namespace) -> tuple[list[SourceConfig], DataConfig]:

@@ -48,7 +48,7 @@ def upcycle(model: LoopLMForCausalLM, factor: int, order: str) -> LoopLMForCausa
     return bigger
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -56,7 +56,11 @@ def main() -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--factor", type=int, default=2)
     parser.add_argument("--order", choices=ORDERS, default="interleave")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     model = LoopLMForCausalLM.from_pretrained(args.in_dir, dtype="auto")
     with torch.no_grad():
         upcycle(model, args.factor, args.order).save_pretrained(
