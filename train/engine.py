@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 
@@ -109,6 +110,13 @@ def build_engine(
     ``parameter_groups``."""
     import deepspeed
 
+    # ZeRO calls an all-gather that torch marks deprecated: DeepSpeed's to change, and noise
+    # (once per rank) in the console of every run.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+        category=FutureWarning,
+    )
     precision = resolve_precision(cfg.deepspeed.precision)
     o = cfg.optim
     optimizer = torch.optim.AdamW(
