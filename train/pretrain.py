@@ -10,6 +10,7 @@ checkpoint, exactly: the per-step losses of a resumed run equal the uninterrupte
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import signal
@@ -791,6 +792,10 @@ def run_job(trainer_class: type[Trainer], raw: DictConfig) -> None:
         trainer.finish()
     finally:
         lock.release()
+    # Everything is written and closed. The interpreter's exit would now walk the garbage
+    # collector over every object that torch, DeepSpeed and datasets made (about 2 s per rank
+    # on a CPU, each job); frozen objects are left to the operating system instead.
+    gc.freeze()
 
 
 def _check_resumed_settings(raw: DictConfig, run_dir: Path) -> None:
