@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import glob
 import json
+import multiprocessing
 import os
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing import get_context
@@ -301,13 +302,16 @@ def pretokenize(
     num_procs: int,
     progress=None,
     overwrite: bool = False,
+    progress_every_s: float = 5.0,
 ) -> Counter:
     """Write `source` as pre-tokenized shards under `out_dir`; returns bad-input counts.
 
     `out_dir` must be empty or absent; with `overwrite`, the pre-tokenized files already
     there (`tokens.json`, `*.bin`, `*.idx.npy`, `*.partial`) are removed first, other files
-    left. Shards are tokenized in parallel by `num_procs` processes (in this one when 1);
-    `progress(tokens, documents)` is called once per finished shard. `tokens.json` is written
+    left. Shards are tokenized in parallel by `num_procs` processes (in this one when 1).
+    `progress(tokens, documents, shards)` gets the running totals (tokens and documents
+    written, shards finished) at each shard's end and every `progress_every_s` seconds in
+    between, so that a large shard is not minutes of silence. `tokens.json` is written
     last, so a directory without it is an unfinished run.
     """
     shards = resolve_shards(source, cfg.cache_dir)
@@ -327,24 +331,69 @@ def pretokenize(
         for index, shard in enumerate(shards)
     ]
     counts: Counter = Counter()
-    with get_context("spawn").Pool(num_procs) if num_procs > 1 else nullcontext() as pool:
-        results = (
-            pool.imap_unordered(_pretokenize_shard, jobs) if pool else map(_pretokenize_shard, jobs)
-        )
-        for tokens, documents, bad in results:
-            counts.update(bad)
-            if progress:
-                progress(tokens, documents)
-        if pool:
+    context = get_context("spawn")
+    written = context.Array("q", 2)  # tokens, documents of the windows written so far
+    finished = 0
+
+    def report() -> None:
+        if progress:
+            progress(written[0], written[1], finished)
+
+    if num_procs > 1:
+        with context.Pool(num_procs, _start_worker, (written, None)) as pool:
+            results = pool.imap_unordered(_pretokenize_shard, jobs)
+            while finished < len(jobs):
+                try:
+                    _, _, bad = results.next(timeout=progress_every_s)
+                except (
+                    multiprocessing.TimeoutError
+                ):  # no shard finished meanwhile: say how far they are
+                    report()
+                    continue
+                counts.update(bad)
+                finished += 1
+                report()
             # Workers must exit on their own: leaving the `with` terminates them, which skips
             # their exit handlers, and the semaphores that `datasets`' progress bars made in
             # them are then reported leaked by the resource tracker.
             pool.close()
             pool.join()
+    else:
+        _start_worker(written, _every(progress_every_s, report))
+        try:
+            for _, _, bad in map(_pretokenize_shard, jobs):
+                counts.update(bad)
+                finished += 1
+                report()
+        finally:
+            _start_worker(None, None)
     partial = os.path.join(out_dir, META_FILE + _PARTIAL)
     Path(partial).write_text(json.dumps(meta, indent=1))
     os.replace(partial, os.path.join(out_dir, META_FILE))
     return counts
+
+
+_written = None
+"""In a process tokenizing shards: the shared (tokens, documents) written so far."""
+_on_window = None
+"""In this process, when it tokenizes the shards itself: called after each window."""
+
+
+def _start_worker(written, on_window) -> None:
+    global _written, _on_window
+    _written, _on_window = written, on_window
+
+
+def _every(seconds: float, call):
+    """`call`, at most once every `seconds`."""
+    last = [time.monotonic()]
+
+    def maybe() -> None:
+        if time.monotonic() - last[0] >= seconds:
+            last[0] = time.monotonic()
+            call()
+
+    return maybe
 
 
 def _prepare_output(out_dir: str, overwrite: bool) -> None:
@@ -379,6 +428,12 @@ def _pretokenize_shard(job) -> tuple[int, int, dict[str, int]]:
                 out.write(documents.tokens.astype(dtype).tobytes())
                 lengths[usable] = documents.lengths
             parts.append(lengths)
+            if _written is not None:
+                with _written.get_lock():
+                    _written[0] += int(lengths.sum())
+                    _written[1] += len(usable)
+            if _on_window is not None:
+                _on_window()
     lengths = np.concatenate(parts)
     np.save(stem + _INDEX, np.cumsum(lengths))
     os.replace(stem + _BIN + _PARTIAL, stem + _BIN)

@@ -93,11 +93,10 @@ def main() -> None:
     totals = {"tokens": 0, "documents": 0}
     with tqdm(total=num_shards, unit="shard", desc=f"pretokenizing {source.name}") as bar:
 
-        def progress(tokens: int, documents: int) -> None:
-            totals["tokens"] += tokens
-            totals["documents"] += documents
-            bar.set_postfix(tokens=f"{totals['tokens']:,}", documents=f"{totals['documents']:,}")
-            bar.update()
+        def progress(tokens: int, documents: int, shards: int) -> None:
+            totals.update(tokens=tokens, documents=documents)
+            bar.update(shards - bar.n)
+            bar.set_postfix(tokens=f"{tokens:,}", documents=f"{documents:,}")
 
         try:
             bad = pretokenize(source, cfg, args.out, max(args.procs, 1), progress, args.overwrite)

@@ -54,10 +54,13 @@ def test_pretokenized_shards_yield_the_streamed_batches(tmp_path, window_tokens)
         cfg,
         str(tmp_path / "tokens"),
         num_procs=1,
-        progress=lambda *done: progress.append(done),
+        progress=lambda *totals: progress.append(totals),
+        progress_every_s=0.0,  # after every window of 4 documents
     )
     assert counts == {"malformed": 1}
-    assert len(progress) == 3 and sum(documents for _, documents in progress) == 50
+    # Running totals, also in the middle of a shard, ending on what was written.
+    assert progress == sorted(progress) and progress[-1][1:] == (50, 3)
+    assert any(0 < documents < 17 and shards == 0 for _, documents, shards in progress)
     assert json.loads((tmp_path / "tokens" / META_FILE).read_text())["dtype"] == "uint16"
     shard = open_token_shard(str(tmp_path / "tokens" / "00000.bin"))
     assert isinstance(shard.tokens.base, np.memmap) and shard.document(0)[-1] == 0
@@ -74,6 +77,17 @@ def test_pretokenized_shards_yield_the_streamed_batches(tmp_path, window_tokens)
             build_data_loader(pretokenized, rank=rank, world_size=2, micro_batch_size=2), 12
         )
         assert_same_batches(expected, actual)
+
+
+def test_worker_processes_report_running_totals_that_end_on_what_they_wrote(tmp_path):
+    directory = write_jsonl_shards(tmp_path / "docs", text_documents(20), num_shards=2)
+    source = SourceConfig(name="docs", paths=[str(directory)])
+    progress = []
+    out = tmp_path / "tokens"
+    pretokenize(source, make_config(tmp_path, [source]), str(out), num_procs=2,
+                progress=lambda *totals: progress.append(totals), progress_every_s=0.01)  # fmt: skip
+    written = sum(int(np.load(index)[-1]) for index in out.glob("*.idx.npy"))
+    assert progress == sorted(progress) and progress[-1] == (written, 20, 2)
 
 
 @pytest.mark.parametrize("procs", [1, 2])
