@@ -5,7 +5,7 @@
 
 Writes loss.png (loss per recurrent step), exit_distribution.png (the mean exit distribution
 over training, stacked), optimization.png (learning rate, gradient norm with skipped steps,
-exit entropy) and throughput.png (tokens/s, MFU). The drawing lives in `launch.plotting`,
+exit entropy) and throughput.png (tokens/s, MFU). The drawing lives in `train.plotting`,
 which the training job also calls when a run ends.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch.plotting import plot_run
+from train.plotting import plot_run
 
 
 def main(argv: list[str] | None = None) -> int:

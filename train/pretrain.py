@@ -696,7 +696,7 @@ class Trainer:
         """Plots and the end-of-run summary (rank 0); nothing for a run already complete."""
         if self.rank == 0 and self.cfg.logging.plot_at_end and not self.already_finished:
             try:
-                from launch.plotting import plot_run
+                from train.plotting import plot_run
 
                 plot_run(self.run_dir)
             except Exception as e:  # a plot must never fail a finished run
@@ -711,7 +711,7 @@ class Trainer:
         step, tokens = self.start_state
         seconds = time.time() - self.started
         done = self.state.tokens - tokens
-        from launch.plotting import read_metrics
+        from train.plotting import read_metrics
 
         try:
             records = read_metrics(self.run_dir / "metrics.jsonl")[-SUMMARY_WINDOW:]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from launch.plotting import (
+from train.plotting import (
     _draw_loss,
     plot_run,
     read_metrics,
