@@ -59,3 +59,56 @@ def test_a_wrong_way_import_is_found(tmp_path):
     package.mkdir()
     (package / "bad.py").write_text("def f():\n    from train.config import PretrainConfig\n")
     assert wrong_way("looplm", tmp_path) == ["looplm/bad.py:2 imports train.config"]
+
+
+def module_graph(root: Path = REPO) -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports when it is imported (module-level statements,
+    not those under `if TYPE_CHECKING` or inside functions); `from package import name`
+    names the submodule when there is one."""
+    graph = {}
+    for package in ALLOWED:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            graph[name] = set()
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.Import):
+                    targets = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    targets = [
+                        f"{node.module}.{alias.name}"
+                        if (root / node.module.replace(".", "/") / f"{alias.name}.py").is_file()
+                        else node.module
+                        for alias in node.names
+                    ]
+                else:
+                    continue
+                graph[name] |= {t for t in targets if t.split(".")[0] in ALLOWED}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of `graph`, one path each."""
+    found, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                found.append(path[path.index(target) :] + [target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_no_module_imports_itself_through_others():
+    assert cycles(module_graph()) == []
+
+
+def test_a_cycle_is_found():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
