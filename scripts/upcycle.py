@@ -15,37 +15,7 @@ from pathlib import Path
 import torch
 
 from looplm import LoopLMForCausalLM
-
-ORDERS = ("interleave", "stack")
-
-
-def layer_sources(num_layers: int, factor: int, order: str) -> list[int]:
-    """For each layer of the upcycled model, the original layer it copies."""
-    if order not in ORDERS:
-        raise ValueError(f"unknown order {order!r}; choose one of {ORDERS}")
-    if factor < 1:
-        raise ValueError(f"factor must be >= 1, got {factor}")
-    if order == "interleave":
-        return [i for i in range(num_layers) for _ in range(factor)]
-    return [i for _ in range(factor) for i in range(num_layers)]
-
-
-def upcycle(model: LoopLMForCausalLM, factor: int, order: str) -> LoopLMForCausalLM:
-    """A new model whose layers are copies of ``model``'s, in the given order."""
-    config = model.config
-    sources = layer_sources(config.num_hidden_layers, factor, order)
-    bigger = LoopLMForCausalLM(
-        config.replace(num_hidden_layers=len(sources)), model.attn_implementation
-    ).to(next(model.parameters()).dtype)
-    state = model.state_dict()
-    new_state = {k: v for k, v in state.items() if not k.startswith("model.layers.")}
-    for target, source in enumerate(sources):
-        prefix = f"model.layers.{source}."
-        for name, tensor in state.items():
-            if name.startswith(prefix):
-                new_state[f"model.layers.{target}.{name[len(prefix) :]}"] = tensor.clone()
-    bigger.load_state_dict(new_state, strict=True)
-    return bigger
+from looplm.upcycle import ORDERS, upcycle
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

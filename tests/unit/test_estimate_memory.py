@@ -1,4 +1,5 @@
-"""scripts/estimate_memory.py against numbers computed by hand and a measured CPU run."""
+"""The memory estimate (train/memory.py, scripts/estimate_memory.py) against numbers computed
+by hand and a measured CPU run."""
 
 import dataclasses
 import importlib.util
@@ -7,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
+import train.memory as em
 from looplm import LoopLMConfig
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "estimate_memory.py"
 _spec = importlib.util.spec_from_file_location("estimate_memory", SCRIPT)
-em = importlib.util.module_from_spec(_spec)
-sys.modules["estimate_memory"] = em
-_spec.loader.exec_module(em)
+script = importlib.util.module_from_spec(_spec)
+sys.modules["estimate_memory"] = script
+_spec.loader.exec_module(script)
 
 GIB = 2**30
 OURO_1_4B_PARAMETERS = 1_434_652_673  # OURO.md §1
@@ -122,11 +124,11 @@ def test_a_setup_that_cannot_be_split_reports_every_problem():
 
 
 def test_command_line(capsys):
-    assert em.main(["--model", "ouro-1.4b", "--seq-len", "32768", "--dp", "8"]) == 0
+    assert script.main(["--model", "ouro-1.4b", "--seq-len", "32768", "--dp", "8"]) == 0
     assert "largest micro batch that fits: 4" in capsys.readouterr().out
-    assert em.main(["--model", "ouro-2.6b", "--seq-len", "65536"]) == 1
+    assert script.main(["--model", "ouro-2.6b", "--seq-len", "65536"]) == 1
     assert "do not fit" in capsys.readouterr().err
-    assert em.main(["--model", "ouro-1.4b", "--seq-len", "4096", "--sp", "3"]) == 2
+    assert script.main(["--model", "ouro-1.4b", "--seq-len", "4096", "--sp", "3"]) == 2
 
 
 # ---- against a measured forward and backward ----------------------------------------------

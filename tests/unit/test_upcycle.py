@@ -1,6 +1,5 @@
 """Upcycling by layer duplication: what it keeps and what it changes."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -8,13 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from looplm import LoopLMForCausalLM
+from looplm import LoopLMForCausalLM, upcycle
 from tests.conftest import OURO_TINY
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "upcycle.py"
-spec = importlib.util.spec_from_file_location("upcycle", SCRIPT)
-upcycle = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(upcycle)
 
 
 def test_layer_orders():
