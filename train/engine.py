@@ -25,14 +25,10 @@ def resolve_precision(setting: str) -> str:
 def build_model(cfg: PretrainConfig) -> LoopLMForCausalLM:
     """A fresh model from ``cfg.model``, or the weights of ``cfg.init_from`` (an Ouro-format
     directory or hub id, or a looplm checkpoint or run directory)."""
-    from train.export import is_run_checkpoint, load_checkpoint_model
+    from train.export import load_model
 
-    if cfg.init_from and is_run_checkpoint(cfg.init_from):
-        model = load_checkpoint_model(cfg.init_from, cfg.model.attn_implementation)
-    elif cfg.init_from:
-        model = LoopLMForCausalLM.from_pretrained(
-            cfg.init_from, dtype=torch.float32, attn_implementation=cfg.model.attn_implementation
-        )
+    if cfg.init_from:
+        model = load_model(cfg.init_from, torch.float32, cfg.model.attn_implementation)
     else:
         model = LoopLMForCausalLM(cfg.model.build_config(), cfg.model.attn_implementation)
     model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)

@@ -48,6 +48,7 @@ from looplm import LoopLMForCausalLM, q_exit_steps
 from looplm.losses import IGNORE_INDEX, exit_pdf
 from train import depth_sweep
 from train.depth_sweep import SweepSettings, sweep_problems
+from train.export import load_model
 
 logger = logging.getLogger("looplm.evaluate")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -132,19 +133,6 @@ class TokenStats:
     @property
     def num_steps(self) -> int:
         return self.loss_TN.shape[0]
-
-
-def load_model(path: str, device: str = "cpu", dtype: str = "float32") -> LoopLMForCausalLM:
-    """An Ouro-format directory or hub id, else a run checkpoint (float32 master weights)."""
-    if (Path(path) / "config.json").is_file() or not Path(path).exists():
-        model = LoopLMForCausalLM.from_pretrained(path, dtype=dtype)
-    else:
-        from train.export import load_checkpoint_model
-
-        model = load_checkpoint_model(path)
-        if dtype != "auto":
-            model = model.to(getattr(torch, dtype))
-    return model.to(device).eval()
 
 
 def _head_stats(lm_head, hidden_TNH, targets_N, chunk_tokens: int):
@@ -351,7 +339,7 @@ def evaluate(cfg: EvaluateConfig, batches: list[dict] | None = None) -> dict:
     for role, path in paths.items():
         if path is None:
             continue
-        model = load_model(path, device, cfg.dtype)
+        model = load_model(path, cfg.dtype).to(device).eval()
         steps = cfg.num_recurrent_steps or model.config.total_ut_steps
         stats = token_stats(model, batches, steps, cfg.chunk_tokens)
         report["models"][role] = {"path": path, **summarize(stats, cfg)}

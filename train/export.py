@@ -62,6 +62,22 @@ def load_checkpoint_model(path: str | Path, attn_implementation: str = "sdpa") -
     return model
 
 
+def load_model(
+    path: str | Path, dtype: str | torch.dtype = "float32", attn_implementation: str = "sdpa"
+) -> LoopLMForCausalLM:
+    """The model at ``path``, whatever holds it: a looplm checkpoint or run directory (its
+    float32 master weights, any ZeRO stage), else an Ouro-format directory or hub id. Cast
+    to ``dtype`` ("auto": as stored)."""
+    if is_run_checkpoint(path):
+        model = load_checkpoint_model(path, attn_implementation)
+        if dtype != "auto":
+            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        return model
+    return LoopLMForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation
+    )
+
+
 def run_tokenizer(checkpoint: str | Path) -> str | None:
     """The ``data.tokenizer`` of the run a checkpoint (or run directory) belongs to, from the
     run's ``config.yaml``; None when there is none."""

@@ -69,8 +69,7 @@ from tqdm import tqdm
 from data_pipelines.tokenizer import ENDOFTEXT, load_tokenizer, tokenizer_problem
 from looplm import LoopLMForCausalLM
 from looplm.generation import KV_SHARING_MODES, generate
-from train.evaluate import load_model
-from train.export import run_tokenizer
+from train.export import load_model, run_tokenizer
 
 logger = logging.getLogger("looplm.harness")
 MODEL_NAME = "looplm"
@@ -243,8 +242,8 @@ class LoopLMEval(TemplateLM):
         self.tokenizer, self._tokenizer_name = find_tokenizer(
             self.args.pretrained, self.args.tokenizer
         )
-        self.model: LoopLMForCausalLM = load_model(
-            self.args.pretrained, str(self._device), self.args.dtype
+        self.model: LoopLMForCausalLM = (
+            load_model(self.args.pretrained, self.args.dtype).to(self._device).eval()
         )
         self._check_against_model()
 
