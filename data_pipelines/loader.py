@@ -21,11 +21,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipelines.config import DataConfig, validate_data_config
+from data_pipelines.config import DataConfig, packs_whole_documents, validate_data_config
 from data_pipelines.encoding import DocumentEncoder
 from data_pipelines.mixing import BATCH_KEYS, MixtureStream, SlotState, Stage
+from data_pipelines.packing import WholePackingCount
+from data_pipelines.readers import BadInputLog
 from data_pipelines.shards import Shard, fingerprint, resolve_shards
-from data_pipelines.stream import Slot
+from data_pipelines.stream import Slot, SourceStream
 from data_pipelines.tokenizer import tokenizer_summary
 
 logger = logging.getLogger(__name__)
@@ -351,3 +353,34 @@ def _describe_change(name: str, saved: dict[str, str], current: dict[str, str]) 
 
 def _unchanged(item):
     return item
+
+
+# ---- one epoch's tokens -------------------------------------------------------------------
+
+
+def count_source_tokens(
+    data: DataConfig, shards: dict[str, list[Shard]], rank: int, world_size: int
+) -> dict[str, int]:
+    """Packed tokens (EOS and any padding included) of one epoch of every source, counting
+    only this rank's share: the records its loader workers read (the slots of rank ``rank``
+    of ``world_size``), so that summing over the ranks counts every record once.
+    ``shards``: each source's shards, by name. Whole-document packing is counted in the
+    sequences each worker's packer fills, its last one counted whole."""
+    encoder = DocumentEncoder(data.tokenizer, data.kind, data.eos_token)
+    log = BadInputLog(data.on_bad_input, muted=True)  # the training loader reports them
+    workers, whole = max(data.num_workers, 1), packs_whole_documents(data)
+    counts = {}
+    for source in data.sources:
+        counts[source.name] = 0
+        for worker in range(workers):
+            slot = Slot(rank * workers + worker, world_size * workers)
+            stream = SourceStream(source, shards[source.name], slot, data, encoder, log)
+            packed = WholePackingCount(data.seq_len)
+            while stream.position.epoch == 0:
+                if whole:
+                    packed.add(np.diff(stream.window.ends, prepend=0))
+                else:
+                    counts[source.name] += len(stream.window)
+                stream.next_window()
+            counts[source.name] += packed.tokens()
+    return counts

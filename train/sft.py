@@ -49,7 +49,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
@@ -57,11 +56,8 @@ from omegaconf import MISSING, DictConfig
 from tokenizers import Tokenizer
 
 from data_pipelines.config import DataConfig, packs_whole_documents
-from data_pipelines.encoding import DocumentEncoder
-from data_pipelines.packing import WholePackingCount
-from data_pipelines.readers import BadInputLog
-from data_pipelines.shards import Shard, fingerprint, resolve_shards
-from data_pipelines.stream import Slot, SourceStream
+from data_pipelines.loader import count_source_tokens
+from data_pipelines.shards import fingerprint, resolve_shards
 from data_pipelines.tokenizer import (
     ENDOFTEXT,
     is_local_tokenizer,
@@ -166,34 +162,6 @@ def _ignored_model_settings(cfg: SFTConfig) -> list[str]:
 
 
 # ---- epochs ------------------------------------------------------------------------------
-
-
-def count_source_tokens(
-    data: DataConfig, shards: dict[str, list[Shard]], rank: int, world_size: int
-) -> dict[str, int]:
-    """Packed tokens (EOS and any padding included) of one epoch of every source, counting
-    only this rank's share: the records its loader workers read (the slots of rank ``rank``
-    of ``world_size``), so that summing over the ranks counts every record once.
-    ``shards``: each source's shards, by name. Whole-document packing is counted in the
-    sequences each worker's packer fills, its last one counted whole."""
-    encoder = DocumentEncoder(data.tokenizer, data.kind, data.eos_token)
-    log = BadInputLog(data.on_bad_input, muted=True)  # the training loader reports them
-    workers, whole = max(data.num_workers, 1), packs_whole_documents(data)
-    counts = {}
-    for source in data.sources:
-        counts[source.name] = 0
-        for worker in range(workers):
-            slot = Slot(rank * workers + worker, world_size * workers)
-            stream = SourceStream(source, shards[source.name], slot, data, encoder, log)
-            packed = WholePackingCount(data.seq_len)
-            while stream.position.epoch == 0:
-                if whole:
-                    packed.add(np.diff(stream.window.ends, prepend=0))
-                else:
-                    counts[source.name] += len(stream.window)
-                stream.next_window()
-            counts[source.name] += packed.tokens()
-    return counts
 
 
 def _read_counts(path: Path, key: dict) -> dict[str, int] | None:

@@ -16,6 +16,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from omegaconf import OmegaConf
 
 from data_pipelines import build_data_loader
+from data_pipelines.loader import count_source_tokens
 from data_pipelines.packing import IGNORE_INDEX
 from data_pipelines.shards import resolve_shards
 from data_pipelines.tokenizer import CHATML_TEMPLATE, load_tokenizer
@@ -23,13 +24,7 @@ from looplm import LoopLMConfig, LoopLMForCausalLM, Objective
 from tests.distributed.launch import REPO, environment, metrics, run
 from train.export import load_checkpoint_model, prepare_source
 from train.pretrain import CONFIG_DIR
-from train.sft import (
-    SFTConfig,
-    count_source_tokens,
-    dataset_tokens,
-    epoch_steps,
-    sft_problems,
-)
+from train.sft import SFTConfig, dataset_tokens, epoch_steps, sft_problems
 from train.validation import read_records
 
 ENDOFTEXT, IM_START, IM_END = 0, 1, 2  # the embedded tokenizer's ids
