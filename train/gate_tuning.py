@@ -37,7 +37,7 @@ from looplm.checkpoint import (
 from train.checkpointing import read_json
 from train.config import PretrainConfig, config_problems
 from train.export import export_dir_problems, prepare_source
-from train.pretrain import CONFIG_DIR, Trainer, run_job
+from train.trainer import CONFIG_DIR, Trainer, run_job
 
 logger = logging.getLogger("looplm.gate_tuning")
 

@@ -70,7 +70,7 @@ from train.export import (
     export_thinking_model,
     prepare_source,
 )
-from train.pretrain import CONFIG_DIR, Trainer, _environment, run_job
+from train.trainer import CONFIG_DIR, Trainer, _environment, run_job
 
 logger = logging.getLogger("looplm.sft")
 

@@ -23,8 +23,8 @@ from data_pipelines.tokenizer import CHATML_TEMPLATE, load_tokenizer
 from looplm import LoopLMConfig, LoopLMForCausalLM, Objective
 from tests.distributed.launch import REPO, environment, metrics, run
 from train.export import load_checkpoint_model, prepare_source
-from train.pretrain import CONFIG_DIR
 from train.sft import SFTConfig, dataset_tokens, epoch_steps, sft_problems
+from train.trainer import CONFIG_DIR
 from train.validation import read_records
 
 ENDOFTEXT, IM_START, IM_END = 0, 1, 2  # the embedded tokenizer's ids

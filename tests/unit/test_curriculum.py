@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from train.config import _model_config, build_curriculum, config_problems, register_configs
 from train.config import to_object as config_object
 from train.curriculum import Curriculum, StageSettings, stage_problems, trainable_mask
-from train.pretrain import CONFIG_DIR
+from train.trainer import CONFIG_DIR
 
 BASE = {
     "seq_len": 64,

@@ -112,3 +112,25 @@ def test_no_module_imports_itself_through_others():
 
 def test_a_cycle_is_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def job_modules(root: Path = REPO) -> set[str]:
+    """The modules that are Hydra apps (`@hydra.main`): the jobs."""
+    return {
+        ".".join(path.relative_to(root).with_suffix("").parts)
+        for path in (root / "train").rglob("*.py")
+        if "@hydra.main(" in path.read_text()
+    }
+
+
+def test_no_job_is_imported_by_another_module_or_script():
+    jobs = job_modules()
+    assert {"train.pretrain", "train.sft", "train.gate_tuning", "train.evaluate"} <= jobs
+    found = [
+        f"{path.relative_to(REPO)}:{line} imports the job {module}"
+        for package in [*ALLOWED, "scripts"]
+        for path in sorted((REPO / package).rglob("*.py"))
+        for line, module in imports(path)
+        if module in jobs and ".".join(path.relative_to(REPO).with_suffix("").parts) != module
+    ]
+    assert found == []

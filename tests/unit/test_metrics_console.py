@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from train.metrics import MetricsLogger
-from train.pretrain import same_depth_tail
+from train.trainer import same_depth_tail
 
 
 def record(step: int, loss: float, steps: int = 4) -> dict:

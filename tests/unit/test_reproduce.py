@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from train.config import config_problems
-from train.pretrain import CONFIG_DIR
+from train.trainer import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")

@@ -1,0 +1,808 @@
+"""The trainer every training job runs: the DeepSpeed engine, the step plan (curriculum or
+one stage), the spike guards and rollbacks, checkpoints that resume exactly, metrics and the
+console. `run_job` runs a composed job with it; `train/pretrain.py`, `train/sft.py` and
+`train/gate_tuning.py` are the jobs, each a Hydra app (the last two derive their trainers).
+
+Re-running the same command on the same ``run_dir`` resumes from its latest complete
+checkpoint, exactly: the per-step losses of a resumed run equal the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from data_pipelines.loader import build_data_loader
+from looplm import LoopLMForCausalLM, Objective
+from train.checkpointing import CheckpointManager, rng_state, set_rng_state
+from train.config import (
+    PretrainConfig,
+    build_curriculum,
+    data_parallel_size,
+    gradient_accumulation,
+    register_configs,
+    validate,
+)
+from train.curriculum import Stage, StepPlan, trainable_mask
+from train.engine import (
+    build_engine,
+    build_model,
+    pre_step_grad_norm,
+    set_accumulation,
+    step_skipping_update,
+)
+from train.faults import CheckpointFault, pause_after
+from train.metrics import MetricsLogger, device_peak_flops, training_flops_per_token
+from train.resume_settings import check_resume_settings
+from train.run_lock import RunLock, exit_with_launcher
+from train.schedule import exit_beta, learning_rate
+from train.sequence_parallel import local_slice, sequence_parallel_group, token_share
+from train.stability import RollbackGuard, SpikeDetector
+from train.validation import Validator, append_record, console_line, wandb_values
+
+logger = logging.getLogger("looplm.pretrain")
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+@dataclass
+class TrainerState:
+    """What the trainer itself needs to continue, besides the engine and the data loader."""
+
+    step: int = 0
+    tokens: int = 0
+    """Tokens consumed (all ranks); the curriculum's position is a function of it."""
+    world_size: int = 1
+    stage: str | None = None
+    """Name of the curriculum stage in force (for the record; recomputed from tokens)."""
+    loss_window: list[float] = field(default_factory=list)  # the spike guards' accepted values
+    grad_norm_window: list[float] = field(default_factory=list)
+    guard: dict = field(default_factory=dict)
+    """The rollback guard's spikes, rollbacks and lowered-LR window."""
+    skipped_steps: int = 0
+    """Updates skipped so far (non-finite values and spikes)."""
+    consecutive_skips: int = 0
+    """Updates skipped in a row up to this step."""
+    grad_spike_run: int = 0
+    """Steps in a row judged grad-norm spikes up to this step."""
+    good: bool = True
+    """No spike in the recent past when saved: a checkpoint a rollback may return to."""
+    data_seed_offset: int = 0
+    """Added to `data.seed`: the step at which the data streams last restarted, on resuming
+    with another number of ranks, so that later resumes keep reading those streams."""
+
+
+def _environment() -> tuple[int, int, int]:
+    return (
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        int(os.environ.get("LOCAL_RANK", 0)),
+    )
+
+
+def _single_process_defaults() -> None:
+    """A job started without a launcher (``python -m train.pretrain ...``) runs as one rank:
+    the rendezvous variables a launcher would set, on this machine."""
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    logger.info("no launcher: running as a single rank")
+
+
+class TrainingStalled(RuntimeError):
+    """Every recent update was skipped: the run cannot make progress."""
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_probe_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"run_dir {run_dir} is not writable: {e}") from e
+
+
+class _StopSignal:
+    """Turns SIGTERM (a cluster's preemption) into a request to save and stop."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank was signalled."""
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class _ScaledGradient(torch.autograd.Function):
+    """Identity whose gradient is scaled by ``factor`` (NaN: non-finite gradients of a finite
+    loss)."""
+
+    @staticmethod
+    def forward(ctx, x, factor: float):
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    values = values.detach().double().cpu()
+    if dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+class Trainer:
+    """Runs the optimization loop of one rank."""
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.rank, self.world_size, local_rank = _environment()
+        validate(cfg, self.world_size)
+        self.run_dir = Path(cfg.run_dir)
+        _check_run_dir(self.run_dir)
+        self.dp_size = data_parallel_size(cfg, self.world_size)
+        self.dp_rank = self.rank // cfg.deepspeed.sequence_parallel_size
+        if self.rank == 0 and cfg.eval.enabled:
+            logger.info("preparing the held-out evaluation sets ...")
+        self.validator = self._build_validator()
+        self._init_distributed(local_rank)
+        torch.manual_seed(cfg.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.checkpoints = CheckpointManager(
+            self.run_dir,
+            cfg.checkpoint.keep_last,
+            self.rank,
+            interrupt=CheckpointFault(cfg.faults, self.rank),
+        )
+        self.checkpoints.remove_partial()
+        self.checkpoints.report_unknown()
+        self.checkpoints.set_aside_damaged()
+        self.latest = self.checkpoints.latest()
+        self.state = TrainerState(world_size=self.world_size)
+        if self.latest is not None:
+            saved = self.checkpoints.trainer_state(self.latest)
+            self.state = TrainerState(**{**saved, "world_size": self.world_size})
+        self.reshaped = self.latest is not None and saved["world_size"] != self.world_size
+        if self.reshaped:
+            # The streams are split by rank: their saved positions do not carry over to
+            # another number of ranks, so the streams start anew under a seed of this step.
+            self.state.data_seed_offset = self.state.step
+        self.sp = sequence_parallel_group(cfg.deepspeed.sequence_parallel_size)
+        self._phase("building the model")
+        self.model = self.build_model()
+        self.model.model.sequence_parallel = self.sp
+        self.curriculum = build_curriculum(cfg, self.model.config, self.world_size)
+        self.stage: Stage | None = None
+        plan = self.plan()
+        self._apply_model_settings(plan.stage)
+        self.trainable = dict.fromkeys((n for n, _ in self.model.named_parameters()), True)
+        if self.curriculum and any(s.trainable for s in self.curriculum.stages):
+            self._freeze_by_stage()
+        self._phase(
+            f"building the DeepSpeed engine ({self.model.config.num_parameters():,} parameters, "
+            f"ZeRO-{cfg.deepspeed.zero_stage}, {self.world_size} ranks)"
+        )
+        self.engine, self.precision = build_engine(
+            cfg, self.model, plan.accumulation, self.reshaped, self._stage_groups()
+        )
+        self.configured_groups = [
+            {key: group[key] for key in ("weight_decay", "betas", "eps")}
+            for group in self.engine.optimizer.param_groups
+        ]
+        """Each optimizer group's hyperparameters as configured (see _apply_optimizer_settings)."""
+        self.objective = self.build_objective()
+        self.loss_spikes = SpikeDetector(cfg.stability, "loss")
+        self.grad_spikes = SpikeDetector(cfg.stability, "grad_norm")
+        self.guard = RollbackGuard(cfg.stability)
+        rank_state = self._resume()
+        self._phase("opening the data streams: " + ", ".join(s.name for s in cfg.data.sources))
+        self.loader = self._build_loader(rank_state)
+        self.batches = iter(self.loader)
+        self.total_steps = self._total_steps()
+        self.metrics = MetricsLogger(
+            self.run_dir, self.rank == 0, self.state.step, cfg.train.log_every, self.total_steps
+        )
+        if self.validator is not None:
+            self.validator.truncate_after(self.state.step)
+        self.peak_flops = device_peak_flops()
+        if self.curriculum is not None and self.rank == 0:
+            for line in self.curriculum.describe():
+                logger.info("curriculum: %s", line)
+        self.already_finished = self.latest is not None and self.finished()
+        """The run was complete before this job: it says so and changes nothing."""
+        self.started = time.time()
+        self.start_state = (self.state.step, self.state.tokens)
+
+    def _phase(self, what: str) -> None:
+        """A start-up line, so that no phase of a start is silent."""
+        if self.rank == 0:
+            logger.info("%s ...", what)
+
+    def _build_validator(self) -> Validator | None:
+        """The held-out tasks, built (and proven held out) before any process group starts."""
+        if not self.cfg.eval.enabled:
+            return None
+        return Validator.build(
+            self.cfg.eval, self.cfg.data, self.run_dir, self.dp_rank, self.dp_size, self.rank == 0
+        )
+
+    def evaluate(self) -> dict:
+        """Evaluates the model on the held-out tasks at the current step (every rank)."""
+        record = {"step": self.state.step, "tokens": self.state.tokens, "stage": self.state.stage}
+        record["num_recurrent_steps"] = self.num_steps
+        record.update(self.validator.evaluate(self.model, self.num_steps, self.sp))
+        if self.rank == 0:
+            append_record(self.validator.path, record)
+            self.metrics.log_eval(record, wandb_values(record), console_line(record))
+        return record
+
+    def build_model(self) -> LoopLMForCausalLM:
+        """The model to train (a job deriving from this trainer may freeze parts of it)."""
+        return build_model(self.cfg)
+
+    def build_objective(self) -> Objective:
+        """The loss of every step; its beta is replaced by the plan's at each step."""
+        t = self.cfg.train
+        return Objective(
+            kind=t.objective,
+            beta=t.beta,
+            prior=t.prior,
+            prior_param=t.prior_param,
+            regularizer=t.regularizer,
+        )
+
+    def _init_distributed(self, local_rank: int) -> None:
+        import deepspeed
+
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+
+    # ---- the plan of each step ----------------------------------------------------------
+
+    def plan(self) -> StepPlan:
+        """What the next optimizer step does: its stage, micro-batches, LR and beta."""
+        cfg, step = self.cfg, self.state.step
+        if self.curriculum is not None:
+            return self.curriculum.plan(self.state.tokens)
+        return StepPlan(
+            stage=self._single_stage,
+            accumulation=gradient_accumulation(cfg.train, cfg.data.seq_len, self.dp_size),
+            tokens=cfg.train.global_batch_tokens,
+            lr=learning_rate(step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule),
+            beta=exit_beta(step, cfg.train.max_steps, cfg.train),
+        )
+
+    @functools.cached_property
+    def _single_stage(self) -> Stage:
+        """The one stage of a run without a curriculum (LR and beta follow the step)."""
+        cfg = self.cfg
+        return Stage(
+            index=0,
+            name="main",
+            start=0,
+            end=cfg.train.max_steps * cfg.train.global_batch_tokens,
+            # the configured mixture: a resume with changed weights applies them (logged)
+            weights={source.name: source.weight for source in cfg.data.sources},
+            seq_len=cfg.data.seq_len,
+            global_batch_tokens=cfg.train.global_batch_tokens,
+            batch_ramp_from=cfg.train.global_batch_tokens,
+            batch_ramp_tokens=0,
+            lr=cfg.optim.lr,
+            lr_final=cfg.optim.lr * cfg.schedule.min_lr_ratio,
+            lr_schedule=cfg.schedule.kind,
+            warmup_tokens=0,
+            beta=cfg.train.beta,
+            beta_final=cfg.train.beta if cfg.train.beta_final is None else cfg.train.beta_final,
+            beta_schedule=cfg.train.beta_schedule,
+            num_recurrent_steps=cfg.train.num_recurrent_steps or self.model.config.total_ut_steps,
+            rope_theta=self.model.config.rope_theta,
+            trainable=None,
+        )
+
+    def _total_steps(self) -> int:
+        limit = self.cfg.train.max_steps
+        if self.curriculum is None:
+            return limit
+        steps = self.curriculum.total_steps()
+        return steps if limit is None else min(limit, steps)
+
+    def finished(self) -> bool:
+        limit = self.cfg.train.max_steps
+        if limit is not None and self.state.step >= limit:
+            return True
+        return self.curriculum is not None and self.state.tokens >= self.curriculum.total_tokens
+
+    def _stage_ended(self) -> bool:
+        """Whether the last step ended a curriculum stage (its checkpoint is always written:
+        a branch point, such as the 2.6B model's, and an exact boundary to resume at)."""
+        if self.curriculum is None or self.finished():
+            return False
+        return self.curriculum.stage_at(self.state.tokens).index != self.stage.index
+
+    def _apply_model_settings(self, stage: Stage) -> None:
+        """The stage's loop depth and RoPE base; a curriculum also writes them into the model's
+        config, so checkpoints and exports carry them."""
+        self.num_steps = stage.num_recurrent_steps
+        if self.curriculum is not None:
+            self.model.config.total_ut_steps = stage.num_recurrent_steps
+            self.model.config.rope_theta = stage.rope_theta
+        self.flops_per_token = training_flops_per_token(
+            self.model.config, stage.seq_len, self.num_steps
+        )
+
+    def _enter_stage(self, stage: Stage) -> None:
+        """Switches data, depth, RoPE base and trainable parameters when a stage begins (or
+        when a run starts or resumes inside it)."""
+        if self.stage is not None and self.stage.index == stage.index:
+            return
+        entering = self.stage is not None or self.state.tokens == stage.start
+        resuming = self.stage is None and self.latest is not None
+        self.stage, self.state.stage = stage, stage.name
+        saved = self.loader.stage
+        self.loader.set_stage(stage.weights, stage.seq_len)
+        if resuming and self.loader.stage is not saved and self.rank == 0:
+            logger.warning(
+                "the data stage changes at resume (step %d): weights %s -> %s, seq_len %d -> %d",
+                self.state.step,
+                saved.weights,
+                self.loader.stage.weights,
+                saved.seq_len,
+                self.loader.stage.seq_len,
+            )
+        self._apply_model_settings(stage)
+        names = list(self.trainable)
+        self.trainable = dict(zip(names, trainable_mask(names, stage.trainable), strict=True))
+        if self.rank == 0 and self.curriculum is not None:
+            logger.info(
+                "%s stage %d %r at step %d, %d tokens (T %d, seq_len %d, rope_theta %g)",
+                "entering" if entering else "resuming in",
+                stage.index,
+                stage.name,
+                self.state.step,
+                self.state.tokens,
+                stage.num_recurrent_steps,
+                stage.seq_len,
+                stage.rope_theta,
+            )
+
+    def _freeze_by_stage(self) -> None:
+        """Parameters a stage leaves out get zero gradients (so they do not count in the
+        gradient norm either); their parameter groups get LR 0."""
+        for name, param in self.model.named_parameters():
+            param.register_hook(
+                lambda grad, name=name: grad if self.trainable[name] else torch.zeros_like(grad)
+            )
+
+    def _stage_groups(self) -> list[tuple[bool, ...]] | None:
+        """For each parameter, whether it trains in each stage (None: always)."""
+        if self.curriculum is None or not any(s.trainable for s in self.curriculum.stages):
+            return None
+        names = [n for n, _ in self.model.named_parameters()]
+        masks = [trainable_mask(names, s.trainable) for s in self.curriculum.stages]
+        return [tuple(mask[i] for mask in masks) for i in range(len(names))]
+
+    # ---- resume and save ----------------------------------------------------------------
+
+    def _resume(self) -> dict | None:
+        """Restores the engine and the guards from the latest checkpoint; returns this rank's
+        saved state (None when there is none or the number of ranks changed)."""
+        if self.latest is None:
+            return None
+        managed = ("total_ut_steps", "rope_theta") if self.curriculum is not None else ()
+        rank_state = self.checkpoints.load(
+            self.engine, self.latest, self.world_size, self.model.config, managed
+        )
+        self._apply_optimizer_settings()
+        self.loss_spikes.load_state_dict({"history": self.state.loss_window})
+        self.grad_spikes.load_state_dict({"history": self.state.grad_norm_window})
+        if self.state.guard:
+            self.guard.load_state_dict(self.state.guard)
+        if rank_state is not None:
+            set_rng_state(rank_state["rng"])
+        if self.rank == 0:
+            logger.info(
+                "resumed from %s (step %d, %d tokens)",
+                self.latest,
+                self.state.step,
+                self.state.tokens,
+            )
+        return rank_state
+
+    def _apply_optimizer_settings(self) -> None:
+        """The configured weight decay, betas and eps, over those the checkpoint's optimizer
+        state brought back with it (the learning rate is set at every step): each group gets
+        the values it was built with, before the load."""
+        groups = self.engine.optimizer.param_groups
+        assert len(groups) == len(self.configured_groups)
+        for group, configured in zip(groups, self.configured_groups, strict=True):
+            group.update(configured)
+
+    def _build_loader(self, rank_state: dict | None):
+        cfg = self.cfg
+        data_cfg = replace(cfg.data, seed=cfg.data.seed + self.state.data_seed_offset)
+        if self.reshaped and self.rank == 0:
+            logger.warning(
+                "resuming %d-rank checkpoint on %d ranks through DeepSpeed's universal "
+                "checkpoint: the data order changes (streams restart with seed %d)",
+                self.checkpoints.saved_world_size(self.latest),
+                self.world_size,
+                data_cfg.seed,
+            )
+        loader = build_data_loader(
+            data_cfg,
+            rank=self.dp_rank,
+            world_size=self.dp_size,
+            micro_batch_size=cfg.train.micro_batch_size,
+        )
+        if rank_state is not None:
+            loader.load_state_dict(rank_state["data"])
+        return loader
+
+    def save(self) -> Path:
+        rank_state = {"data": self.loader.state_dict(), "rng": rng_state()}
+        self.state.loss_window = self.loss_spikes.state_dict()["history"]
+        self.state.grad_norm_window = self.grad_spikes.state_dict()["history"]
+        self.state.guard = self.guard.state_dict()
+        self.state.good = not self.guard.recent_spikes(self.state.step)
+        return self.checkpoints.save(
+            self.engine, self.state.step, asdict(self.state), rank_state, self.model.config
+        )
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Optimizer steps until the run's end (train.max_steps, the curriculum's last token)
+        or a stop signal."""
+        cfg = self.cfg
+        if self.already_finished:
+            if self.rank == 0:
+                logger.warning(
+                    "%s is already complete (step %d, %d tokens): nothing to train. Raise "
+                    "train.max_steps (or add a curriculum stage) to go on, or use a new run_dir.",
+                    self.run_dir,
+                    self.state.step,
+                    self.state.tokens,
+                )
+            return
+        if self.rank == 0 and cfg.logging.wandb:
+            self.metrics.attach_wandb(
+                self.run_dir, cfg.logging.wandb_project, cfg.logging.wandb_mode, asdict(cfg)
+            )
+        stop = _StopSignal()
+        while not self.finished():
+            record = self.train_step(self.batches)
+            rolled_back = record["rollback"] is not None
+            self.metrics.log(record)
+            stopping = stop.agreed()
+            # Before the checkpoint: a crash after it would otherwise skip this evaluation.
+            if self.validator is not None and self.validator.due(self.state.step, self.finished()):
+                self.evaluate()
+            due = self.state.step % cfg.checkpoint.every_steps == 0 or self._stage_ended()
+            if stopping or rolled_back or self.finished() or due:
+                self.save()
+            pause_after(cfg.faults, self.state.step, self.rank)
+            if stopping:
+                if self.rank == 0:
+                    logger.warning("stop requested: saved step %d and stopping", self.state.step)
+                break
+
+    def train_step(self, batches) -> dict:
+        """One optimizer step: the plan of the step, gradient accumulation over its
+        micro-batches, the guards' verdict on its loss and gradient norm, then the update (or
+        its skip), and a rollback when spikes keep coming."""
+        cfg, engine = self.cfg, self.engine
+        start = time.time()
+        plan = self.plan()
+        self._enter_stage(plan.stage)
+        set_accumulation(engine, plan.accumulation)
+        lr = plan.lr * self.guard.lr_factor(self.state.step)
+        for group in engine.optimizer.param_groups:
+            trains = group.get("stage_trainable")
+            group["lr"] = lr if trains is None or trains[plan.stage.index] else 0.0
+        objective = replace(self.objective, beta=plan.beta)
+        sums = torch.zeros(2 + 2 * self.num_steps, dtype=torch.float64)
+        skipped_before = engine.skipped_steps
+        for micro in range(plan.accumulation):
+            last = micro == plan.accumulation - 1
+            engine.set_gradient_accumulation_boundary(last)
+            batch = local_slice(next(batches), self.sp)
+            out = engine(
+                batch["input_ids"].to(engine.device),
+                position_ids=batch["position_ids"].to(engine.device),
+                labels=batch["labels"].to(engine.device),
+                num_steps=self.num_steps,
+                objective=objective,
+            )
+            loss = self._inject_faults(out.loss) if last else out.loss
+            share = token_share(batch["labels"], self.sp)
+            sums += share * torch.cat(
+                [
+                    loss.detach().double().cpu().view(1),
+                    out.exit_entropy.double().cpu().view(1),
+                    out.loss_per_step.double().cpu(),
+                    out.exit_pdf_mean.double().cpu(),
+                ]
+            )
+            engine.backward(loss * share if self.sp is not None else loss)
+        means = _mean_over_ranks(sums / plan.accumulation)
+        loss_value, grad_norm = means[0].item(), pre_step_grad_norm(engine)
+        loss_spike = self.loss_spikes.judge(loss_value)
+        grad_spike = None if loss_spike else self.grad_spikes.judge(grad_norm)
+        self.state.grad_spike_run = self.state.grad_spike_run + 1 if grad_spike else 0
+        if grad_spike and self.state.grad_spike_run > cfg.stability.grad_norm_patience:
+            # Skipped updates leave the weights as they are: a gradient norm still high on new
+            # batches at unchanged weights comes from the weights, which skipping never changes.
+            if self.rank == 0:
+                logger.warning(
+                    "step %d: %s, as on the %d steps before at unchanged weights; the (clipped) "
+                    "update proceeds",
+                    self.state.step + 1,
+                    grad_spike,
+                    cfg.stability.grad_norm_patience,
+                )
+            grad_spike = None
+        spike = loss_spike or grad_spike
+        if spike is not None:
+            step_skipping_update(engine)
+        else:
+            engine.step()
+        self.state.step += 1
+        self.state.tokens += plan.tokens
+        skipped = engine.skipped_steps > skipped_before
+        self.state.skipped_steps += int(skipped)
+        if not skipped:  # a lasting grad-norm level enters once its patience has run out
+            self.loss_spikes.accept(loss_value)
+            self.grad_spikes.accept(grad_norm)
+        reason = spike if spike is not None else ("non-finite" if skipped else None)
+        rollback = None
+        self.state.consecutive_skips = self.state.consecutive_skips + 1 if reason else 0
+        if self.state.consecutive_skips >= cfg.stability.max_consecutive_skips:
+            raise TrainingStalled(
+                f"the last {self.state.consecutive_skips} updates (to step {self.state.step}) were "
+                f"all skipped, the last for: {reason}. The run is not making progress and "
+                "stops without saving: check optim (lr, eps), the data and the stability "
+                "settings, then resume from the last checkpoint."
+            )
+        if reason is not None:
+            if self.rank == 0:
+                logger.warning("step %d skipped: %s", self.state.step, reason)
+            counts = loss_spike is not None or spike is None or cfg.stability.grad_norm_rollback
+            if counts and self.guard.record_spike(self.state.step):
+                rollback = self.roll_back()
+        elapsed = time.time() - start
+        tokens_per_s = plan.tokens / elapsed
+        t = self.num_steps
+        exit_pdf = means[2 + t :].tolist()
+        return {
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "stage": plan.stage.name,
+            "loss": loss_value,
+            "loss_per_step": means[2 : 2 + t].tolist(),
+            "exit_pdf_mean": exit_pdf,
+            "exit_entropy": means[1].item(),
+            "mean_depth": sum((i + 1) * p for i, p in enumerate(exit_pdf)),
+            "beta": plan.beta,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "batch_tokens": plan.tokens,
+            "skipped": skipped,
+            "skip_reason": reason,
+            "skipped_steps": self.state.skipped_steps,
+            "rollback": rollback,
+            "rollbacks": len(self.guard.rollbacks),
+            "tokens_per_s": tokens_per_s,
+            "mfu": self._mfu(tokens_per_s),
+        }
+
+    def roll_back(self) -> dict:
+        """Restores the weights and optimizer state of the last good checkpoint before the
+        current run of spikes. The data stream stays where it is, so the steps since that
+        checkpoint are never trained on again; the LR is lowered for a while. Without such a
+        checkpoint (early in a run) the weights stay and only the LR is lowered."""
+        first_spike = self.guard.spike_steps[0]
+        target = self.checkpoints.latest_good(before_step=first_spike)
+        factor = self.cfg.stability.lr_factor
+        if target is None:
+            self.guard.rolled_back(self.state.step, None, 0)
+            if self.rank == 0:
+                logger.warning(
+                    "step %d: %d spikes since step %d and no good checkpoint before them: the "
+                    "weights stay, LR x %g until step %d",
+                    self.state.step,
+                    self.cfg.stability.rollback_after,
+                    first_spike,
+                    factor,
+                    self.guard.lowered_until,
+                )
+            return {"to_step": None, "skipped_tokens": 0, "lr_factor": factor}
+        saved = self.checkpoints.trainer_state(target)
+        skipped_tokens = self.state.tokens - saved["tokens"]
+        self.guard.rolled_back(self.state.step, saved["step"], skipped_tokens)
+        self.checkpoints.load_weights(self.engine, target, self.world_size)
+        self.loss_spikes.load_state_dict({"history": saved["loss_window"]})
+        self.grad_spikes.load_state_dict({"history": saved.get("grad_norm_window", [])})
+        if self.rank == 0:
+            logger.warning(
+                "step %d: rolled back to the weights of step %d (%s); %d tokens since then are "
+                "skipped, LR x %g until step %d",
+                self.state.step,
+                saved["step"],
+                target,
+                skipped_tokens,
+                factor,
+                self.guard.lowered_until,
+            )
+        return {"to_step": saved["step"], "skipped_tokens": skipped_tokens, "lr_factor": factor}
+
+    def _inject_faults(self, loss: torch.Tensor) -> torch.Tensor:
+        """The configured faults of this step, on rank 0 only."""
+        step, faults = self.state.step + 1, self.cfg.faults
+        if self.rank != 0:
+            return loss
+        if step in faults.nan_loss_at_steps:
+            return loss * float("nan")
+        if step in faults.nan_grad_at_steps:
+            return _ScaledGradient.apply(loss, float("nan"))
+        if step in faults.spike_loss_at_steps:
+            return loss * faults.spike_factor
+        if step in faults.spike_grad_at_steps:
+            return _ScaledGradient.apply(loss, faults.spike_factor)
+        return loss
+
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        if self.peak_flops is None:
+            return None
+        return tokens_per_s * self.flops_per_token / (self.peak_flops * self.world_size)
+
+    def close(self) -> None:
+        """Ends the data-loader workers and the metrics writers, also after an error."""
+        self.batches.close()
+        self.metrics.close()
+
+    def finish(self) -> None:
+        """Plots and the end-of-run summary (rank 0); nothing for a run already complete."""
+        if self.rank == 0 and self.cfg.logging.plot_at_end and not self.already_finished:
+            try:
+                from train.plotting import plot_run
+
+                plot_run(self.run_dir)
+            except Exception as e:  # a plot must never fail a finished run
+                logger.warning("could not draw the run's plots: %s", e)
+        if self.rank == 0 and not self.already_finished:
+            self.metrics.console.print(self.summary())
+        if dist.is_initialized():
+            dist.barrier()
+
+    def summary(self) -> str:
+        """One screen on what this job did and where its outputs are."""
+        step, tokens = self.start_state
+        seconds = time.time() - self.started
+        done = self.state.tokens - tokens
+        from train.plotting import read_metrics
+
+        try:
+            records = read_metrics(self.run_dir / "metrics.jsonl")[-SUMMARY_WINDOW:]
+        except (FileNotFoundError, ValueError):  # no step finished in this run
+            records = []
+        records = same_depth_tail(records)
+        state = "complete" if self.finished() else "stopped (the same command resumes it)"
+        lines = [
+            f"run {state}: step {self.state.step}/{self.total_steps}, {self.state.tokens:,} tokens",
+            f"this job: steps {step + 1}-{self.state.step}, {done:,} tokens in "
+            f"{seconds / 60:.1f} min ({done / max(seconds, 1e-9):,.0f} tokens/s)",
+        ]
+        if records:
+            t = len(records[-1]["loss_per_step"])
+            per_step = [
+                sum(r["loss_per_step"][i] for r in records) / len(records) for i in range(t)
+            ]
+            lines.append(
+                f"loss by recurrent step, mean of the last {len(records)} steps: "
+                + " ".join(f"{x:.3f}" for x in per_step)
+            )
+        total = max(self.state.step, 1)
+        lines.append(
+            f"updates skipped: {self.state.skipped_steps} ({self.state.skipped_steps / total:.1%})"
+            f", rollbacks: {len(self.guard.rollbacks)}"
+        )
+        latest = self.checkpoints.latest()
+        lines.append(
+            f"checkpoints: {self.run_dir / 'checkpoints'} (latest: {latest.name if latest else 'none'})"
+        )
+        outputs = [self.run_dir / "metrics.jsonl"]
+        if self.validator is not None:
+            outputs.append(self.validator.path)
+        if self.cfg.logging.plot_at_end:
+            outputs.append(self.run_dir / "plots")
+        lines.append("outputs: " + ", ".join(str(path) for path in outputs))
+        return "\n".join(["-" * 72, *lines, "-" * 72])
+
+
+register_configs()
+
+
+SUMMARY_WINDOW = 20
+"""Steps whose mean loss per recurrent step the end-of-run summary gives."""
+
+
+def same_depth_tail(records: list[dict]) -> list[dict]:
+    """The last records that ran as many recurrent steps as the last one (a curriculum may
+    change T), whose per-step losses can be averaged."""
+    if not records:
+        return []
+    depth = len(records[-1]["loss_per_step"])
+    tail = []
+    for record in reversed(records):
+        if len(record["loss_per_step"]) != depth:
+            break
+        tail.append(record)
+    return tail[::-1]
+
+
+def run_job(trainer_class: type[Trainer], raw: DictConfig) -> None:
+    """Runs a composed job with ``trainer_class`` (this trainer or one derived from it): the
+    config goes to run_dir/config.yaml, the loader and metrics close even after an error."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    exit_with_launcher()
+    _single_process_defaults()
+    cfg = OmegaConf.to_object(raw)
+    lock = RunLock(Path(cfg.run_dir), _environment()[0]).acquire()
+    try:
+        _check_resumed_settings(raw, Path(cfg.run_dir))
+        trainer = trainer_class(cfg)
+        if trainer.rank == 0:
+            (Path(trainer.cfg.run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(raw))
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+        trainer.finish()
+    finally:
+        lock.release()
+    # Everything is written and closed. The interpreter's exit would now walk the garbage
+    # collector over every object that torch, DeepSpeed and datasets made (about 2 s per rank
+    # on a CPU, each job); frozen objects are left to the operating system instead.
+    gc.freeze()
+
+
+def _check_resumed_settings(raw: DictConfig, run_dir: Path) -> None:
+    """A job resuming a run compares its composed config, as ``config.yaml`` records it, with
+    the previous job's, before anything is built (see ``train.resume_settings``)."""
+    latest = CheckpointManager(run_dir, keep_last=1, rank=0).latest()
+    if latest is None:
+        return
+    current = OmegaConf.to_container(raw, resolve=True, throw_on_missing=False)
+    step = int(latest.name.split("_")[-1])
+    check_resume_settings(run_dir, current, step, log=_environment()[0] == 0)
