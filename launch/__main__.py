@@ -12,7 +12,7 @@ Slurm, the batch script) and starts nothing.
     python -m launch launcher.nproc_per_node=2 launch.dry_run=true -- model=tiny run_dir=runs/t
     python -m launch launcher=hostfile launcher.hostfile=/job/hostfile -- run_dir=/ckpt/run1
     python -m launch launcher=slurm launcher.nodes=4 launcher.partition=gpu \\
-        -- model=ouro-1.4b run_dir=/scratch/run1
+        -- model=ouro_1.4b run_dir=/scratch/run1
     python -m launch launcher=slurm launch.dry_run=true -- run_dir=/x > job.sbatch
     python -m launch launch.module=train.sft -- run_dir=runs/sft
 

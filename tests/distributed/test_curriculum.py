@@ -43,7 +43,7 @@ def checkpoint(run_dir, step):
     return run_dir / "checkpoints" / f"step_{step:08d}"
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+@pytest.mark.parametrize("zero", ["zero2", pytest.param("zero3", marks=pytest.mark.smoke)])
 def test_stages_switch_at_exact_token_counts_and_resume_exactly_mid_stage_and_at_a_boundary(
     tmp_path, cache_dir, zero
 ):

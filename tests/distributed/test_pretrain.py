@@ -45,7 +45,9 @@ REQUIRED = {
 }
 
 
-@pytest.mark.parametrize("zero", ["zero1", "zero2", "zero3", "zero3_offload"])
+@pytest.mark.parametrize(
+    "zero", ["zero1", "zero2", pytest.param("zero3", marks=pytest.mark.smoke), "zero3_offload"]
+)
 def test_two_rank_run_logs_every_step_and_checkpoints(tmp_path, cache_dir, zero):
     run_dir = tmp_path / "run"
     code, out = run(
@@ -92,6 +94,7 @@ def test_two_rank_run_logs_every_step_and_checkpoints(tmp_path, cache_dir, zero)
     }
 
 
+@pytest.mark.smoke
 def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path, cache_dir):
     steps = ["train.max_steps=6", "checkpoint.every_steps=2"]
     reference_dir = tmp_path / "reference"

@@ -1,6 +1,7 @@
 import shlex
 import subprocess
 import sys
+from importlib import import_module
 from pathlib import Path
 
 import pytest
@@ -360,3 +361,67 @@ def test_every_readme_launch_command_runs_as_a_dry_run(args, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "-m train." in result.stdout
+
+
+def documented_launch_commands() -> list[tuple[str, list[str]]]:
+    """(where, words) of every `python -m launch ...` written in the README, the configs'
+    comments and the modules' docstrings, continuation lines joined."""
+    files = [REPO / "README.md", *sorted((REPO / "configs").rglob("*.yaml"))]
+    files += [p for d in ("launch", "train", "scripts") for p in sorted((REPO / d).glob("*.py"))]
+    found = []
+    for path in files:
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines):
+            if "python -m launch " not in line or "[" in line:  # `[OVERRIDES...]`: a usage line
+                continue
+            text, more = line[line.index("python -m launch ") :], number
+            while text.rstrip().endswith("\\") and more + 1 < len(lines):
+                more += 1
+                text = text.rstrip().rstrip("\\") + " " + lines[more].lstrip("#").strip()
+            words = text.replace("`", " ").split()[3:]
+            found.append((f"{path.relative_to(REPO)}:{number + 1}", words))
+    return found
+
+
+def job_settings_before_the_separator(words: list[str]) -> list[str]:
+    launcher = words[: words.index("--")] if "--" in words else words
+    return [
+        word
+        for word in launcher
+        if "=" in word and word.split("=")[0].split(".")[0] not in ("launcher", "launch", "hydra")
+    ]
+
+
+def test_every_documented_launch_command_puts_the_job_settings_after_the_separator():
+    commands = documented_launch_commands()
+    assert len(commands) >= 8
+    wrong = {
+        where: bad for where, words in commands if (bad := job_settings_before_the_separator(words))
+    }
+    assert wrong == {}
+
+
+def test_every_documented_launch_command_composes_its_job():
+    """The job's overrides compose (known groups, options and keys); sft needs init_from."""
+    from launch.job_check import JOBS
+
+    wrong = {}
+    for where, words in documented_launch_commands():
+        launcher = words[: words.index("--")] if "--" in words else words
+        job = words[words.index("--") + 1 :] if "--" in words else []
+        job = job[: job.index(">")] if ">" in job else job
+        module = next((w.split("=")[1] for w in launcher if w.startswith("launch.module=")), None)
+        config_name = JOBS[module or "train.pretrain"][0]
+        import_module(module or "train.pretrain")  # registers the job's schemas
+        try:
+            with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+                compose(config_name, overrides=job)
+        except Exception as error:  # noqa: BLE001 - any failure to compose is the finding
+            wrong[where] = str(error).splitlines()[0]
+    assert wrong == {}
+
+
+def test_a_job_setting_before_the_separator_is_found():
+    words = "launcher=slurm launch.nodes=16 experiment=ouro_1.4b run_dir=/x".split()
+    assert job_settings_before_the_separator(words) == ["experiment=ouro_1.4b", "run_dir=/x"]
+    assert job_settings_before_the_separator([*words[:2], "--", *words[2:]]) == []

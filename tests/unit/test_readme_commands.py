@@ -340,3 +340,36 @@ def test_a_readme_path_read_before_it_is_written_is_found(tmp_path):
     assert walk.read("runs/tiny/checkpoints/step_00000010") == tmp_path / "runs/tiny"
     with pytest.raises(AssertionError, match="reads runs/tiny-hf before any command writes it"):
         walk.read("runs/tiny-hf")
+
+
+def documented_job_commands() -> list[tuple[str, list[str]]]:
+    """(where, words) of every `torchrun ... -m train.JOB ...` written in the configs' comments
+    and the modules' docstrings (the README's are walked above), continuation lines joined."""
+    files = sorted((REPO / "configs").rglob("*.yaml"))
+    files += [p for d in ("launch", "train", "scripts") for p in sorted((REPO / d).glob("*.py"))]
+    found = []
+    for path in files:
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines):
+            if not line.lstrip("# ").startswith("torchrun ") or " -m train." not in line:
+                continue  # prose that names a command is not one
+            text, more = line[line.index("torchrun ") :], number
+            while text.rstrip().endswith("\\") and more + 1 < len(lines):
+                more += 1
+                text = text.rstrip().rstrip("\\") + " " + lines[more].lstrip("#").strip()
+            found.append((f"{path.relative_to(REPO)}:{number + 1}", shlex.split(text)))
+    return found
+
+
+def test_every_documented_job_command_composes():
+    commands = documented_job_commands()
+    assert len(commands) >= 6
+    wrong = {}
+    for where, words in commands:
+        module = words[words.index("-m") + 1]
+        args = [w for w in words[words.index("-m") + 2 :] if "=" in w]
+        try:
+            composed(module, args)
+        except Exception as error:  # noqa: BLE001 - any failure to compose is the finding
+            wrong[where] = str(error).splitlines()[0]
+    assert wrong == {}
