@@ -5,15 +5,18 @@ leave unchanged.
     python -m tests.distributed.golden --write   # records tests/assets/golden_losses.json
 
 The 20 steps fall inside the experiment's 30 warm-up steps, so the LR schedule is that of the
-full 300-step run. A machine whose torch version and CPU kernels (`cpu_capability`) match the
-recording's must reproduce the losses bit for bit; another gets a relative tolerance of 1e-5,
-since oneDNN and MKL pick different kernels per instruction set.
+full 300-step run. A machine with the recording's torch version, CPU model and CPU kernels
+(`cpu_capability`) must reproduce the losses bit for bit. Another gets a relative tolerance of
+5e-3: torch, oneDNN and MKL pick their kernels per instruction set, and the AVX2 kernels on the
+recording's machine (ATEN_CPU_CAPABILITY=avx2, DNNL_MAX_CPU_ISA=AVX2,
+MKL_ENABLE_INSTRUCTIONS=AVX2) moved the losses by up to 6.4e-4 relative over the 20 steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import tempfile
 from pathlib import Path
 
@@ -32,11 +35,25 @@ SETTINGS = [
     "checkpoint.every_steps=1000",
 ]
 RANKS = (1, 2)
-TOLERANCE = 1e-5
+TOLERANCE = 5e-3
 
 
 def machine() -> dict:
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    return {
+        "torch": torch.__version__,
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def cpu_model() -> str:
+    """The processor's model name (Linux), else what the platform reports."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
 
 
 def losses(ranks: int, root: Path, cache_dir: Path) -> dict[str, list]:
