@@ -344,11 +344,9 @@ def pretokenize(
             results = pool.imap_unordered(_pretokenize_shard, jobs)
             while finished < len(jobs):
                 try:
-                    _, _, bad = results.next(timeout=progress_every_s)
-                except (
-                    multiprocessing.TimeoutError
-                ):  # no shard finished meanwhile: say how far they are
-                    report()
+                    bad = results.next(timeout=progress_every_s)
+                except multiprocessing.TimeoutError:
+                    report()  # no shard finished meanwhile: say how far they are
                     continue
                 counts.update(bad)
                 finished += 1
@@ -361,7 +359,7 @@ def pretokenize(
     else:
         _start_worker(written, _every(progress_every_s, report))
         try:
-            for _, _, bad in map(_pretokenize_shard, jobs):
+            for bad in map(_pretokenize_shard, jobs):
                 counts.update(bad)
                 finished += 1
                 report()
@@ -412,7 +410,8 @@ def _prepare_output(out_dir: str, overwrite: bool) -> None:
         os.remove(os.path.join(out_dir, name))
 
 
-def _pretokenize_shard(job) -> tuple[int, int, dict[str, int]]:
+def _pretokenize_shard(job) -> dict[str, int]:
+    """Tokenizes one shard; returns its bad-input counts (its totals go to `_written`)."""
     shard, stem, source, cfg = job
     encoder = DocumentEncoder(cfg.tokenizer, "pretrain", cfg.eos_token, cfg.max_document_chars)
     dtype = token_dtype(encoder.tokenizer.get_vocab_size())
@@ -437,7 +436,7 @@ def _pretokenize_shard(job) -> tuple[int, int, dict[str, int]]:
     lengths = np.concatenate(parts)
     np.save(stem + _INDEX, np.cumsum(lengths))
     os.replace(stem + _BIN + _PARTIAL, stem + _BIN)
-    return int(lengths.sum()), int(np.count_nonzero(lengths)), dict(log.counts)
+    return dict(log.counts)
 
 
 def _windows(
