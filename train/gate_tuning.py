@@ -138,7 +138,10 @@ def _full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
 
 
 class GateTuner(Trainer):
-    """The pre-training trainer with a frozen LM and the Stage II objective."""
+    """The pre-training trainer with a frozen LM and the Stage II objective. In its step
+    records, ``loss`` is the Stage II gate loss, ``loss_per_step`` the frozen LM's
+    cross-entropy at each step and ``exit_pdf_mean`` the exit distribution of the gate being
+    trained; there is no ``beta`` (Stage II has no exit regularizer)."""
 
     def __init__(self, cfg: GateTuningConfig):
         problems = gate_tuning_problems(cfg, int(os.environ.get("WORLD_SIZE", 1)))
@@ -157,16 +160,6 @@ class GateTuner(Trainer):
     def build_objective(self) -> Objective:
         """The Stage II gate loss with the configured k and gamma."""
         return Objective(kind="stage2", gate_k=self.cfg.stage2.k, gate_gamma=self.cfg.stage2.gamma)
-
-    def train_step(self, batches) -> dict:
-        """One optimizer step of the gate. In its record, ``loss`` is the Stage II gate loss,
-        ``loss_per_step`` the frozen LM's cross-entropy at each step and ``exit_pdf_mean`` the
-        exit distribution of the gate being trained."""
-        record = super().train_step(batches)
-        del record["beta"]  # Stage II has no exit regularizer
-        if record["mfu"] is not None:
-            record["mfu"] /= 3  # the LM runs forward only: a third of a training step's FLOPs
-        return record
 
     def finish(self) -> None:
         """Plots, then, once the run has reached its last step, the Ouro-format export."""

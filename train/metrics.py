@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from looplm import LoopLMConfig
+from looplm import LoopLMConfig, Objective
 
 logger = logging.getLogger("looplm.metrics")
 
@@ -41,6 +41,16 @@ def training_flops_per_token(config: LoopLMConfig, seq_len: int, num_steps: int)
     matmul_params = num_steps * (config.num_hidden_layers * layer + config.vocab_size * h + h)
     attention = num_steps * config.num_hidden_layers * 6 * q * seq_len
     return 6.0 * matmul_params + attention
+
+
+def step_flops_per_token(
+    config: LoopLMConfig, seq_len: int, num_steps: int, objective: Objective
+) -> float:
+    """FLOPs a training step spends per token under ``objective``: forward and backward, except
+    in Stage II, where the frozen LM runs forward only (a third; the gate's own work is
+    negligible)."""
+    flops = training_flops_per_token(config, seq_len, num_steps)
+    return flops / 3 if objective.kind == "stage2" else flops
 
 
 def device_peak_flops() -> float | None:

@@ -170,3 +170,107 @@ class RollbackGuard:
         self.spike_steps = list(state["spike_steps"])
         self.rollbacks = list(state["rollbacks"])
         self.lowered_until = state["lowered_until"]
+
+
+class TrainingStalled(RuntimeError):
+    """Every recent update was skipped: the run cannot make progress."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The guards' judgement of one step, before its update."""
+
+    spike: str | None = None
+    """Why the update is skipped (a loss or grad-norm spike); None: it may update."""
+    loss_spike: bool = False
+    """The spike is the loss's (a grad-norm spike counts toward a rollback only with
+    ``grad_norm_rollback``)."""
+    let_through: str | None = None
+    """A grad-norm spike whose patience has run out: the (clipped) update proceeds."""
+
+
+class StabilityGuard:
+    """The spike detectors, the rollback rule and their checkpointed state.
+
+    Each step: ``judge`` its loss and gradient norm before the update, then ``settle`` what the
+    update did (skipped or not), which feeds the windows, counts skips and says whether the
+    spikes now call for a rollback."""
+
+    def __init__(self, settings: StabilitySettings):
+        self.settings = settings
+        self.loss = SpikeDetector(settings, "loss")
+        self.grad_norm = SpikeDetector(settings, "grad_norm")
+        self.rollback_rule = RollbackGuard(settings)
+        self.grad_spike_run = 0
+        """Steps in a row judged grad-norm spikes."""
+        self.consecutive_skips = 0
+        """Updates skipped in a row."""
+
+    def judge(self, loss: float, grad_norm: float) -> Verdict:
+        loss_spike = self.loss.judge(loss)
+        if loss_spike:
+            self.grad_spike_run = 0
+            return Verdict(spike=loss_spike, loss_spike=True)
+        grad_spike = self.grad_norm.judge(grad_norm)
+        self.grad_spike_run = self.grad_spike_run + 1 if grad_spike else 0
+        if grad_spike and self.grad_spike_run > self.settings.grad_norm_patience:
+            # Skipped updates leave the weights as they are: a gradient norm still high on new
+            # batches at unchanged weights comes from the weights, which skipping never changes.
+            return Verdict(let_through=grad_spike)
+        return Verdict(spike=grad_spike)
+
+    def settle(
+        self, step: int, verdict: Verdict, loss: float, grad_norm: float, skipped: bool
+    ) -> tuple[str | None, bool]:
+        """Records step ``step``'s outcome: why its update was skipped (None: it was not) and
+        whether a rollback is now due. Raises ``TrainingStalled`` after too many skips in a
+        row."""
+        if not skipped:  # a lasting grad-norm level enters once its patience has run out
+            self.loss.accept(loss)
+            self.grad_norm.accept(grad_norm)
+        reason = verdict.spike if verdict.spike is not None else ("non-finite" if skipped else None)
+        self.consecutive_skips = self.consecutive_skips + 1 if reason else 0
+        if self.consecutive_skips >= self.settings.max_consecutive_skips:
+            raise TrainingStalled(
+                f"the last {self.consecutive_skips} updates (to step {step}) were all skipped, "
+                f"the last for: {reason}. The run is not making progress and stops without "
+                "saving: check optim (lr, eps), the data and the stability settings, then "
+                "resume from the last checkpoint."
+            )
+        if reason is None:
+            return None, False
+        counts = verdict.loss_spike or verdict.spike is None or self.settings.grad_norm_rollback
+        return reason, counts and self.rollback_rule.record_spike(step)
+
+    @property
+    def rollbacks(self) -> list[dict]:
+        return self.rollback_rule.rollbacks
+
+    def lr_factor(self, step: int) -> float:
+        return self.rollback_rule.lr_factor(step)
+
+    def good(self, step: int) -> bool:
+        """No spike in the recent past: a checkpoint saved now is one a rollback may return to."""
+        return not self.rollback_rule.recent_spikes(step)
+
+    def restore_windows(self, saved: dict) -> None:
+        """The accepted values of a checkpoint's trainer state (after a rollback to it)."""
+        self.loss.load_state_dict({"history": saved["loss_window"]})
+        self.grad_norm.load_state_dict({"history": saved.get("grad_norm_window", [])})
+
+    def state_dict(self) -> dict:
+        """Keyed as the fields of the trainer state that hold it."""
+        return {
+            "loss_window": self.loss.state_dict()["history"],
+            "grad_norm_window": self.grad_norm.state_dict()["history"],
+            "guard": self.rollback_rule.state_dict(),
+            "consecutive_skips": self.consecutive_skips,
+            "grad_spike_run": self.grad_spike_run,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.restore_windows(state)
+        if state.get("guard"):
+            self.rollback_rule.load_state_dict(state["guard"])
+        self.consecutive_skips = state.get("consecutive_skips", 0)
+        self.grad_spike_run = state.get("grad_spike_run", 0)

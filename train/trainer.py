@@ -42,12 +42,12 @@ from train.engine import (
     step_skipping_update,
 )
 from train.faults import CheckpointFault, pause_after
-from train.metrics import MetricsLogger, device_peak_flops, training_flops_per_token
+from train.metrics import MetricsLogger, device_peak_flops, step_flops_per_token
 from train.resume_settings import check_resume_settings
 from train.run_lock import RunLock, exit_with_launcher
 from train.schedule import exit_beta, learning_rate
 from train.sequence_parallel import local_slice, sequence_parallel_group, token_share
-from train.stability import RollbackGuard, SpikeDetector
+from train.stability import StabilityGuard, Verdict
 from train.validation import Validator, append_record, console_line, wandb_values
 
 logger = logging.getLogger("looplm.pretrain")
@@ -105,10 +105,6 @@ def _single_process_defaults() -> None:
     logger.info("no launcher: running as a single rank")
 
 
-class TrainingStalled(RuntimeError):
-    """Every recent update was skipped: the run cannot make progress."""
-
-
 def _check_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,6 +155,38 @@ def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+@dataclass
+class StepStats:
+    """A step's loss statistics: sums over its micro-batches (weighted by their token share),
+    then ``mean`` over the micro-batches and ranks."""
+
+    loss: torch.Tensor  # [1] float64
+    exit_entropy: torch.Tensor  # [1]
+    loss_per_step: torch.Tensor  # [T]
+    exit_pdf_mean: torch.Tensor  # [T]
+
+    @classmethod
+    def zeros(cls, num_steps: int) -> StepStats:
+        one, per_step = (
+            torch.zeros(1, dtype=torch.float64),
+            torch.zeros(num_steps, dtype=torch.float64),
+        )
+        return cls(one, one.clone(), per_step, per_step.clone())
+
+    def add(self, loss: torch.Tensor, out, share: float) -> None:
+        """One micro-batch: its (possibly fault-injected) loss and the model's statistics."""
+        self.loss += share * loss.detach().double().cpu().view(1)
+        self.exit_entropy += share * out.exit_entropy.double().cpu().view(1)
+        self.loss_per_step += share * out.loss_per_step.double().cpu()
+        self.exit_pdf_mean += share * out.exit_pdf_mean.double().cpu()
+
+    def mean(self, accumulation: int) -> StepStats:
+        """The mean over ``accumulation`` micro-batches and every rank (one all-reduce)."""
+        fields = [self.loss, self.exit_entropy, self.loss_per_step, self.exit_pdf_mean]
+        means = _mean_over_ranks(torch.cat(fields) / accumulation)
+        return StepStats(*means.split([len(f) for f in fields]))
+
+
 class Trainer:
     """Runs the optimization loop of one rank."""
 
@@ -200,6 +228,7 @@ class Trainer:
         self._phase("building the model")
         self.model = self.build_model()
         self.model.model.sequence_parallel = self.sp
+        self.objective = self.build_objective()
         self.curriculum = build_curriculum(cfg, self.model.config, self.world_size)
         self.stage: Stage | None = None
         plan = self.plan()
@@ -219,10 +248,7 @@ class Trainer:
             for group in self.engine.optimizer.param_groups
         ]
         """Each optimizer group's hyperparameters as configured (see _apply_optimizer_settings)."""
-        self.objective = self.build_objective()
-        self.loss_spikes = SpikeDetector(cfg.stability, "loss")
-        self.grad_spikes = SpikeDetector(cfg.stability, "grad_norm")
-        self.guard = RollbackGuard(cfg.stability)
+        self.guard = StabilityGuard(cfg.stability)
         rank_state = self._resume()
         self._phase("opening the data streams: " + ", ".join(s.name for s in cfg.data.sources))
         self.loader = self._build_loader(rank_state)
@@ -357,8 +383,8 @@ class Trainer:
         if self.curriculum is not None:
             self.model.config.total_ut_steps = stage.num_recurrent_steps
             self.model.config.rope_theta = stage.rope_theta
-        self.flops_per_token = training_flops_per_token(
-            self.model.config, stage.seq_len, self.num_steps
+        self.flops_per_token = step_flops_per_token(
+            self.model.config, stage.seq_len, self.num_steps, self.objective
         )
 
     def _enter_stage(self, stage: Stage) -> None:
@@ -424,10 +450,7 @@ class Trainer:
             self.engine, self.latest, self.world_size, self.model.config, managed
         )
         self._apply_optimizer_settings()
-        self.loss_spikes.load_state_dict({"history": self.state.loss_window})
-        self.grad_spikes.load_state_dict({"history": self.state.grad_norm_window})
-        if self.state.guard:
-            self.guard.load_state_dict(self.state.guard)
+        self.guard.load_state_dict(asdict(self.state))
         if rank_state is not None:
             set_rng_state(rank_state["rng"])
         if self.rank == 0:
@@ -471,10 +494,9 @@ class Trainer:
 
     def save(self) -> Path:
         rank_state = {"data": self.loader.state_dict(), "rng": rng_state()}
-        self.state.loss_window = self.loss_spikes.state_dict()["history"]
-        self.state.grad_norm_window = self.grad_spikes.state_dict()["history"]
-        self.state.guard = self.guard.state_dict()
-        self.state.good = not self.guard.recent_spikes(self.state.step)
+        self.state = replace(
+            self.state, **self.guard.state_dict(), good=self.guard.good(self.state.step)
+        )
         return self.checkpoints.save(
             self.engine, self.state.step, asdict(self.state), rank_state, self.model.config
         )
@@ -518,100 +540,37 @@ class Trainer:
                 break
 
     def train_step(self, batches) -> dict:
-        """One optimizer step: the plan of the step, gradient accumulation over its
-        micro-batches, the guards' verdict on its loss and gradient norm, then the update (or
-        its skip), and a rollback when spikes keep coming."""
-        cfg, engine = self.cfg, self.engine
+        """One optimizer step: forward and backward over the plan's micro-batches, the guards'
+        verdict on its loss and gradient norm, the update (or its skip, and a rollback when
+        spikes keep coming), and the step's record."""
         start = time.time()
         plan = self.plan()
         self._enter_stage(plan.stage)
-        set_accumulation(engine, plan.accumulation)
-        lr = plan.lr * self.guard.lr_factor(self.state.step)
-        for group in engine.optimizer.param_groups:
-            trains = group.get("stage_trainable")
-            group["lr"] = lr if trains is None or trains[plan.stage.index] else 0.0
-        objective = replace(self.objective, beta=plan.beta)
-        sums = torch.zeros(2 + 2 * self.num_steps, dtype=torch.float64)
-        skipped_before = engine.skipped_steps
-        for micro in range(plan.accumulation):
-            last = micro == plan.accumulation - 1
-            engine.set_gradient_accumulation_boundary(last)
-            batch = local_slice(next(batches), self.sp)
-            out = engine(
-                batch["input_ids"].to(engine.device),
-                position_ids=batch["position_ids"].to(engine.device),
-                labels=batch["labels"].to(engine.device),
-                num_steps=self.num_steps,
-                objective=objective,
-            )
-            loss = self._inject_faults(out.loss) if last else out.loss
-            share = token_share(batch["labels"], self.sp)
-            sums += share * torch.cat(
-                [
-                    loss.detach().double().cpu().view(1),
-                    out.exit_entropy.double().cpu().view(1),
-                    out.loss_per_step.double().cpu(),
-                    out.exit_pdf_mean.double().cpu(),
-                ]
-            )
-            engine.backward(loss * share if self.sp is not None else loss)
-        means = _mean_over_ranks(sums / plan.accumulation)
-        loss_value, grad_norm = means[0].item(), pre_step_grad_norm(engine)
-        loss_spike = self.loss_spikes.judge(loss_value)
-        grad_spike = None if loss_spike else self.grad_spikes.judge(grad_norm)
-        self.state.grad_spike_run = self.state.grad_spike_run + 1 if grad_spike else 0
-        if grad_spike and self.state.grad_spike_run > cfg.stability.grad_norm_patience:
-            # Skipped updates leave the weights as they are: a gradient norm still high on new
-            # batches at unchanged weights comes from the weights, which skipping never changes.
-            if self.rank == 0:
-                logger.warning(
-                    "step %d: %s, as on the %d steps before at unchanged weights; the (clipped) "
-                    "update proceeds",
-                    self.state.step + 1,
-                    grad_spike,
-                    cfg.stability.grad_norm_patience,
-                )
-            grad_spike = None
-        spike = loss_spike or grad_spike
-        if spike is not None:
-            step_skipping_update(engine)
-        else:
-            engine.step()
+        lr = self._set_learning_rate(plan)
+        stats = self._forward_backward(plan, batches)
+        loss, grad_norm = stats.loss.item(), pre_step_grad_norm(self.engine)
+        verdict = self.guard.judge(loss, grad_norm)
+        skipped = self._update(verdict)
         self.state.step += 1
         self.state.tokens += plan.tokens
-        skipped = engine.skipped_steps > skipped_before
         self.state.skipped_steps += int(skipped)
-        if not skipped:  # a lasting grad-norm level enters once its patience has run out
-            self.loss_spikes.accept(loss_value)
-            self.grad_spikes.accept(grad_norm)
-        reason = spike if spike is not None else ("non-finite" if skipped else None)
+        reason, rollback_due = self.guard.settle(self.state.step, verdict, loss, grad_norm, skipped)
         rollback = None
-        self.state.consecutive_skips = self.state.consecutive_skips + 1 if reason else 0
-        if self.state.consecutive_skips >= cfg.stability.max_consecutive_skips:
-            raise TrainingStalled(
-                f"the last {self.state.consecutive_skips} updates (to step {self.state.step}) were "
-                f"all skipped, the last for: {reason}. The run is not making progress and "
-                "stops without saving: check optim (lr, eps), the data and the stability "
-                "settings, then resume from the last checkpoint."
-            )
         if reason is not None:
             if self.rank == 0:
                 logger.warning("step %d skipped: %s", self.state.step, reason)
-            counts = loss_spike is not None or spike is None or cfg.stability.grad_norm_rollback
-            if counts and self.guard.record_spike(self.state.step):
+            if rollback_due:
                 rollback = self.roll_back()
-        elapsed = time.time() - start
-        tokens_per_s = plan.tokens / elapsed
-        t = self.num_steps
-        exit_pdf = means[2 + t :].tolist()
-        return {
+        tokens_per_s = plan.tokens / (time.time() - start)
+        exit_pdf = stats.exit_pdf_mean.tolist()
+        record = {
             "step": self.state.step,
             "tokens": self.state.tokens,
             "stage": plan.stage.name,
-            "loss": loss_value,
-            "loss_per_step": means[2 : 2 + t].tolist(),
+            "loss": loss,
+            "loss_per_step": stats.loss_per_step.tolist(),
             "exit_pdf_mean": exit_pdf,
-            "exit_entropy": means[1].item(),
+            "exit_entropy": stats.exit_entropy.item(),
             "mean_depth": sum((i + 1) * p for i, p in enumerate(exit_pdf)),
             "beta": plan.beta,
             "grad_norm": grad_norm,
@@ -625,17 +584,71 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "mfu": self._mfu(tokens_per_s),
         }
+        if self.objective.kind == "stage2":
+            del record["beta"]  # Stage II has no exit regularizer
+        return record
+
+    def _set_learning_rate(self, plan: StepPlan) -> float:
+        """The plan's LR (lowered after a rollback) on every group the stage trains, 0 on the
+        others; returns it."""
+        lr = plan.lr * self.guard.lr_factor(self.state.step)
+        for group in self.engine.optimizer.param_groups:
+            trains = group.get("stage_trainable")
+            group["lr"] = lr if trains is None or trains[plan.stage.index] else 0.0
+        return lr
+
+    def _forward_backward(self, plan: StepPlan, batches) -> StepStats:
+        """Gradient accumulation over the plan's micro-batches; their statistics, averaged."""
+        engine = self.engine
+        set_accumulation(engine, plan.accumulation)
+        objective = replace(self.objective, beta=plan.beta)
+        stats = StepStats.zeros(self.num_steps)
+        for micro in range(plan.accumulation):
+            last = micro == plan.accumulation - 1
+            engine.set_gradient_accumulation_boundary(last)
+            batch = local_slice(next(batches), self.sp)
+            out = engine(
+                batch["input_ids"].to(engine.device),
+                position_ids=batch["position_ids"].to(engine.device),
+                labels=batch["labels"].to(engine.device),
+                num_steps=self.num_steps,
+                objective=objective,
+            )
+            loss = self._inject_faults(out.loss) if last else out.loss
+            share = token_share(batch["labels"], self.sp)
+            stats.add(loss, out, share)
+            engine.backward(loss * share if self.sp is not None else loss)
+        return stats.mean(plan.accumulation)
+
+    def _update(self, verdict: Verdict) -> bool:
+        """The optimizer step, or its skip on a spike; whether the update was skipped (also
+        when DeepSpeed skipped it for non-finite gradients)."""
+        engine, skipped_before = self.engine, self.engine.skipped_steps
+        if verdict.let_through and self.rank == 0:
+            logger.warning(
+                "step %d: %s, as on the %d steps before at unchanged weights; the (clipped) "
+                "update proceeds",
+                self.state.step + 1,
+                verdict.let_through,
+                self.cfg.stability.grad_norm_patience,
+            )
+        if verdict.spike is not None:
+            step_skipping_update(engine)
+        else:
+            engine.step()
+        return engine.skipped_steps > skipped_before
 
     def roll_back(self) -> dict:
         """Restores the weights and optimizer state of the last good checkpoint before the
         current run of spikes. The data stream stays where it is, so the steps since that
         checkpoint are never trained on again; the LR is lowered for a while. Without such a
         checkpoint (early in a run) the weights stay and only the LR is lowered."""
-        first_spike = self.guard.spike_steps[0]
+        rollbacks = self.guard.rollback_rule
+        first_spike = rollbacks.spike_steps[0]
         target = self.checkpoints.latest_good(before_step=first_spike)
         factor = self.cfg.stability.lr_factor
         if target is None:
-            self.guard.rolled_back(self.state.step, None, 0)
+            rollbacks.rolled_back(self.state.step, None, 0)
             if self.rank == 0:
                 logger.warning(
                     "step %d: %d spikes since step %d and no good checkpoint before them: the "
@@ -644,15 +657,14 @@ class Trainer:
                     self.cfg.stability.rollback_after,
                     first_spike,
                     factor,
-                    self.guard.lowered_until,
+                    rollbacks.lowered_until,
                 )
             return {"to_step": None, "skipped_tokens": 0, "lr_factor": factor}
         saved = self.checkpoints.trainer_state(target)
         skipped_tokens = self.state.tokens - saved["tokens"]
-        self.guard.rolled_back(self.state.step, saved["step"], skipped_tokens)
+        rollbacks.rolled_back(self.state.step, saved["step"], skipped_tokens)
         self.checkpoints.load_weights(self.engine, target, self.world_size)
-        self.loss_spikes.load_state_dict({"history": saved["loss_window"]})
-        self.grad_spikes.load_state_dict({"history": saved.get("grad_norm_window", [])})
+        self.guard.restore_windows(saved)
         if self.rank == 0:
             logger.warning(
                 "step %d: rolled back to the weights of step %d (%s); %d tokens since then are "
@@ -662,7 +674,7 @@ class Trainer:
                 target,
                 skipped_tokens,
                 factor,
-                self.guard.lowered_until,
+                rollbacks.lowered_until,
             )
         return {"to_step": saved["step"], "skipped_tokens": skipped_tokens, "lr_factor": factor}
 

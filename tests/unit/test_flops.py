@@ -2,8 +2,8 @@
 
 import pytest
 
-from looplm import LoopLMConfig
-from train.metrics import training_flops_per_token
+from looplm import LoopLMConfig, Objective
+from train.metrics import step_flops_per_token, training_flops_per_token
 
 
 def hand_count(cfg: LoopLMConfig, seq_len: int, steps: int) -> float:
@@ -33,3 +33,13 @@ def test_ouro_1_4b_at_4k_costs_about_four_dense_models():
     assert looped == pytest.approx(4 * dense)
     # 6 x parameters x T plus attention: about 36 GFLOP per token for the released model.
     assert 3.3e10 < looped < 4.0e10
+
+
+@pytest.mark.parametrize("kind", ["stage1", "last_step", "stage2"])
+def test_a_steps_flops_come_from_its_objective(kind):
+    """Stage II runs the frozen LM forward only: one of the three forward-equivalents of a
+    training step."""
+    cfg = LoopLMConfig.from_preset("tiny")
+    flops = step_flops_per_token(cfg, 1024, 4, Objective(kind=kind))
+    passes = 1 if kind == "stage2" else 3
+    assert flops == pytest.approx(hand_count(cfg, 1024, 4) * passes / 3)

@@ -2,7 +2,13 @@ import math
 
 import pytest
 
-from train.stability import SpikeDetector, StabilitySettings, stability_problems
+from train.stability import (
+    SpikeDetector,
+    StabilityGuard,
+    StabilitySettings,
+    TrainingStalled,
+    stability_problems,
+)
 
 
 def detector(**changes) -> SpikeDetector:
@@ -53,3 +59,79 @@ def test_disabled_guard_never_judges():
 )
 def test_bad_settings_are_reported(changes):
     assert stability_problems(StabilitySettings(**{"window": 5, "min_history": 3, **changes}))
+
+
+def guard(**changes) -> StabilityGuard:
+    settings = {"window": 5, "min_history": 3, "rollback_after": 2, "rollback_within": 10}
+    return StabilityGuard(StabilitySettings(**{**settings, **changes}))
+
+
+def settled(g: StabilityGuard, step: int, loss: float, grad_norm: float, nonfinite=False):
+    """One step through the guard as the trainer runs it: judge, update (skipped on a spike or,
+    as DeepSpeed does, on non-finite gradients), settle."""
+    verdict = g.judge(loss, grad_norm)
+    return verdict, *g.settle(
+        step, verdict, loss, grad_norm, verdict.spike is not None or nonfinite
+    )
+
+
+def test_the_guard_skips_spikes_and_feeds_only_accepted_steps_to_its_windows():
+    g = guard()
+    for step in range(1, 4):
+        assert settled(g, step, 1.0, 1.0)[1:] == (None, False)
+    verdict, reason, rollback = settled(g, 4, 5.0, 1.0)
+    assert verdict.loss_spike and "loss 5.0000" in reason and not rollback
+    verdict, reason, _ = settled(g, 5, 1.0, 9.0)
+    assert not verdict.loss_spike and "grad_norm 9.0000" in reason
+    assert g.state_dict()["loss_window"] == g.state_dict()["grad_norm_window"] == [1.0] * 3
+    assert g.consecutive_skips == 2
+
+
+def test_only_loss_spikes_and_nonfinite_steps_count_toward_a_rollback_by_default():
+    g = guard()
+    for step in range(1, 4):
+        settled(g, step, 1.0, 1.0)
+    assert settled(g, 4, 1.0, 9.0)[2] is False  # a grad-norm spike: skipped, not counted
+    assert settled(g, 5, 1.0, 9.0)[2] is False
+    assert settled(g, 6, 1.0, 1.0, nonfinite=True)[1:] == ("non-finite", False)
+    assert settled(g, 7, 5.0, 1.0)[2] is True  # the second counted spike within 10 steps
+    counting = guard(grad_norm_rollback=True)
+    for step in range(1, 4):
+        settled(counting, step, 1.0, 1.0)
+    settled(counting, 4, 1.0, 9.0)
+    assert settled(counting, 5, 1.0, 9.0)[2] is True
+
+
+def test_a_grad_norm_spike_is_let_through_once_its_patience_runs_out():
+    g = guard(grad_norm_patience=2)
+    for step in range(1, 4):
+        settled(g, step, 1.0, 1.0)
+    assert settled(g, 4, 1.0, 9.0)[0].spike and settled(g, 5, 1.0, 9.0)[0].spike
+    verdict, reason, _ = settled(g, 6, 1.0, 9.0)
+    assert verdict.spike is None and "grad_norm 9.0000" in verdict.let_through
+    assert reason is None and g.consecutive_skips == 0
+    assert g.state_dict()["grad_norm_window"][-1] == 9.0  # the new level enters the window
+
+
+def test_too_many_skips_in_a_row_stop_the_run():
+    g = guard(max_consecutive_skips=3)
+    settled(g, 1, 1.0, 1.0, nonfinite=True)
+    settled(g, 2, 1.0, 1.0, nonfinite=True)
+    with pytest.raises(TrainingStalled, match="last 3 updates \\(to step 3\\) were all skipped"):
+        settled(g, 3, 1.0, 1.0, nonfinite=True)
+
+
+def test_the_guard_state_round_trips_under_the_trainer_state_keys():
+    g = guard()
+    for step in range(1, 4):
+        settled(g, step, 1.0 + step / 10, 2.0)
+    settled(g, 4, 9.0, 2.0)
+    state = g.state_dict()
+    assert set(state) == {
+        "loss_window", "grad_norm_window", "guard", "consecutive_skips", "grad_spike_run"
+    }  # fmt: skip
+    restored = guard()
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state
+    assert restored.judge(9.0, 2.0) == g.judge(9.0, 2.0)
+    assert not restored.good(5) and restored.good(20)
