@@ -12,9 +12,10 @@ Slurm, the batch script) and starts nothing.
     python -m launch launcher.nproc_per_node=2 launch.dry_run=true -- model=tiny run_dir=runs/t
     python -m launch launcher=hostfile launcher.hostfile=/job/hostfile -- run_dir=/ckpt/run1
     python -m launch launcher=slurm launcher.nodes=4 launcher.partition=gpu \\
-        -- model=ouro_1.4b run_dir=/scratch/run1
+        -- experiment=ouro_1.4b deepspeed=zero3 run_dir=/scratch/run1
     python -m launch launcher=slurm launch.dry_run=true -- run_dir=/x > job.sbatch
-    python -m launch launch.module=train.sft -- run_dir=runs/sft
+    python -m launch launch.module=train.sft -- experiment=tiny_thinking_sft init_from=runs/tiny \\
+        run_dir=runs/sft
 
 Launchers (`launcher=`):
   local     torchrun --nproc_per_node N --master_port P -m MODULE ARGS

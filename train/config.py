@@ -357,9 +357,11 @@ def _model_config(cfg: PretrainConfig) -> tuple[LoopLMConfig | None, list[str]]:
             except (OSError, ValueError) as e:
                 return None, [f"init_from: {e}"]
             return source, _ignored_model_settings(cfg.model, source)
-        if cfg.init_from.count("/") == 1 and not path.exists():
-            return None, []  # a hub id, fetched when the run starts
-        return None, [f"init_from: no Ouro-format directory at {cfg.init_from}"]
+        hub_like = cfg.init_from.count("/") == 1 and not path.is_absolute()
+        if hub_like and not path.parent.is_dir():
+            return None, []  # a hub id (ORG/NAME), fetched when the run starts
+        why = f" ({path.parent}/ is a folder here, so not a hub id)" if hub_like else ""
+        return None, [f"init_from: no Ouro-format directory at {cfg.init_from}{why}"]
     if cfg.model.preset not in PRESETS:
         return None, [f"model.preset {cfg.model.preset!r} is unknown; known: {sorted(PRESETS)}"]
     try:

@@ -1,3 +1,4 @@
+import re
 import shlex
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from hydra.errors import ConfigCompositionException
 import launch.app
 import launch.commands
 from launch.app import launch as run_launch
-from launch.app import split_job_args
+from launch.app import split_job_args, world_size
 from launch.config import (
     HostfileLauncher,
     LaunchConfig,
@@ -24,6 +25,9 @@ from launch.config import (
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = str(REPO / "configs")
 LAUNCHERS = {"local": LocalLauncher, "hostfile": HostfileLauncher, "slurm": SlurmLauncher}
+USER_FILES = re.compile(r"(^|[\s'])(/models/|/data/|[A-Z][A-Z0-9.]*_[A-Z0-9_.]+(\s|'|$))")
+"""A problem about a documented command's placeholder for the user's own files: a model under
+/models, data under /data, or a name in capitals (`OURO_2.6B_INIT`)."""
 
 
 def compose_launch(overrides: list[str], validate: bool = False) -> LaunchConfig:
@@ -407,9 +411,7 @@ def test_every_documented_launch_command_composes_its_job():
 
     wrong = {}
     for where, words in documented_launch_commands():
-        launcher = words[: words.index("--")] if "--" in words else words
-        job = words[words.index("--") + 1 :] if "--" in words else []
-        job = job[: job.index(">")] if ">" in job else job
+        launcher, job = launch_and_job(words)
         module = next((w.split("=")[1] for w in launcher if w.startswith("launch.module=")), None)
         config_name = JOBS[module or "train.pretrain"][0]
         import_module(module or "train.pretrain")  # registers the job's schemas
@@ -419,6 +421,40 @@ def test_every_documented_launch_command_composes_its_job():
         except Exception as error:  # noqa: BLE001 - any failure to compose is the finding
             wrong[where] = str(error).splitlines()[0]
     assert wrong == {}
+
+
+def launch_and_job(words: list[str]) -> tuple[list[str], list[str]]:
+    launcher = words[: words.index("--")] if "--" in words else words
+    job = words[words.index("--") + 1 :] if "--" in words else []
+    return launcher, job[: job.index(">")] if ">" in job else job
+
+
+def test_every_documented_launch_command_passes_its_jobs_checks_at_the_ranks_it_starts():
+    """What the launcher itself checks before it starts anything (nodes x workers ranks); only
+    problems about placeholders for the user's own files may remain."""
+    from launch.job_check import job_problems
+
+    checked, wrong = [], {}
+    for where, words in documented_launch_commands():
+        launcher, job = launch_and_job(words)
+        if any(word.startswith("-") for word in launcher):  # `--help`
+            continue
+        cfg = compose_launch(launcher, True)
+        if isinstance(cfg.launcher, HostfileLauncher) and not Path(cfg.launcher.hostfile).exists():
+            continue  # its ranks are its hostfile's slots
+        problems = job_problems(cfg.launch.module, job, world_size(cfg.launcher))
+        checked.append(where)
+        if real := [p for p in problems if not USER_FILES.search(p)]:
+            wrong[where] = real
+    assert len(checked) >= 7
+    assert wrong == {}
+
+
+def test_a_placeholder_is_told_from_a_real_problem():
+    assert USER_FILES.search("init_from: no Ouro-format directory at OURO_2.6B_INIT")
+    assert USER_FILES.search("data.tokenizer: no tokenizer file at '/models/Ouro-1.4B/tok.json'")
+    assert not USER_FILES.search("train.global_batch_tokens (2048) must be a positive multiple")
+    assert not USER_FILES.search("init_from: no Ouro-format directory at runs/tiny")
 
 
 def test_a_job_setting_before_the_separator_is_found():

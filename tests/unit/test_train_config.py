@@ -186,3 +186,16 @@ def test_a_model_vocabulary_much_larger_than_the_tokenizer_is_a_warning(tmp_path
     assert not [
         w for w in config_warnings(to_object(composed("experiment=tiny_cpu"))) if "vocab" in w
     ]
+
+
+def test_a_missing_local_init_from_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """`runs/tiyn` has the shape of a hub id (ORG/NAME); with a folder `runs/` here it is a
+    mistyped local path, reported before the run starts instead of failing at the download."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    problems = config_problems(to_object(composed("init_from=runs/tiyn")), world_size=1)
+    assert "init_from: no Ouro-format directory at runs/tiyn (runs/ is a folder here" in (
+        "\n".join(problems)
+    )
+    hub = config_problems(to_object(composed("init_from=ByteDance/Ouro-1.4B")), world_size=1)
+    assert not [p for p in hub if p.startswith("init_from")]
