@@ -12,7 +12,12 @@ Four tasks, each deterministic given its seed:
 - `phop`: p-hop induction (Sanford et al. 2024; Saunshi et al. 2025): in a sequence of
   `length` letters over an alphabet of `symbols`, one hop goes from a position to the one after
   the latest earlier occurrence of its letter; the answer is the letter p hops from the end,
-  p uniform in [1, `hops`] (held-out questions: p = `hops`).
+  p uniform in [1, `hops`] (held-out questions: p = `hops`). Sequences are drawn until each of
+  the p hops moves to an earlier position and the answer differs from the answer of every
+  fewer hops, so that only all p hops find it. In a uniformly random sequence the chain often
+  stalls (a letter with no earlier occurrence, or a repeated letter): over 16 letters of 8 the
+  3-hop answer would equal the 1-hop (induction-head) answer in 61% of questions, and still
+  in 35% when only the moves are required.
 
 A source path `synthetic://<task>?num_docs=N&shards=S&seed=K` is materialised once as S
 JSONL shards in the cache directory (written atomically, so concurrent ranks agree) and then
@@ -37,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlparse
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MODULUS = 23
 _DEFAULTS = {"num_docs": 20000, "shards": 8, "seed": 0, "chat": 0}
 _TASK_DEFAULTS = {
@@ -70,9 +75,13 @@ def parse_uri(uri: str) -> tuple[str, dict[str, int]]:
     if task == "mano" and params["mod"] < 2:
         raise ValueError(f"mano: mod must be >= 2, got {params['mod']}")
     if task == "phop" and not (
-        params["hops"] >= 1 and 2 <= params["symbols"] <= 26 and params["length"] >= 4
-    ):
-        raise ValueError(f"phop: needs hops >= 1, 2 <= symbols <= 26 and length >= 4, got {params}")
+        1 <= params["hops"] < params["length"] and 2 <= params["symbols"] <= 26
+        and params["length"] >= 4
+    ):  # fmt: skip
+        raise ValueError(
+            "phop: needs 1 <= hops < length (each hop moves back), 2 <= symbols <= 26 and "
+            f"length >= 4, got {params}"
+        )
     return task, params
 
 
@@ -255,22 +264,36 @@ def phop(rng: random.Random, params) -> str:
     return _PHOP_HEADER + "\n".join(lines)
 
 
+_PHOP_ATTEMPTS = 10_000
+
+
 def _phop_question(rng: random.Random, params, hops: int) -> tuple[str, str]:
-    """``"{p} hops: {letters}"`` and the letter ``hops`` hops from the last position."""
+    """``"{p} hops: {letters}"`` and the letter ``hops`` hops from the last position, in a
+    sequence drawn until every hop moves to an earlier position and the answer differs from
+    that of every fewer hops."""
     letters = "abcdefghijklmnopqrstuvwxyz"[: params["symbols"]]
-    sequence = [rng.choice(letters) for _ in range(params["length"])]
-    return f"{hops} hops: {' '.join(sequence)}", sequence[hop_position(sequence, hops)]
+    for _ in range(_PHOP_ATTEMPTS):
+        sequence = [rng.choice(letters) for _ in range(params["length"])]
+        path = hop_path(sequence, hops)
+        answers = [sequence[position] for position in path[1:]]
+        if len(set(path)) == hops + 1 and answers[-1] not in answers[:-1]:
+            return f"{hops} hops: {' '.join(sequence)}", answers[-1]
+    raise ValueError(
+        f"phop: no sequence of {params['length']} letters over {params['symbols']} in "
+        f"{_PHOP_ATTEMPTS} draws needs all of its {hops} hops; raise length or symbols"
+    )
 
 
-def hop_position(sequence: list[str], hops: int) -> int:
-    """The position ``hops`` hops from the last one; a hop from i goes to j + 1 for the latest
-    j < i holding the same letter as i, and stays at i when there is none."""
-    position = len(sequence) - 1
+def hop_path(sequence: list[str], hops: int) -> list[int]:
+    """The positions ``hops`` hops visit from the last one (it first); a hop from i goes to
+    j + 1 for the latest j < i holding the same letter as i, and stays at i when there is
+    none."""
+    path = [len(sequence) - 1]
     for _ in range(hops):
+        position = path[-1]
         earlier = [j for j in range(position) if sequence[j] == sequence[position]]
-        if earlier:
-            position = earlier[-1] + 1
-    return position
+        path.append(earlier[-1] + 1 if earlier else position)
+    return path
 
 
 def phop_item(rng: random.Random, params) -> HeldOutItem:

@@ -104,7 +104,7 @@ FULL = Scale(
     eval_items=512,
     tasks={
         "mano": "synthetic://mano?ops=10&num_docs=400000&shards=8",
-        "phop": "synthetic://phop?hops=8&length=32&symbols=4&num_docs=400000&shards=8",
+        "phop": "synthetic://phop?hops=8&length=64&symbols=8&num_docs=400000&shards=8",
     },
 )
 
