@@ -10,7 +10,18 @@ ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 OURO_TINY = os.path.join(ASSETS, "ouro-tiny")
 
 
+def tier(item) -> int:
+    """The order the suite runs in, so that a red result comes early: the unit tier (minutes),
+    the distributed smoke subset, the other distributed tests, the GPU tests."""
+    if "gpu" in item.keywords:
+        return 3
+    if "distributed" not in item.keywords:
+        return 0
+    return 1 if "smoke" in item.keywords else 2
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=tier)  # stable: each tier keeps the files' order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

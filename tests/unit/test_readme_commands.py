@@ -272,6 +272,13 @@ def check_pretokenize(args: list[str]) -> None:
     assert source.paths
 
 
+def check_probe_task(args: list[str]) -> None:
+    """The arguments parse and name a valid task setting (the probe itself is a long run)."""
+    script = load_script("probe_task")
+    parsed = script.parse_args(args)
+    assert script.task_params(parsed.task, parsed.params)
+
+
 def check_script(walk: Walk, script: str, args: list[str], capsys) -> bool:
     """Checks `python scripts/SCRIPT.py ARGS`; False for a script no check knows."""
     if script == "export_hf":
@@ -286,6 +293,8 @@ def check_script(walk: Walk, script: str, args: list[str], capsys) -> bool:
         check_train_tokenizer(args)
     elif script == "pretokenize":
         check_pretokenize(args)
+    elif script == "probe_task":
+        check_probe_task(args)
     else:
         return False
     return True

@@ -10,6 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from tests.unit.test_readme_commands import load_script
 from train.config import config_problems
 from train.trainer import CONFIG_DIR
 
@@ -97,3 +98,19 @@ def test_the_report_averages_over_seeds_and_checks_the_targets(tmp_path):
         in table
     )
     assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def test_the_task_probe_trains_and_scores_every_difficulty_at_every_step(capsys):
+    probe = load_script("probe_task")
+    argv = ["--task", "phop", "--params", "hops=2,length=8,symbols=3", "--layers", "1",
+            "--loops", "2", "--hidden", "32", "--heads", "2", "--batch", "4", "--steps", "3",
+            "--eval-every", "2", "--eval-items", "8"]  # fmt: skip
+    assert probe.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("phop {") and "1 layers x 2 steps" in lines[0]
+    assert [line.split()[1] for line in lines[1:]] == ["2", "3"]
+    scores = lines[-1].split("per hops: ")[1].split(" | ")
+    assert [s.split(":")[0] for s in scores] == ["1", "2"]
+    assert all(len(s.split(": ")[1].split()) == 2 for s in scores)  # one per recurrent step
+    with pytest.raises(ValueError, match="mano: give ops=L"):
+        probe.main(["--task", "mano", "--steps", "1"])
