@@ -64,16 +64,15 @@ class TrainerState:
     world_size: int = 1
     stage: str | None = None
     """Name of the curriculum stage in force (for the record; recomputed from tokens)."""
-    loss_window: list[float] = field(default_factory=list)  # the spike guards' accepted values
+    # The stability guard's state as of the last save (StabilityGuard.state_dict, which owns
+    # it while training): accepted values, rollback record, skips and grad-norm spikes in a row.
+    loss_window: list[float] = field(default_factory=list)
     grad_norm_window: list[float] = field(default_factory=list)
     guard: dict = field(default_factory=dict)
-    """The rollback guard's spikes, rollbacks and lowered-LR window."""
+    consecutive_skips: int = 0
+    grad_spike_run: int = 0
     skipped_steps: int = 0
     """Updates skipped so far (non-finite values and spikes)."""
-    consecutive_skips: int = 0
-    """Updates skipped in a row up to this step."""
-    grad_spike_run: int = 0
-    """Steps in a row judged grad-norm spikes up to this step."""
     good: bool = True
     """No spike in the recent past when saved: a checkpoint a rollback may return to."""
     data_seed_offset: int = 0

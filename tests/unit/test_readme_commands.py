@@ -161,8 +161,7 @@ def checkpoint_steps(cfg, world_size: int) -> set[int]:
 def check_job(walk: Walk, words: list[str]) -> None:
     """torchrun ... -m train.JOB overrides: composes and passes the job's checks."""
     module = words[words.index("-m") + 1]
-    nodes = int(_flag(words, "--nnodes", "1"))
-    world_size = int(_flag(words, "--nproc_per_node", "1")) * nodes
+    world_size = _world_size(words)
     given = overrides(words[words.index("-m") + 2 :])
     for key in ("init_from",):
         if key in given:
@@ -184,6 +183,11 @@ def check_job(walk: Walk, words: list[str]) -> None:
         if export is not None:
             source = LoopLMConfig.load(walk.read(given["init_from"]) / "config.json")
             walk.write(export, stand_in(source, cfg.data.tokenizer, chat=module == "train.sft"))
+
+
+def _world_size(words: list[str]) -> int:
+    """The ranks a torchrun command starts: workers per node times nodes."""
+    return int(_flag(words, "--nproc_per_node", "1")) * int(_flag(words, "--nnodes", "1"))
 
 
 def _flag(words: list[str], name: str, default: str) -> str:
@@ -381,9 +385,8 @@ def test_every_documented_job_command_passes_its_jobs_checks():
     wrong = {}
     for where, words in commands:
         module = words[words.index("-m") + 1]
-        world_size = int(_flag(words, "--nproc_per_node", "1")) * int(_flag(words, "--nnodes", "1"))
         args = [w for w in words[words.index("-m") + 2 :] if "=" in w]
-        problems = job_problems(module, args, world_size)
+        problems = job_problems(module, args, _world_size(words))
         if real := [p for p in problems if not (USER_FILES.search(p) or EARLIER_RUN.search(p))]:
             wrong[where] = real
     assert wrong == {}
