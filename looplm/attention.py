@@ -100,11 +100,14 @@ class AttentionLayout:
     ``mask`` is None for plain causal attention over the whole row (query i sees keys up to
     cached + i), else a boolean [B, 1, S, K] mask where True means "may attend".
     ``cu_seqlens``/``max_seqlen`` describe packed documents for flash-attn's varlen kernel.
+    ``causal`` is False only for a single query after a cache, which sees every key. It is
+    decided here, outside the layers, so that a compiled layer never branches on a shape.
     """
 
     mask: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
+    causal: bool = True
     sequence_parallel: SequenceParallel | None = None
     """Set when the layout describes whole sequences split over ranks (see above)."""
 
@@ -130,7 +133,7 @@ class AttentionLayout:
             return cls((same_doc & causal)[:, None])
         chunk_after_cache = past_length and s > 1 and implementation != "flash"
         if key_mask_BK is None and not chunk_after_cache:
-            return cls()
+            return cls(causal=s > 1)
         q_pos = torch.arange(s, device=device)[:, None] + past_length
         k_pos = torch.arange(past_length + s, device=device)[None, :]
         mask = (k_pos <= q_pos)[None]
@@ -170,9 +173,7 @@ def attend(
     elif layout.mask is not None:
         out = F.scaled_dot_product_attention(q_BNSD, k_BGKD, v_BGKD, attn_mask=layout.mask)
     else:
-        # A single query with a cache sees every key; a full row is plain causal.
-        causal = q_BNSD.shape[2] > 1
-        out = F.scaled_dot_product_attention(q_BNSD, k_BGKD, v_BGKD, is_causal=causal)
+        out = F.scaled_dot_product_attention(q_BNSD, k_BGKD, v_BGKD, is_causal=layout.causal)
     return out.transpose(1, 2)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -126,6 +127,19 @@ class DecoderLayer(nn.Module):
         return h + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(h)))
 
 
+class _CompiledLayer:
+    """A decoder layer under torch.compile with dynamic shapes. Duck shaping is off while it
+    compiles: it would give the sequence length the symbol of an equal static size (a sequence
+    of 64 tokens in a model 64 wide), so that another length would recompile."""
+
+    def __init__(self, layer: DecoderLayer):
+        self.compiled = torch.compile(layer, dynamic=True)
+
+    def __call__(self, *args):
+        with fx_config.patch(use_duck_shape=False):
+            return self.compiled(*args)
+
+
 class LMHead(nn.Linear):
     """The output projection. Called with ``targets``, it returns the fused, chunked
     cross-entropy instead of logits (see ``losses.weighted_lm_cross_entropy``); being a
@@ -159,6 +173,8 @@ class LoopLMModel(nn.Module):
         self.early_exit_gate = nn.Linear(config.hidden_size, 1, bias=True)
         self.implementation = implementation
         self.gradient_checkpointing = False
+        self.compiled_layers: list[Callable] | None = None
+        """The layers compiled by ``LoopLMForCausalLM.compile_layers``, called in training."""
         self.sequence_parallel: SequenceParallel | None = None
         """Set by a training job that splits every sequence over ranks (Ulysses)."""
 
@@ -191,9 +207,9 @@ class LoopLMModel(nn.Module):
         step_hidden, gate_logits, exit_steps_BS = [], [], None
         last = len(self.layers) - 1
         for step in range(num_steps):
-            for index, layer in enumerate(self.layers):
+            for index in range(len(self.layers)):
                 slot = cache.slot(step, index) if cache is not None else None
-                h = self._run_layer(layer, h, cos, sin, layout, slot, final_norm=index == last)
+                h = self._run_layer(index, h, cos, sin, layout, slot, final_norm=index == last)
             step_hidden.append(h)
             gate_logits.append(self.early_exit_gate(h).squeeze(-1))
             if exit_rule is not None:
@@ -204,9 +220,11 @@ class LoopLMModel(nn.Module):
             cache.end_forward(input_ids_BS.shape[1], exit_steps_BS)
         return LoopLMBodyOutput(step_hidden, torch.stack(gate_logits, dim=-1))
 
-    def _run_layer(self, layer, h, cos, sin, layout, slot, final_norm: bool):
+    def _run_layer(self, index: int, h, cos, sin, layout, slot, final_norm: bool):
         """One layer; the last one of a step also applies the final norm, inside the same
         checkpoint, so that per (step, layer) only the layer input is saved."""
+        compiled = self.compiled_layers is not None and slot is None
+        layer = self.compiled_layers[index] if compiled else self.layers[index]
 
         def run(h, cos, sin, layout, slot):
             out = layer(h, cos, sin, layout, slot)
@@ -264,6 +282,14 @@ class LoopLMForCausalLM(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each (step, layer) in the backward pass instead of storing its activations."""
         self.model.gradient_checkpointing = enabled
+
+    def compile_layers(self) -> None:
+        """Compiles each decoder layer with torch.compile, never the loop over steps: every step
+        calls the same compiled layers, so a change of T does not recompile, and their shapes
+        are dynamic, so neither does a new sequence length or batch size. The compiled layers
+        serve calls without a KV cache; decoding with a cache runs them eagerly. Parameter
+        names and the checkpoint format are unchanged."""
+        self.model.compiled_layers = [_CompiledLayer(layer) for layer in self.model.layers]
 
     def forward(
         self,

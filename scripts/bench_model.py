@@ -17,9 +17,15 @@ the RSS just before the measured steps, i.e. beyond parameters, gradients and Ad
 that freeing them returns the memory and RSS tracks live tensors. A measured step is
 forward + backward; the optimizer step runs only in the warm-up.
 
+With ``--compile``, one report instead: the layers compiled (``model.compile``) against
+eager, on the small preset and on the tiny experiment's shape; compiled peak memory must not
+exceed eager's, and the first step's loss must agree within 1e-5 relative. The first step,
+which compiles, is reported apart and not timed.
+
 Usage (from the repository root; Linux only, for /proc):
     python scripts/bench_model.py            # spec sizes: small preset, batch 1, seq 1024
     python scripts/bench_model.py --quick    # seq 256
+    python scripts/bench_model.py --compile [--checkpointing]
 """
 
 from __future__ import annotations
@@ -93,6 +99,8 @@ def run_worker(spec: dict) -> dict:
     config = LoopLMConfig.from_preset(spec["preset"], total_ut_steps=spec["steps"])
     model = LoopLMForCausalLM(config)
     model.set_gradient_checkpointing(spec["checkpointing"])
+    if spec.get("compile"):
+        model.compile_layers()
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     generator = torch.Generator().manual_seed(spec["seed"] + 1)
@@ -113,11 +121,14 @@ def run_worker(spec: dict) -> dict:
 
     results, grads = {}, {}
     for impl in spec["impls"]:
-        loss = step(impl)
+        start = time.perf_counter()
+        loss = step(impl)  # compiles the layers when spec["compile"]
+        first_step_s = time.perf_counter() - start
         grads[impl] = torch.cat([p.grad.flatten() for p in model.parameters()])
         results[impl] = {
             "loss": loss,
             "grad_norm": grads[impl].norm().item(),
+            "first_step_s": first_step_s,
             "wall": [],
             "cpu": [],
         }
@@ -180,7 +191,11 @@ def measure(args, **overrides) -> dict:
     }
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    label = f"{'+'.join(spec['impls'])} T={spec['steps']} ckpt={'on' if spec['checkpointing'] else 'off'}"
+    label = (
+        f"{'+'.join(spec['impls'])} {spec['preset']} T={spec['steps']} "
+        f"ckpt={'on' if spec['checkpointing'] else 'off'}"
+        + (" compiled" if spec.get("compile") else "")
+    )
     print(f"  measuring {label} ...", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -297,6 +312,54 @@ def sweep(args) -> bool:
     return ok
 
 
+COMPILE_SHAPES = {
+    "small preset": {},
+    "tiny experiment": {"preset": "tiny", "batch": 4, "seq": 256, "steps": 4},
+}
+"""The shapes of the compile report: the small preset at the script's batch and length, and
+the README's tiny experiment (its model, micro-batch and sequence length)."""
+
+
+def compiled_vs_eager(args) -> bool:
+    """Eager and compiled layers, each in its own process: speed, peak memory, and the loss
+    and gradient norm of the same first step."""
+    print(
+        "\n== Compiled decoder layers (torch.compile, dynamic shapes) vs eager, "
+        f"checkpointing {'on' if args.checkpointing else 'off'} =="
+    )
+    print(
+        f"{'shape':<16} {'layers':<9} {'first s':>8} {'step s':>8} {'tokens/s':>10} "
+        f"{'peak MiB':>10} {'loss':>12} {'grad norm':>12}"
+    )
+    ok = True
+    for name, shape in COMPILE_SHAPES.items():
+        runs = {
+            mode: measure(
+                args, checkpointing=args.checkpointing, compile=mode == "compiled", **shape
+            )
+            for mode in ("eager", "compiled")
+        }
+        for mode, r in runs.items():
+            fused = r["results"]["fused"]
+            print(
+                f"{name:<16} {mode:<9} {fused['first_step_s']:>8.1f} {fused['median_s']:>8.3f} "
+                f"{tokens_per_s(r, fused['median_s']):>10.1f} {r['peak_beyond_mib']:>10.1f} "
+                f"{fused['loss']:>12.6f} {fused['grad_norm']:>12.6f}"
+            )
+        eager, compiled = (runs[m]["results"]["fused"] for m in ("eager", "compiled"))
+        speed = eager["median_s"] / compiled["median_s"]
+        memory = runs["compiled"]["peak_beyond_mib"] / max(runs["eager"]["peak_beyond_mib"], 1e-9)
+        same = abs(compiled["loss"] - eager["loss"]) <= 1e-5 * abs(eager["loss"])
+        fits = memory <= 1 + RSS_TOLERANCE
+        print(
+            f"{name}: tokens/s compiled/eager = {speed:.2f}; peak memory compiled/eager = "
+            f"{memory:.2f} (target <= 1, +{RSS_TOLERANCE:.0%}) {verdict(fits)}; "
+            f"loss within 1e-5 relative {verdict(same)}"
+        )
+        ok &= fits and same
+    return ok
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -314,6 +377,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--chunk-tokens", type=int, default=None, help="fused LM-head chunk (default: the model's)"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="only the compiled-vs-eager report (small preset and tiny experiment)",
+    )
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="activation checkpointing in --compile"
     )
     parser.add_argument("--skip-compare", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true")
@@ -337,6 +408,10 @@ def main(argv=None) -> int:
     )
     start = time.perf_counter()
     ok = True
+    if args.compile:
+        ok &= compiled_vs_eager(args)
+        print(f"\noverall: {verdict(ok)}  ({time.perf_counter() - start:.0f} s)")
+        return 0 if ok else 1
     if not args.skip_compare:
         for checkpointing in (False, True):
             ok &= compare(args, checkpointing)

@@ -54,6 +54,9 @@ class ModelSettings:
     """auto (flash-attn when usable, else SDPA), sdpa, flash or eager."""
     gradient_checkpointing: bool = False
     """Recompute each (step, layer) in the backward pass."""
+    compile: bool = False
+    """torch.compile each decoder layer (never the loop over steps): T, the sequence length and
+    the micro-batch may change across stages without recompiling. Off until measured on a GPU."""
 
     def build_config(self, **extra: Any) -> LoopLMConfig:
         architecture = {f.name for f in dataclasses.fields(LoopLMConfig)}

@@ -60,6 +60,15 @@ def device_peak_flops() -> float | None:
     return next((v for k, v in _PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process. Each kind of call (causal or packed
+    attention, micro-batch 1 or more) compiles once; a count that keeps growing means
+    recompiles, which cost seconds to minutes each."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def truncate_jsonl_after(path: Path, step: int) -> None:
     """Keeps the records of steps up to ``step`` (a resume drops those written after its
     checkpoint, which the resumed run writes again). A torn last line (a crash or a full disk

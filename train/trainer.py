@@ -42,7 +42,12 @@ from train.engine import (
     step_skipping_update,
 )
 from train.faults import CheckpointFault, pause_after
-from train.metrics import MetricsLogger, device_peak_flops, step_flops_per_token
+from train.metrics import (
+    MetricsLogger,
+    compiled_graphs,
+    device_peak_flops,
+    step_flops_per_token,
+)
 from train.resume_settings import check_resume_settings
 from train.run_lock import RunLock, exit_with_launcher
 from train.schedule import exit_beta, learning_rate
@@ -585,6 +590,8 @@ class Trainer:
         }
         if self.objective.kind == "stage2":
             del record["beta"]  # Stage II has no exit regularizer
+        if self.cfg.model.compile:
+            record["compiled_graphs"] = compiled_graphs()
         return record
 
     def _set_learning_rate(self, plan: StepPlan) -> float:
