@@ -1,0 +1,326 @@
+"""One prepared validation of the GPU path: at most 8 minutes on one H100 or H200.
+
+    bash scripts/gpu_check.sh [--out gpu_check.json] [--wheels DIR]   # on the GPU machine
+    bash scripts/gpu_check.sh --dry-run                                # anywhere, in minutes
+
+Four checks. Each one's figures go into one JSON report and a printed summary; a check that
+fails or runs out of its time is reported as such and the next one still runs.
+
+1. tests: ``pytest tests/gpu`` (bf16, SDPA and flash-attn on CUDA).
+2. job: ``train.pretrain`` for 50 steps on one GPU in bf16 under ZeRO-2 (the small preset at
+   sequence 2048), once with flash-attn and once with SDPA: tokens/s, MFU, first and last loss.
+3. mfu: the training step (forward, backward, AdamW) of an Ouro-1.4B-shaped model at sequence
+   4096, T=4, in bf16: eager and compiled layers, activation checkpointing off (micro-batch 1)
+   and on (the largest micro-batch the memory estimator lets fit, at most 8): tokens/s, MFU
+   counting the loops, peak memory (``torch.cuda.max_memory_allocated``).
+4. memory: each step-3 activation peak against what ``train.memory.estimate`` predicts for it.
+
+``--dry-run`` runs the same code on the CPU at toy sizes (the tiny preset, sequence 128, a few
+steps, float32), so that the check cannot have rotted by the time a GPU is lent; its figures
+mean nothing. ``--wheels DIR`` installs the wheels in DIR first (``pip install --no-index``),
+for a GPU machine without a package index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BUDGET_S = {"tests": 90, "job": 90, "mfu": 200}
+"""Each check's time limit (the job's applies to each attention backend): 470 s in all."""
+
+
+def log(message: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run(command: list[str], timeout: float, env: dict | None = None) -> tuple[int, str]:
+    """A command's exit code and output; 124 when it ran out of time."""
+    try:
+        done = subprocess.run(
+            command,
+            cwd=REPO,
+            env=env or os.environ.copy(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return 124, out + f"\n(timed out after {timeout:.0f} s)"
+    return done.returncode, done.stdout + done.stderr
+
+
+# ---- 1. tests/gpu ------------------------------------------------------------------------
+
+
+def check_tests(dry_run: bool) -> dict:
+    code, out = run([sys.executable, "-m", "pytest", "-q", "tests/gpu"], BUDGET_S["tests"])
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", out)}
+    ok = code == 0 or (dry_run and code == 5)  # 5: every test skipped or none collected
+    return {"ok": ok and not counts.get("failed"), "exit_code": code, **counts, "tail": out[-1500:]}
+
+
+# ---- 2. the training job -----------------------------------------------------------------
+
+
+def job_overrides(attention: str, run_dir: str, dry_run: bool) -> list[str]:
+    if dry_run:
+        shape = ["model=tiny", "data.seq_len=128", "train.micro_batch_size=2",
+                 "train.global_batch_tokens=256", "train.max_steps=3",
+                 "deepspeed.precision=fp32"]  # fmt: skip
+    else:
+        shape = ["model=small", "data.seq_len=2048", "train.micro_batch_size=8",
+                 "train.global_batch_tokens=16384", "train.max_steps=50",
+                 "deepspeed.precision=bf16"]  # fmt: skip
+    return [*shape, "data=embedded", "deepspeed=zero2", f"model.attn_implementation={attention}",
+            f"run_dir={run_dir}", "eval.enabled=false", "logging.wandb=false",
+            "logging.plot_at_end=false", "checkpoint.every_steps=100000",
+            "schedule.warmup_steps=5", "train.log_every=10"]  # fmt: skip
+
+
+def check_job(attention: str, dry_run: bool) -> dict:
+    if attention == "flash":
+        from looplm.attention import flash_attn_available
+
+        if not flash_attn_available():
+            return {"ok": None, "skipped": "flash-attn is not installed or there is no CUDA"}
+    with tempfile.TemporaryDirectory() as run_dir:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+                   "--master_port=29741", "-m", "train.pretrain",
+                   *job_overrides(attention, run_dir, dry_run)]  # fmt: skip
+        start = time.time()
+        code, out = run(command, BUDGET_S["job"], dict(os.environ, WANDB_MODE="disabled"))
+        metrics = Path(run_dir) / "metrics.jsonl"
+        records = (
+            [json.loads(line) for line in metrics.read_text().splitlines()]
+            if metrics.is_file()
+            else []
+        )
+    result = {"exit_code": code, "seconds": round(time.time() - start, 1), "steps": len(records)}
+    if code != 0 or not records:
+        return {**result, "ok": False, "tail": out[-2000:]}
+    later = records[len(records) // 5 :]  # the first fifth warms up (and compiles)
+    mfu = [r["mfu"] for r in later if r.get("mfu") is not None]
+    return {
+        **result,
+        # Finite losses; over 50 steps they must also fall (3 dry-run steps need not).
+        "ok": all(math.isfinite(r["loss"]) for r in records)
+        and (dry_run or records[-1]["loss"] < records[0]["loss"]),
+        "first_loss": records[0]["loss"],
+        "last_loss": records[-1]["loss"],
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in later),
+        "mfu": statistics.median(mfu) if mfu else None,
+    }
+
+
+# ---- 3 and 4. MFU and memory, in a worker process ----------------------------------------
+
+
+def mfu_variants(dry_run: bool, largest: int) -> list[dict]:
+    return [
+        {"compile": compiled, "checkpointing": ckpt, "micro_batch": largest if ckpt else 1}
+        for ckpt in (False, True)
+        for compiled in (False, True)
+    ]
+
+
+def mfu_worker(dry_run: bool) -> dict:
+    """Runs in its own process: every variant of check 3 on one model, and check 4's figures."""
+    import dataclasses
+
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from looplm import LoopLMConfig, LoopLMForCausalLM, Objective
+    from train.memory import Setup, estimate, max_micro_batch
+    from train.metrics import device_peak_flops, training_flops_per_token
+
+    cuda = torch.cuda.is_available() and not dry_run
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    preset, seq, steps = ("ouro-1.4b", 4096, 4) if not dry_run else ("tiny", 128, 4)
+    config = LoopLMConfig.from_preset(preset, total_ut_steps=steps)
+    attention = "flash" if cuda and _flash() else "sdpa"
+    gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 80.0
+    setup = Setup(config, seq, precision="bf16" if cuda else "fp32", attention=attention,
+                  packed=False, gpu_memory_gib=gpu_gib)  # fmt: skip
+    largest = min(max_micro_batch(setup), 8) if cuda else 2
+    torch.manual_seed(0)
+    model = LoopLMForCausalLM(config, attn_implementation=attention).to(device, dtype).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    peak_flops = device_peak_flops() if cuda else None
+    flops_per_token = training_flops_per_token(config, seq, steps)
+    timed, warmup = (5, 2) if cuda else (2, 1)
+    results = []
+    for variant in mfu_variants(dry_run, largest):
+        model.model.compiled_layers = None
+        if variant["compile"]:
+            model.compile_layers()
+        model.set_gradient_checkpointing(variant["checkpointing"])
+        batch = variant["micro_batch"]
+        ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+
+        def step(ids=ids) -> float:
+            loss = model(ids, labels=ids.roll(-1, 1), objective=Objective(beta=0.05)).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)
+            return loss.item()
+
+        record = dict(variant)
+        try:
+            start = time.perf_counter()
+            for _ in range(warmup):
+                step()
+            record["warmup_s"] = round(time.perf_counter() - start, 1)
+            if cuda:
+                torch.cuda.synchronize()
+                resting = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(timed):
+                start = time.perf_counter()
+                record["loss"] = step()  # .item() synchronizes
+                times.append(time.perf_counter() - start)
+            rate = batch * seq / statistics.median(times)
+            record["tokens_per_s"] = rate
+            record["mfu"] = rate * flops_per_token / peak_flops if peak_flops else None
+            predicted = estimate(
+                dataclasses.replace(setup, micro_batch_size=batch,
+                                    gradient_checkpointing=variant["checkpointing"])
+            ).activations  # fmt: skip
+            record["estimated_activations_gib"] = predicted / 2**30
+            if cuda:
+                measured = torch.cuda.max_memory_allocated() - resting
+                record["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                record["activations_gib"] = measured / 2**30
+                record["estimate_error"] = (predicted - measured) / measured
+        except torch.OutOfMemoryError as e:
+            record["error"] = f"out of memory: {str(e).splitlines()[0]}"
+            optimizer.zero_grad(set_to_none=False)
+            torch.cuda.empty_cache()
+        results.append(record)
+        log(f"mfu: {json.dumps(record)}")
+    return {"preset": preset, "seq_len": seq, "steps": steps, "attention": attention,
+            "device": device, "variants": results}  # fmt: skip
+
+
+def _flash() -> bool:
+    from looplm.attention import flash_attn_available
+
+    return flash_attn_available()
+
+
+def check_mfu(dry_run: bool) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker"]
+    if dry_run:
+        command.append("--dry-run")
+    code, out = run(command, BUDGET_S["mfu"], dict(os.environ, PYTHONPATH=str(REPO)))
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if code != 0 or not lines:
+        return {"ok": False, "exit_code": code, "tail": out[-2000:]}
+    result = json.loads(lines[-1])
+    variants = result["variants"]
+    ran = [v for v in variants if "error" not in v]
+    ok = len(ran) == len(variants)
+    if not dry_run:
+        ok = ok and max(v["mfu"] or 0 for v in ran) >= 0.5
+    return {"ok": ok, **result}
+
+
+# ---- report ------------------------------------------------------------------------------
+
+
+def summary(report: dict) -> list[str]:
+    lines = [f"gpu_check on {report['device']} ({'dry run' if report['dry_run'] else 'full'}), "
+             f"{report['seconds']:.0f} s"]  # fmt: skip
+    t = report["tests"]
+    lines.append(f"tests/gpu: {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, "
+                 f"{t.get('skipped', 0)} skipped")  # fmt: skip
+    for attention in ("flash", "sdpa"):
+        j = report[f"job_{attention}"]
+        if j.get("skipped"):
+            lines.append(f"job ({attention}): skipped: {j['skipped']}")
+        elif "tokens_per_s" in j:
+            mfu = f"{j['mfu']:.1%}" if j.get("mfu") is not None else "n/a"
+            lines.append(f"job ({attention}): {j['steps']} steps, loss {j['first_loss']:.3f} -> "
+                         f"{j['last_loss']:.3f}, {j['tokens_per_s']:,.0f} tokens/s, MFU {mfu}")  # fmt: skip
+        else:
+            lines.append(f"job ({attention}): FAILED (exit {j.get('exit_code')})")
+    m = report["mfu"]
+    for v in m.get("variants", []):
+        name = (f"{'compiled' if v['compile'] else 'eager':<8} checkpointing "
+                f"{'on ' if v['checkpointing'] else 'off'} micro-batch {v['micro_batch']}")  # fmt: skip
+        if "error" in v:
+            lines.append(f"mfu {name}: {v['error']}")
+            continue
+        mfu = f"{v['mfu']:.1%}" if v.get("mfu") is not None else "n/a"
+        memory = (f", peak {v['peak_gib']:.1f} GiB, activations {v['activations_gib']:.1f} GiB "
+                  f"vs estimate {v['estimated_activations_gib']:.1f} ({v['estimate_error']:+.0%})"
+                  if "peak_gib" in v else "")  # fmt: skip
+        lines.append(f"mfu {name}: {v['tokens_per_s']:,.0f} tokens/s, MFU {mfu}{memory}")
+    if "variants" not in m:
+        lines.append(f"mfu: FAILED (exit {m.get('exit_code')})")
+    verdicts = {k: report[k].get("ok") for k in ("tests", "job_flash", "job_sdpa", "mfu")}
+    lines.append("verdicts: " + ", ".join(f"{k} {'-' if v is None else 'PASS' if v else 'FAIL'}"
+                                          for k, v in verdicts.items()))  # fmt: skip
+    return lines
+
+
+def install_wheels(directory: Path) -> None:
+    wheels = sorted(str(p) for p in directory.glob("*.whl"))
+    if not wheels:
+        sys.exit(f"--wheels: no .whl files in {directory}")
+    log(f"installing {len(wheels)} wheels from {directory} ...")
+    command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", *wheels]
+    subprocess.run(command, check=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="CPU, toy sizes: the plumbing only")
+    parser.add_argument("--out", type=Path, default=REPO / "gpu_check.json")
+    parser.add_argument("--wheels", type=Path, help="install these wheels first (no index)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(mfu_worker(args.dry_run)))
+        return 0
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("no CUDA device here: run with --dry-run to check the plumbing on a CPU")
+    if args.wheels:
+        install_wheels(args.wheels)
+    start = time.time()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    report = {"device": device, "dry_run": args.dry_run, "torch": torch.__version__}
+    log("1/4 tests/gpu ...")
+    report["tests"] = check_tests(args.dry_run)
+    for attention in ("flash", "sdpa"):
+        log(f"2/4 the training job with {attention} attention ...")
+        report[f"job_{attention}"] = check_job(attention, args.dry_run)
+    log("3-4/4 MFU and memory of the Ouro-1.4B shape, eager and compiled ...")
+    report["mfu"] = check_mfu(args.dry_run)
+    report["seconds"] = time.time() - start
+    lines = summary(report)
+    report["summary"] = lines
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print("\n".join(["-" * 72, *lines, f"report: {args.out}", "-" * 72]))
+    failed = [k for k in ("tests", "job_flash", "job_sdpa", "mfu") if report[k].get("ok") is False]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""scripts/gpu_check.sh, the prepared GPU validation, run as --dry-run on the CPU: every check
+runs its real code at toy sizes and lands in the report, so the script works when a GPU is
+lent."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.distributed.launch import REPO, environment
+
+pytestmark = pytest.mark.distributed
+
+
+def test_the_dry_run_runs_every_check_and_writes_one_report(tmp_path):
+    report_path = tmp_path / "report.json"
+    done = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--dry-run", "--out", str(report_path)],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["dry_run"] is True
+    gpu_tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "tests/gpu"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    ).stdout
+    collected = sum(1 for line in gpu_tests.splitlines() if "::" in line)
+    assert report["tests"]["skipped"] == collected > 0  # no CUDA here: each one skips
+    assert report["job_flash"]["skipped"]
+    job = report["job_sdpa"]
+    assert job["ok"] and job["steps"] == 3 and job["tokens_per_s"] > 0
+    variants = report["mfu"]["variants"]
+    assert [(v["compile"], v["checkpointing"]) for v in variants] == [
+        (False, False),
+        (True, False),
+        (False, True),
+        (True, True),
+    ]
+    assert all(v["tokens_per_s"] > 0 and v["estimated_activations_gib"] > 0 for v in variants)
+    assert report["summary"][-1] == "verdicts: tests PASS, job_flash -, job_sdpa PASS, mfu PASS"
+    assert "\n".join(report["summary"]) in done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_without_a_gpu_it_points_to_the_dry_run(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "scripts/gpu_check.py", "--out", str(tmp_path / "r.json")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "no CUDA device here: run with --dry-run" in done.stderr
+    assert not (tmp_path / "r.json").exists()
