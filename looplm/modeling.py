@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from looplm import kernels
 from looplm.attention import (
     AttentionLayout,
     SequenceParallel,
@@ -32,6 +33,7 @@ from looplm.attention import (
     rope_cos_sin,
 )
 from looplm.config import LoopLMConfig
+from looplm.kernels import check_kernels
 from looplm.losses import (
     IGNORE_INDEX,
     LossOutput,
@@ -52,8 +54,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.kernels = "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "liger":
+            return kernels.rms_norm(x, self.weight, self.eps)
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -75,13 +80,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, kv, bias=False)
         self.v_proj = nn.Linear(h, kv, bias=False)
         self.o_proj = nn.Linear(q, h, bias=False)
+        self.kernels = "torch"
 
     def forward(self, x_BSH, cos, sin, layout: AttentionLayout, cache_slot=None):
         b, s, _ = x_BSH.shape
         q = self.q_proj(x_BSH).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x_BSH).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BSH).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kernels == "liger":
+            q, k = kernels.rope(q, k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_slot is not None:
             k, v = cache_slot(k, v)
         sp = layout.sequence_parallel
@@ -102,8 +111,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=False)
         self.up_proj = nn.Linear(h, i, bias=False)
         self.down_proj = nn.Linear(i, h, bias=False)
+        self.kernels = "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "liger":
+            return self.down_proj(kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -282,6 +294,14 @@ class LoopLMForCausalLM(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each (step, layer) in the backward pass instead of storing its activations."""
         self.model.gradient_checkpointing = enabled
+
+    def set_kernels(self, name: str = "torch") -> None:
+        """RMSNorm, SwiGLU and RoPE in plain torch ("torch") or as fused GPU kernels ("liger",
+        see looplm.kernels); the same math and the same parameters either way."""
+        check_kernels(name)
+        for module in self.modules():
+            if isinstance(module, RMSNorm | MLP | Attention):
+                module.kernels = name
 
     def compile_layers(self) -> None:
         """Compiles each decoder layer with torch.compile, never the loop over steps: every step

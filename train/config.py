@@ -20,6 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from data_pipelines.config import DataConfig, validate_data_config
 from data_pipelines.tokenizer import is_local_tokenizer, tokenizer_summary
 from looplm.config import PRESETS, LoopLMConfig
+from looplm.kernels import kernels_problem
 from looplm.losses import PRIORS, REGULARIZERS
 from train.curriculum import Curriculum, CurriculumSettings, stage_problems
 from train.stability import StabilitySettings, stability_problems
@@ -54,6 +55,8 @@ class ModelSettings:
     """auto (flash-attn when usable, else SDPA), sdpa, flash or eager."""
     gradient_checkpointing: bool = False
     """Recompute each (step, layer) in the backward pass."""
+    kernels: str = "torch"
+    """RMSNorm, SwiGLU and RoPE: torch, or liger (fused Triton kernels, CUDA, the gpu extra)."""
     compile: bool = False
     """torch.compile each decoder layer (never the loop over steps): T, the sequence length and
     the micro-batch may change across stages without recompiling. Off until measured on a GPU."""
@@ -261,6 +264,9 @@ def config_problems(cfg: PretrainConfig, world_size: int) -> list[str]:
         p.append(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     if t.global_batch_tokens < 1:
         p.append(f"train.global_batch_tokens must be >= 1, got {t.global_batch_tokens}")
+    kernels = kernels_problem(cfg.model.kernels)
+    if kernels is not None:
+        p.append(f"model.kernels: {kernels}")
     if cfg.seed < 0:
         p.append(f"seed must be >= 0 (numpy's generators take no negative seed), got {cfg.seed}")
     for name in ("reduce_bucket_size", "stage3_prefetch_bucket_size"):

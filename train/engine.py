@@ -32,6 +32,7 @@ def build_model(cfg: PretrainConfig) -> LoopLMForCausalLM:
     else:
         model = LoopLMForCausalLM(cfg.model.build_config(), cfg.model.attn_implementation)
     model.set_gradient_checkpointing(cfg.model.gradient_checkpointing)
+    model.set_kernels(cfg.model.kernels)
     if cfg.model.compile:
         model.compile_layers()
     return model

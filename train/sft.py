@@ -153,11 +153,12 @@ def _tokenizer_problems(name: str, source: Path) -> list[str]:
 def _ignored_model_settings(cfg: SFTConfig) -> list[str]:
     """Architecture fields of ``model`` that were set, though the architecture comes from
     ``init_from``."""
-    architecture = ("preset", "attn_implementation", "gradient_checkpointing")
+    # How the loaded model runs, not what it is: these apply to it.
+    runtime = ("preset", "attn_implementation", "gradient_checkpointing", "kernels", "compile")
     return [
         f.name
         for f in dataclasses.fields(cfg.model)
-        if f.name not in architecture and getattr(cfg.model, f.name) is not None
+        if f.name not in runtime and getattr(cfg.model, f.name) is not None
     ]
 
 

@@ -199,3 +199,17 @@ def test_a_missing_local_init_from_is_not_taken_for_a_hub_id(tmp_path, monkeypat
     )
     hub = config_problems(to_object(composed("init_from=ByteDance/Ouro-1.4B")), world_size=1)
     assert not [p for p in hub if p.startswith("init_from")]
+
+
+def test_fused_kernels_that_cannot_run_here_are_reported_before_the_run():
+    from looplm.kernels import kernels_problem
+
+    unknown = config_problems(to_object(composed("model.kernels=fast")), world_size=1)
+    assert "model.kernels: unknown kernels 'fast'; choose one of ('torch', 'liger')" in unknown
+    liger = config_problems(to_object(composed("model.kernels=liger")), world_size=1)
+    expected = kernels_problem("liger")
+    assert (
+        (f"model.kernels: {expected}" in liger)
+        if expected
+        else not any(p.startswith("model.kernels") for p in liger)
+    )
