@@ -18,7 +18,8 @@ fails or runs out of its time is reported as such and the next one still runs.
 ``--dry-run`` runs the same code on the CPU at toy sizes (the tiny preset, sequence 128, a few
 steps, float32), so that the check cannot have rotted by the time a GPU is lent; its figures
 mean nothing. ``--wheels DIR`` installs the wheels in DIR first (``pip install --no-index``),
-for a GPU machine without a package index.
+for a GPU machine without a package index: ``bash scripts/offline_wheels.sh DIR`` makes them
+on a machine with one. Where the Liger kernels can run, check 3 adds a variant with them.
 """
 
 from __future__ import annotations
@@ -127,12 +128,17 @@ def check_job(attention: str, dry_run: bool) -> dict:
 # ---- 3 and 4. MFU and memory, in a worker process ----------------------------------------
 
 
-def mfu_variants(dry_run: bool, largest: int) -> list[dict]:
-    return [
+def mfu_variants(largest: int, liger: bool) -> list[dict]:
+    """Eager and compiled, checkpointing off and on; then, where the Liger kernels can run,
+    the fastest-looking setting with them."""
+    variants = [
         {"compile": compiled, "checkpointing": ckpt, "micro_batch": largest if ckpt else 1}
         for ckpt in (False, True)
         for compiled in (False, True)
     ]
+    if liger:
+        variants.append({**variants[-1], "kernels": "liger"})
+    return variants
 
 
 def mfu_worker(dry_run: bool) -> dict:
@@ -163,8 +169,11 @@ def mfu_worker(dry_run: bool) -> dict:
     flops_per_token = training_flops_per_token(config, seq, steps)
     timed, warmup = (5, 2) if cuda else (2, 1)
     results = []
-    for variant in mfu_variants(dry_run, largest):
+    from looplm.kernels import kernels_problem
+
+    for variant in mfu_variants(largest, liger=cuda and kernels_problem("liger") is None):
         model.model.compiled_layers = None
+        model.set_kernels(variant.get("kernels", "torch"))
         if variant["compile"]:
             model.compile_layers()
         model.set_gradient_checkpointing(variant["checkpointing"])
@@ -226,7 +235,8 @@ def check_mfu(dry_run: bool) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker"]
     if dry_run:
         command.append("--dry-run")
-    code, out = run(command, BUDGET_S["mfu"], dict(os.environ, PYTHONPATH=str(REPO)))
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    code, out = run(command, BUDGET_S["mfu"], dict(os.environ, PYTHONPATH=path))
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if code != 0 or not lines:
         return {"ok": False, "exit_code": code, "tail": out[-2000:]}
@@ -261,7 +271,8 @@ def summary(report: dict) -> list[str]:
     m = report["mfu"]
     for v in m.get("variants", []):
         name = (f"{'compiled' if v['compile'] else 'eager':<8} checkpointing "
-                f"{'on ' if v['checkpointing'] else 'off'} micro-batch {v['micro_batch']}")  # fmt: skip
+                f"{'on ' if v['checkpointing'] else 'off'} micro-batch {v['micro_batch']}"
+                + (f" kernels {v['kernels']}" if "kernels" in v else ""))  # fmt: skip
         if "error" in v:
             lines.append(f"mfu {name}: {v['error']}")
             continue
@@ -279,12 +290,20 @@ def summary(report: dict) -> list[str]:
 
 
 def install_wheels(directory: Path) -> None:
+    """Installs the wheels in ``directory`` (scripts/offline_wheels.sh makes them) into a
+    folder of their own, first on the path of this process and of every check it starts."""
     wheels = sorted(str(p) for p in directory.glob("*.whl"))
     if not wheels:
         sys.exit(f"--wheels: no .whl files in {directory}")
-    log(f"installing {len(wheels)} wheels from {directory} ...")
-    command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", *wheels]
+    target = Path(tempfile.gettempdir()) / "looplm_wheels"
+    log(f"installing {len(wheels)} wheels from {directory} into {target} ...")
+    command = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+               "--upgrade", "--target", str(target), *wheels]  # fmt: skip
     subprocess.run(command, check=True)
+    sys.path.insert(0, str(target))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(target), os.environ.get("PYTHONPATH")) if p
+    )
 
 
 def main(argv=None) -> int:
