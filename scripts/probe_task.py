@@ -3,8 +3,8 @@
     python scripts/probe_task.py --task phop --params hops=3,length=16,symbols=8 \
         --layers 2 --loops 3 --steps 6000 --answer-only
 
-Trains the model (looplm's, Stage I loss) on single questions of the task, one per row (no
-packing, no DeepSpeed), and prints the held-out accuracy at every recurrent step, for each
+Trains the model (looplm's, on the Stage I loss, or on the last step's alone with `--objective
+last_step`) on single questions of the task, one per row (no packing, no DeepSpeed), and prints the held-out accuracy at every recurrent step, for each
 difficulty from 1 to the task's hardest (p-hop: hops; Mano: operators), every `--eval-every`
 steps. With `--answer-only` only the answer is a target, without it every next token is (as
 in pre-training). It answers in minutes on a CPU core what a grid of `scripts/reproduce.py`
@@ -44,6 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--beta", type=float, default=0.05, help="entropy regularizer")
+    parser.add_argument(
+        "--objective",
+        choices=["stage1", "last_step"],
+        default="stage1",
+        help="Stage I (every step, weighted by the exit distribution) or the last step only",
+    )
     parser.add_argument("--answer-only", action="store_true")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-items", type=int, default=256, help="per difficulty")
@@ -131,11 +137,11 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95)
     )
-    objective = Objective(kind="stage1", beta=args.beta)
+    objective = Objective(kind=args.objective, beta=args.beta)
     print(
         f"{args.task} {params} | {args.layers} layers x {args.loops} steps, hidden {args.hidden}, "
         f"{config.num_parameters():,} parameters | {args.batch} questions a step, lr {args.lr}, "
-        f"{'answer' if args.answer_only else 'every token'} as target",
+        f"{'answer' if args.answer_only else 'every token'} as target, {args.objective} loss",
         flush=True,
     )
     start, tokens = time.time(), 0
