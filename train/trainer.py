@@ -526,6 +526,8 @@ class Trainer:
                 self.run_dir, cfg.logging.wandb_project, cfg.logging.wandb_mode, asdict(cfg)
             )
         stop = _StopSignal()
+        if cfg.model.compile:
+            self._phase("compiling the decoder layers in the first step (seconds to minutes)")
         while not self.finished():
             record = self.train_step(self.batches)
             rolled_back = record["rollback"] is not None
@@ -749,6 +751,11 @@ class Trainer:
             lines.append(
                 f"loss by recurrent step, mean of the last {len(records)} steps: "
                 + " ".join(f"{x:.3f}" for x in per_step)
+            )
+        if self.cfg.model.compile:
+            lines.append(
+                f"torch.compile: {compiled_graphs()} graphs of the decoder layers in this job "
+                "(more than a few means recompiles: see compiled_graphs in metrics.jsonl)"
             )
         total = max(self.state.step, 1)
         lines.append(

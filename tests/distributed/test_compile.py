@@ -53,6 +53,9 @@ def test_stages_change_steps_and_length_without_a_recompile(tmp_path, cache_dir)
         code, out = run("train.pretrain", args, tmp_path / f"{name}.log")
         assert code == 0, out[-3000:]
         records[name] = metrics(run_dir)
+    # The compiled run (the last) says why its first step is slow, and counts its graphs.
+    assert "compiling the decoder layers in the first step" in out
+    assert f"torch.compile: {records['compiled'][-1]['compiled_graphs']} graphs" in out
     assert [len(r["loss_per_step"]) for r in records["compiled"]] == [2, 2, 3, 3]
     graphs = [r["compiled_graphs"] for r in records["compiled"]]
     assert graphs[0] > 0
