@@ -186,15 +186,21 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return ((grad_w * grad_total).to(ctx.weight_dtype), None, None, None, None, *scaled_h)
 
 
-def chunked_cross_entropy(hidden_MH, weight_VH, rows_N, targets_N, chunk: int) -> torch.Tensor:
-    """Cross-entropy [N] of the target rows of ``hidden @ weight.T``, without gradients."""
+def chunked_cross_entropy(
+    hidden_MH, weight_VH, rows_N, targets_N, chunk: int, hits: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy [N] of the target rows of ``hidden @ weight.T``, without gradients; with
+    ``hits``, also whether each row's most likely token is its target [N]."""
     acc = _accumulation_dtype(hidden_MH.dtype)
     out = torch.empty(rows_N.shape[0], dtype=acc, device=hidden_MH.device)
+    correct = torch.empty(rows_N.shape[0], dtype=torch.bool, device=hidden_MH.device)
     with torch.no_grad():
         for s, e in _chunks(rows_N.shape[0], chunk):
             log_probs = _log_probs(hidden_MH.index_select(0, rows_N[s:e]), weight_VH, acc)
             out[s:e] = -log_probs.gather(1, targets_N[s:e, None]).squeeze(1)
-    return out
+            if hits:
+                correct[s:e] = log_probs.argmax(-1) == targets_N[s:e]
+    return (out, correct) if hits else out
 
 
 def weighted_lm_cross_entropy(

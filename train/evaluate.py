@@ -45,7 +45,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from data_pipelines.config import DataConfig
 from data_pipelines.loader import build_data_loader
 from looplm import LoopLMForCausalLM, q_exit_steps
-from looplm.losses import IGNORE_INDEX, exit_pdf
+from looplm.losses import IGNORE_INDEX, chunked_cross_entropy, exit_pdf
 from train import depth_sweep
 from train.depth_sweep import SweepSettings, sweep_problems
 from train.export import load_model
@@ -137,18 +137,13 @@ class TokenStats:
 
 def _head_stats(lm_head, hidden_TNH, targets_N, chunk_tokens: int):
     """Cross-entropy and argmax hits [T, N] of every step, a chunk of tokens at a time."""
-    t, n = hidden_TNH.shape[:2]
-    loss_TN = torch.empty(t, n, dtype=torch.float32, device=hidden_TNH.device)
-    correct_TN = torch.empty(t, n, dtype=torch.bool, device=hidden_TNH.device)
-    for step in range(t):
-        for start in range(0, n, chunk_tokens):
-            end = min(start + chunk_tokens, n)
-            logits_CV = lm_head(hidden_TNH[step, start:end]).float()
-            targets = targets_N[start:end, None]
-            log_probs = torch.log_softmax(logits_CV, dim=-1)
-            loss_TN[step, start:end] = -log_probs.gather(1, targets).squeeze(1)
-            correct_TN[step, start:end] = logits_CV.argmax(-1) == targets_N[start:end]
-    return loss_TN, correct_TN
+    rows_N = torch.arange(hidden_TNH.shape[1], device=hidden_TNH.device)
+    per_step = [
+        chunked_cross_entropy(h_NH, lm_head.weight, rows_N, targets_N, chunk_tokens, hits=True)
+        for h_NH in hidden_TNH
+    ]
+    loss_TN = torch.stack([loss.float() for loss, _ in per_step])
+    return loss_TN, torch.stack([correct for _, correct in per_step])
 
 
 @torch.no_grad()
