@@ -186,11 +186,19 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return ((grad_w * grad_total).to(ctx.weight_dtype), None, None, None, None, *scaled_h)
 
 
-def chunked_cross_entropy(
-    hidden_MH, weight_VH, rows_N, targets_N, chunk: int, hits: bool = False
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy [N] of the target rows of ``hidden @ weight.T``, without gradients; with
-    ``hits``, also whether each row's most likely token is its target [N]."""
+def chunked_cross_entropy(hidden_MH, weight_VH, rows_N, targets_N, chunk: int) -> torch.Tensor:
+    """Cross-entropy [N] of the target rows of ``hidden @ weight.T``, without gradients."""
+    return _chunked_scores(hidden_MH, weight_VH, rows_N, targets_N, chunk, hits=False)[0]
+
+
+def chunked_cross_entropy_and_hits(
+    hidden_MH, weight_VH, rows_N, targets_N, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chunked_cross_entropy`` and whether each row's most likely token is its target [N]."""
+    return _chunked_scores(hidden_MH, weight_VH, rows_N, targets_N, chunk, hits=True)
+
+
+def _chunked_scores(hidden_MH, weight_VH, rows_N, targets_N, chunk: int, hits: bool):
     acc = _accumulation_dtype(hidden_MH.dtype)
     out = torch.empty(rows_N.shape[0], dtype=acc, device=hidden_MH.device)
     correct = torch.empty(rows_N.shape[0], dtype=torch.bool, device=hidden_MH.device)
@@ -200,7 +208,7 @@ def chunked_cross_entropy(
             out[s:e] = -log_probs.gather(1, targets_N[s:e, None]).squeeze(1)
             if hits:
                 correct[s:e] = log_probs.argmax(-1) == targets_N[s:e]
-    return (out, correct) if hits else out
+    return out, correct
 
 
 def weighted_lm_cross_entropy(

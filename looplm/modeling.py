@@ -186,7 +186,8 @@ class LoopLMModel(nn.Module):
         self.implementation = implementation
         self.gradient_checkpointing = False
         self.compiled_layers: list[Callable] | None = None
-        """The layers compiled by ``LoopLMForCausalLM.compile_layers``, called in training."""
+        """The layers compiled by ``LoopLMForCausalLM.compile_layers``, which serve the
+        forward passes that build gradients; evaluation, a frozen body and decoding run eager."""
         self.sequence_parallel: SequenceParallel | None = None
         """Set by a training job that splits every sequence over ranks (Ulysses)."""
 
@@ -235,7 +236,8 @@ class LoopLMModel(nn.Module):
     def _run_layer(self, index: int, h, cos, sin, layout, slot, final_norm: bool):
         """One layer; the last one of a step also applies the final norm, inside the same
         checkpoint, so that per (step, layer) only the layer input is saved."""
-        compiled = self.compiled_layers is not None and slot is None
+        # Dynamo guards on grad mode: a no_grad call would compile graphs of its own.
+        compiled = self.compiled_layers is not None and slot is None and torch.is_grad_enabled()
         layer = self.compiled_layers[index] if compiled else self.layers[index]
 
         def run(h, cos, sin, layout, slot):
@@ -306,9 +308,17 @@ class LoopLMForCausalLM(nn.Module):
     def compile_layers(self) -> None:
         """Compiles each decoder layer with torch.compile, never the loop over steps: every step
         calls the same compiled layers, so a change of T does not recompile, and their shapes
-        are dynamic, so neither does a new sequence length or batch size. The compiled layers
-        serve calls without a KV cache; decoding with a cache runs them eagerly. Parameter
-        names and the checkpoint format are unchanged."""
+        are dynamic, so neither does a new sequence length or batch size. Each kind of call
+        compiles once: causal or packed attention, and a batch or length of 1 (which dynamic
+        shapes specialize). The compiled layers serve the forward passes that build gradients;
+        evaluation, a frozen body and decoding with a cache run eagerly. Parameter names and
+        the checkpoint format are unchanged. Inductor fuses the norms, SwiGLU and RoPE itself,
+        so the fused kernels of ``set_kernels`` are refused here."""
+        if any(getattr(m, "kernels", "torch") != "torch" for m in self.modules()):
+            raise ValueError(
+                "compile_layers fuses RMSNorm, SwiGLU and RoPE itself; the liger kernels are for "
+                "eager layers (model.kernels=torch with model.compile=true)"
+            )
         self.model.compiled_layers = [_CompiledLayer(layer) for layer in self.model.layers]
 
     def forward(

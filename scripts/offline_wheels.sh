@@ -21,7 +21,7 @@ for name in hydra-core omegaconf datasets dill multiprocess hjson pydantic pydan
 done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$python_version" \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux2014_x86_64 -d "$dir" "${binary[@]}" liger-kernel
+  --platform manylinux2014_x86_64 -d "$dir" "${binary[@]}" liger-kernel==0.8.5
 DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps --no-build-isolation -w "$dir" \
   "deepspeed==$(version deepspeed)" "antlr4-python3-runtime==$(version antlr4-python3-runtime)"
 ls "$dir"

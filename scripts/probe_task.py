@@ -4,9 +4,9 @@
         --layers 2 --loops 3 --steps 6000 --answer-only
 
 Trains the model (looplm's, on the Stage I loss, or on the last step's alone with `--objective
-last_step`) on single questions of the task, one per row (no packing, no DeepSpeed), and prints the held-out accuracy at every recurrent step, for each
-difficulty from 1 to the task's hardest (p-hop: hops; Mano: operators), every `--eval-every`
-steps. With `--answer-only` only the answer is a target, without it every next token is (as
+last_step`) on single questions of the task, one per row (no packing, no DeepSpeed), and prints
+the held-out accuracy at every recurrent step, for each difficulty from 1 to the task's hardest
+(p-hop: hops; Mano: operators), every `--eval-every` steps. With `--answer-only` only the answer is a target, without it every next token is (as
 in pre-training). It answers in minutes on a CPU core what a grid of `scripts/reproduce.py`
 would answer in hours: whether a budget is enough to learn a task at all, and which difficulty
 a model of some depth masters first. It is a diagnostic; the reproduction's figures come from
@@ -137,6 +137,8 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95)
     )
+    if args.objective == "last_step" and args.beta != parse_args([]).beta:
+        print(f"warning: --beta {args.beta} is ignored: the last_step loss has no exit regularizer")
     objective = Objective(kind=args.objective, beta=args.beta)
     print(
         f"{args.task} {params} | {args.layers} layers x {args.loops} steps, hidden {args.hidden}, "

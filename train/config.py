@@ -56,10 +56,12 @@ class ModelSettings:
     gradient_checkpointing: bool = False
     """Recompute each (step, layer) in the backward pass."""
     kernels: str = "torch"
-    """RMSNorm, SwiGLU and RoPE: torch, or liger (fused Triton kernels, CUDA, the gpu extra)."""
+    """RMSNorm, SwiGLU and RoPE: torch, or liger (fused Triton kernels for eager layers; CUDA
+    and the gpu extra, checked when a rank builds the model)."""
     compile: bool = False
     """torch.compile each decoder layer (never the loop over steps): T, the sequence length and
-    the micro-batch may change across stages without recompiling. Off until measured on a GPU."""
+    the micro-batch may change across stages without recompiling (a micro-batch of 1 compiles
+    once more). Off until measured on a GPU."""
 
     def build_config(self, **extra: Any) -> LoopLMConfig:
         architecture = {f.name for f in dataclasses.fields(LoopLMConfig)}
@@ -264,9 +266,15 @@ def config_problems(cfg: PretrainConfig, world_size: int) -> list[str]:
         p.append(f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     if t.global_batch_tokens < 1:
         p.append(f"train.global_batch_tokens must be >= 1, got {t.global_batch_tokens}")
-    kernels = kernels_problem(cfg.model.kernels)
+    # Only the name here: the launch host may have no GPU; a rank checks the rest at build.
+    kernels = kernels_problem(cfg.model.kernels, here=False)
     if kernels is not None:
         p.append(f"model.kernels: {kernels}")
+    if cfg.model.compile and cfg.model.kernels != "torch":
+        p.append(
+            "model.compile=true fuses RMSNorm, SwiGLU and RoPE itself: use it with "
+            f"model.kernels=torch (got {cfg.model.kernels})"
+        )
     if cfg.seed < 0:
         p.append(f"seed must be >= 0 (numpy's generators take no negative seed), got {cfg.seed}")
     for name in ("reduce_bucket_size", "stage3_prefetch_bucket_size"):

@@ -45,7 +45,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from data_pipelines.config import DataConfig
 from data_pipelines.loader import build_data_loader
 from looplm import LoopLMForCausalLM, q_exit_steps
-from looplm.losses import IGNORE_INDEX, chunked_cross_entropy, exit_pdf
+from looplm.losses import IGNORE_INDEX, chunked_cross_entropy_and_hits, exit_pdf
 from train import depth_sweep
 from train.depth_sweep import SweepSettings, sweep_problems
 from train.export import load_model
@@ -139,7 +139,7 @@ def _head_stats(lm_head, hidden_TNH, targets_N, chunk_tokens: int):
     """Cross-entropy and argmax hits [T, N] of every step, a chunk of tokens at a time."""
     rows_N = torch.arange(hidden_TNH.shape[1], device=hidden_TNH.device)
     per_step = [
-        chunked_cross_entropy(h_NH, lm_head.weight, rows_N, targets_N, chunk_tokens, hits=True)
+        chunked_cross_entropy_and_hits(h_NH, lm_head.weight, rows_N, targets_N, chunk_tokens)
         for h_NH in hidden_TNH
     ]
     loss_TN = torch.stack([loss.float() for loss, _ in per_step])

@@ -288,6 +288,8 @@ class Validator:
             return
         targets_N = labels.reshape(-1)[rows_N]
         loss_TN, hit_TN = [], []
+        # The head is called as a module, not read as a weight (as looplm.losses does): under
+        # ZeRO-3 the call is what gathers its partitioned weight.
         for h in body.step_hidden:
             logits_NV = model.lm_head(h.reshape(-1, h.shape[-1])[rows_N.to(device)]).float().cpu()
             loss_TN.append(F.cross_entropy(logits_NV, targets_N, reduction="none").double())

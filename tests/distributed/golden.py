@@ -60,11 +60,10 @@ def cpu_model() -> str:
     return platform.processor()
 
 
-def losses(ranks: int, root: Path, cache_dir: Path, extra=()) -> dict[str, list]:
-    """Per-step loss and loss per recurrent step of the golden run on ``ranks`` ranks (with
-    ``extra`` overrides)."""
+def losses(ranks: int, root: Path, cache_dir: Path) -> dict[str, list]:
+    """Per-step loss and loss per recurrent step of the golden run on ``ranks`` ranks."""
     run_dir = root / f"ranks_{ranks}"
-    args = [*SETTINGS, *extra, f"run_dir={run_dir}", f"data.cache_dir={cache_dir}"]
+    args = [*SETTINGS, f"run_dir={run_dir}", f"data.cache_dir={cache_dir}"]
     code, out = run("train.pretrain", args, root / f"ranks_{ranks}.log", nproc=ranks)
     assert code == 0, out[-3000:]
     records = metrics(run_dir)

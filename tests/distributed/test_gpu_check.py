@@ -38,6 +38,9 @@ def test_the_dry_run_runs_every_check_and_writes_one_report(tmp_path):
     assert report["job_flash"]["skipped"]
     job = report["job_sdpa"]
     assert job["ok"] and job["steps"] == 3 and job["tokens_per_s"] > 0
+    compiled = report["job_compiled"]
+    assert compiled["ok"] and len(compiled["compiled_graphs"]) == 3
+    assert abs(compiled["loss_vs_eager"]) < 1e-4  # float32 in the dry run
     variants = report["mfu"]["variants"]
     assert [(v["compile"], v["checkpointing"]) for v in variants] == [
         (False, False),
@@ -46,7 +49,10 @@ def test_the_dry_run_runs_every_check_and_writes_one_report(tmp_path):
         (True, True),
     ]
     assert all(v["tokens_per_s"] > 0 and v["estimated_activations_gib"] > 0 for v in variants)
-    assert report["summary"][-1] == "verdicts: tests PASS, job_flash -, job_sdpa PASS, mfu PASS"
+    assert report["mfu"]["mfu_target_met"] is None  # no peak FLOP/s for a CPU
+    assert report["summary"][-1] == (
+        "verdicts: tests PASS, job_flash -, job_sdpa PASS, job_compiled PASS, mfu PASS"
+    )
     assert "\n".join(report["summary"]) in done.stdout
 
 

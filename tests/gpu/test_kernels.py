@@ -25,7 +25,13 @@ def cuda_model(kernels: str, dtype=torch.float32):
 def test_liger_kernels_follow_the_float64_reference():
     model = cuda_model("liger")
     ids = token_ids(2, 24)
-    positions = torch.cat([torch.arange(10), torch.arange(14)]).expand(2, -1)
+    # Each row restarts at its own place: a kernel that read one row's positions for all fails.
+    positions = torch.stack(
+        [
+            torch.cat([torch.arange(10), torch.arange(14)]),
+            torch.cat([torch.arange(17), torch.arange(7)]),
+        ]
+    )
     out = model(ids.cuda(), positions.cuda(), return_all_steps=True)
     reference = tiny_model()
     step_logits, gate_logits = reference_forward(reference, ids, positions)
@@ -36,10 +42,11 @@ def test_liger_kernels_follow_the_float64_reference():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_liger_gradients_equal_the_torch_kernels(dtype):
     ids = token_ids(2, 32).cuda()
+    positions = torch.stack([torch.arange(32), torch.cat([torch.arange(12), torch.arange(20)])])
     grads = {}
     for kernels in ("torch", "liger"):
         model = cuda_model(kernels, dtype)
-        model(ids, labels=ids.roll(-1, 1)).loss.backward()
+        model(ids, positions.cuda(), labels=ids.roll(-1, 1)).loss.backward()
         grads[kernels] = torch.cat([p.grad.float().flatten() for p in model.parameters()])
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     scale = grads["torch"].abs().max()

@@ -2,6 +2,7 @@
 eager's training losses, and no new graph when T, the sequence length or the micro-batch
 change (the curriculum changes all three between stages)."""
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 
@@ -47,7 +48,10 @@ def test_compiled_layers_match_the_float64_reference():
     model.compile_layers()
     ids = token_ids(2, 24)
     positions = packed_positions(2, 24)
+    torch._dynamo.reset()
+    before = graphs()
     out = model(ids, positions, return_all_steps=True)
+    assert graphs() > before, "nothing was compiled"
     step_logits, gate_logits = reference_forward(model, ids, positions)
     close(out.step_logits, step_logits)
     close(out.gate_logits, gate_logits)
@@ -57,7 +61,10 @@ def test_compiled_layers_train_as_eager_does_for_twenty_steps():
     eager, compiled = fp32_model(), fp32_model()
     compiled.compile_layers()
     compiled.set_gradient_checkpointing(True)
+    torch._dynamo.reset()
+    before = graphs()
     expected, actual = train_losses(eager, 20), train_losses(compiled, 20)
+    assert graphs() > before, "nothing was compiled"
     assert expected[-1] < expected[0] - 0.1  # the run learns, so the comparison means something
     for step, (a, e) in enumerate(zip(actual, expected, strict=True), 1):
         assert abs(a - e) <= 1e-5 * abs(e), f"step {step}: compiled {a}, eager {e}"
@@ -84,14 +91,25 @@ def test_new_steps_lengths_and_micro_batches_compile_nothing_new():
     assert graphs() == warm
 
 
-def test_decoding_with_a_cache_runs_eagerly_and_the_format_is_unchanged():
+def test_evaluation_and_decoding_run_eagerly_and_the_format_is_unchanged():
     eager, compiled = fp32_model(), fp32_model()
     compiled.compile_layers()
     assert list(compiled.state_dict()) == list(eager.state_dict())
-    prompt = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(3))
+    prompt = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
     before = graphs()
     with torch.no_grad():
-        expected = eager.generate(prompt, 5)
-        actual = compiled.generate(prompt, 5)
+        expected = eager.generate(prompt[:1], 5)
+        actual = compiled.generate(prompt[:1], 5)
+        scored = compiled(prompt, packed_positions(2, 6), prompt.roll(-1, 1)).loss
+        reference = eager(prompt, packed_positions(2, 6), prompt.roll(-1, 1)).loss
     assert graphs() == before
     assert torch.equal(actual, expected)
+    assert torch.equal(scored, reference)
+
+
+def test_compiling_refuses_the_fused_kernels():
+    model = fp32_model()
+    model.model.layers[0].mlp.kernels = "liger"  # what set_kernels("liger") does on a GPU
+    with pytest.raises(ValueError, match="compile_layers fuses RMSNorm, SwiGLU and RoPE itself"):
+        model.compile_layers()
+    assert model.model.compiled_layers is None
