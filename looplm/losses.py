@@ -201,7 +201,7 @@ def chunked_cross_entropy_and_hits(
 def _chunked_scores(hidden_MH, weight_VH, rows_N, targets_N, chunk: int, hits: bool):
     acc = _accumulation_dtype(hidden_MH.dtype)
     out = torch.empty(rows_N.shape[0], dtype=acc, device=hidden_MH.device)
-    correct = torch.empty(rows_N.shape[0], dtype=torch.bool, device=hidden_MH.device)
+    correct = torch.empty(rows_N.shape[0] if hits else 0, dtype=torch.bool, device=out.device)
     with torch.no_grad():
         for s, e in _chunks(rows_N.shape[0], chunk):
             log_probs = _log_probs(hidden_MH.index_select(0, rows_N[s:e]), weight_VH, acc)

@@ -6,8 +6,8 @@
 Trains the model (looplm's, on the Stage I loss, or on the last step's alone with `--objective
 last_step`) on single questions of the task, one per row (no packing, no DeepSpeed), and prints
 the held-out accuracy at every recurrent step, for each difficulty from 1 to the task's hardest
-(p-hop: hops; Mano: operators), every `--eval-every` steps. With `--answer-only` only the answer is a target, without it every next token is (as
-in pre-training). It answers in minutes on a CPU core what a grid of `scripts/reproduce.py`
+(p-hop: hops; Mano: operators), every `--eval-every` steps. With `--answer-only` only the answer
+is a target, without it every next token is (as in pre-training). It answers in minutes on a CPU core what a grid of `scripts/reproduce.py`
 would answer in hours: whether a budget is enough to learn a task at all, and which difficulty
 a model of some depth masters first. It is a diagnostic; the reproduction's figures come from
 the pre-training job.
@@ -29,6 +29,8 @@ from data_pipelines import synthetic  # noqa: E402
 from looplm import LoopLMConfig, LoopLMForCausalLM, Objective  # noqa: E402
 
 DIFFICULTY = {"phop": "hops", "mano": "ops"}
+BETA = 0.05
+"""The entropy regularizer's weight by default (the reproduction's looped family's)."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=64, help="questions per step")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--beta", type=float, default=0.05, help="entropy regularizer")
+    parser.add_argument("--beta", type=float, default=None, help=f"entropy regularizer ({BETA})")
     parser.add_argument(
         "--objective",
         choices=["stage1", "last_step"],
@@ -137,9 +139,10 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95)
     )
-    if args.objective == "last_step" and args.beta != parse_args([]).beta:
+    if args.objective == "last_step" and args.beta is not None:
         print(f"warning: --beta {args.beta} is ignored: the last_step loss has no exit regularizer")
-    objective = Objective(kind=args.objective, beta=args.beta)
+    beta = BETA if args.beta is None else args.beta
+    objective = Objective(kind=args.objective, beta=beta)
     print(
         f"{args.task} {params} | {args.layers} layers x {args.loops} steps, hidden {args.hidden}, "
         f"{config.num_parameters():,} parameters | {args.batch} questions a step, lr {args.lr}, "
