@@ -22,7 +22,7 @@ from data_pipelines.tokenizer import is_local_tokenizer, tokenizer_summary
 from looplm.config import PRESETS, LoopLMConfig
 from looplm.kernels import kernels_problem
 from looplm.losses import PRIORS, REGULARIZERS
-from train.curriculum import Curriculum, CurriculumSettings, stage_problems
+from train.curriculum import Curriculum, CurriculumSettings, Stage, stage_problems
 from train.stability import StabilitySettings, stability_problems
 from train.validation import EvalSettings, eval_problems
 
@@ -448,15 +448,44 @@ def curriculum_base(cfg: PretrainConfig, model_cfg: LoopLMConfig | None) -> dict
     }
 
 
-def build_curriculum(
-    cfg: PretrainConfig, model_cfg: LoopLMConfig, world_size: int
-) -> Curriculum | None:
-    """The run's curriculum on ``world_size`` data-parallel ranks; None when it has no stages."""
-    if not cfg.curriculum.stages:
-        return None
-    base = curriculum_base(cfg, model_cfg)
+def build_curriculum(cfg: PretrainConfig, model_cfg: LoopLMConfig, world_size: int) -> Curriculum:
+    """The run's plan on ``world_size`` ranks: its curriculum stages, or one stage."""
     dp_size = data_parallel_size(cfg, world_size)
-    return Curriculum.resolve(cfg.curriculum.stages, base, cfg.train.micro_batch_size, dp_size)
+    micro = cfg.train.micro_batch_size
+    if not cfg.curriculum.stages:
+        return Curriculum([one_stage(cfg, model_cfg)], micro, dp_size, configured=False)
+    base = curriculum_base(cfg, model_cfg)
+    return Curriculum.resolve(cfg.curriculum.stages, base, micro, dp_size)
+
+
+def one_stage(cfg: PretrainConfig, model_cfg: LoopLMConfig) -> Stage:
+    """The one stage of a run without curriculum stages: ``train.max_steps`` batches of the
+    configured mixture, the LR by the ``schedule`` group, beta by ``train.beta_*``."""
+    t, s = cfg.train, cfg.schedule
+    batch = t.global_batch_tokens
+    return Stage(
+        index=0,
+        name="main",
+        start=0,
+        end=t.max_steps * batch,
+        # the configured mixture: a resume with changed weights applies them (logged)
+        weights={source.name: source.weight for source in cfg.data.sources},
+        seq_len=cfg.data.seq_len,
+        global_batch_tokens=batch,
+        batch_ramp_from=batch,
+        batch_ramp_tokens=0,
+        lr=cfg.optim.lr,
+        lr_final=cfg.optim.lr * s.min_lr_ratio,
+        lr_schedule=s.kind,
+        warmup_tokens=s.warmup_steps * batch,
+        beta=t.beta,
+        beta_final=t.beta if t.beta_final is None else t.beta_final,
+        beta_schedule=t.beta_schedule,
+        num_recurrent_steps=t.num_recurrent_steps or model_cfg.total_ut_steps,
+        rope_theta=model_cfg.rope_theta,
+        trainable=None,
+        decay_tokens=round(t.max_steps * s.decay_fraction) * batch if s.kind == "wsd" else 0,
+    )
 
 
 def _parameter_names(model_cfg: LoopLMConfig) -> list[str]:

@@ -14,8 +14,10 @@ function of the tokens consumed, so the checkpointed token count is the curricul
 state: a resumed run, in mid-stage or exactly at a boundary, continues as the uninterrupted
 one would.
 
-A run without stages is one stage of ``train.max_steps`` steps that follows the step-based
-``schedule`` group.
+A run without stages is one stage of ``train.max_steps x train.global_batch_tokens`` tokens
+whose LR follows the ``schedule`` group (``one_stage``): every run has the same plan, and every
+schedule (warmup, then constant, linear, cosine or warmup-stable-decay) is a function of the
+tokens consumed, in ``stage_lr``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+"""How a configured stage's LR goes from lr to lr_final; a run without stages may also take
+``wsd`` (the ``schedule`` group's warmup-stable-decay)."""
 
 
 @dataclass
@@ -99,6 +103,8 @@ class Stage:
     num_recurrent_steps: int
     rope_theta: float
     trainable: tuple[str, ...] | None
+    decay_tokens: int = 0
+    """wsd: the LR decays linearly to lr_final over the stage's last tokens."""
 
 
 @dataclass(frozen=True)
@@ -127,11 +133,40 @@ def ramp(start: float, end: float, progress: float, kind: str) -> float:
     raise ValueError(f"unknown schedule {kind!r}")
 
 
-class Curriculum:
-    """The stages of a run, resolved for a micro batch size and a data-parallel size."""
+def stage_lr(stage: Stage, into: int, step_tokens: int) -> float:
+    """The LR of the step that starts ``into`` tokens into ``stage`` and consumes
+    ``step_tokens``: linear warmup to ``lr`` over ``warmup_tokens`` (the step's value is the
+    one at its end), then ``lr`` -> ``lr_final`` by ``lr_schedule`` over the rest of the stage
+    (at the step's start), or for ``wsd`` ``lr`` until the last ``decay_tokens``, which
+    decay linearly (at the step's end).
 
-    def __init__(self, stages: list[Stage], micro_batch_size: int, dp_size: int):
+    With a batch of 2^k tokens a step, a run without stages gets bit for bit the LR the
+    step-based formulas give (``lr (s + 1) / W`` in warmup, cosine at ``(s - W) / (N - W)``,
+    decay at ``(s - D0 + 1) / D``): scaling by a power of two rounds nothing."""
+    if stage.warmup_tokens and into < stage.warmup_tokens:
+        return min(stage.lr * (into + step_tokens) / stage.warmup_tokens, stage.lr)
+    length = stage.end - stage.start
+    if stage.lr_schedule == "wsd":
+        decay_start = length - stage.decay_tokens
+        if into < decay_start or stage.decay_tokens == 0:
+            return stage.lr
+        progress = (into - decay_start + step_tokens) / stage.decay_tokens
+        return ramp(stage.lr, stage.lr_final, progress, "linear")
+    span = max(length - stage.warmup_tokens, 1)
+    progress = (into - stage.warmup_tokens) / span
+    return ramp(stage.lr, stage.lr_final, progress, stage.lr_schedule)
+
+
+class Curriculum:
+    """The stages of a run, resolved for a micro batch size and a data-parallel size.
+    ``configured``: the stages come from ``curriculum.stages`` (False: the one stage of a
+    run without them, which leaves the model's own T and RoPE base in its config)."""
+
+    def __init__(
+        self, stages: list[Stage], micro_batch_size: int, dp_size: int, configured: bool = True
+    ):
         self.stages, self.micro_batch_size, self.dp_size = stages, micro_batch_size, dp_size
+        self.configured = configured
 
     @classmethod
     def resolve(cls, settings: list[StageSettings], base: dict, micro: int, dp: int) -> Curriculum:
@@ -201,14 +236,7 @@ class Curriculum:
             batch = ramp(stage.batch_ramp_from, batch, into / stage.batch_ramp_tokens, "linear")
         accumulation = max(int(batch // unit), 1)
         accumulation = min(accumulation, math.ceil((stage.end - tokens) / unit))
-        if stage.warmup_tokens and into < stage.warmup_tokens:
-            lr = stage.lr * (into + accumulation * unit) / stage.warmup_tokens
-            lr = min(lr, stage.lr)
-        else:
-            span = max(stage.end - stage.start - stage.warmup_tokens, 1)
-            lr = ramp(
-                stage.lr, stage.lr_final, (into - stage.warmup_tokens) / span, stage.lr_schedule
-            )
+        lr = stage_lr(stage, into, accumulation * unit)
         span = max(stage.end - stage.start, 1)
         beta = ramp(stage.beta, stage.beta_final, into / span, stage.beta_schedule)
         return StepPlan(stage, accumulation, accumulation * unit, lr, beta)

@@ -9,7 +9,6 @@ checkpoint, exactly: the per-step losses of a resumed run equal the uninterrupte
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import os
@@ -29,7 +28,6 @@ from train.config import (
     PretrainConfig,
     build_curriculum,
     data_parallel_size,
-    gradient_accumulation,
     register_configs,
     validate,
 )
@@ -50,7 +48,6 @@ from train.metrics import (
 )
 from train.resume_settings import check_resume_settings
 from train.run_lock import RunLock, exit_with_launcher
-from train.schedule import exit_beta, learning_rate
 from train.sequence_parallel import local_slice, sequence_parallel_group, token_share
 from train.stability import StabilityGuard, Verdict
 from train.validation import Validator, append_record, console_line, wandb_values
@@ -235,10 +232,12 @@ class Trainer:
         self.objective = self.build_objective()
         self.curriculum = build_curriculum(cfg, self.model.config, self.world_size)
         self.stage: Stage | None = None
-        plan = self.plan()
+        # a finished run (re-launched) plans from its last stage's start: it trains nothing
+        done = self.state.tokens >= self.curriculum.total_tokens
+        plan = self.curriculum.plan(self.curriculum.stages[-1].start if done else self.state.tokens)
         self._apply_model_settings(plan.stage)
         self.trainable = dict.fromkeys((n for n, _ in self.model.named_parameters()), True)
-        if self.curriculum and any(s.trainable for s in self.curriculum.stages):
+        if any(s.trainable for s in self.curriculum.stages):
             self._freeze_by_stage()
         self._phase(
             f"building the DeepSpeed engine ({self.model.config.num_parameters():,} parameters, "
@@ -264,7 +263,7 @@ class Trainer:
         if self.validator is not None:
             self.validator.truncate_after(self.state.step)
         self.peak_flops = device_peak_flops()
-        if self.curriculum is not None and self.rank == 0:
+        if self.curriculum.configured and self.rank == 0:
             for line in self.curriculum.describe():
                 logger.info("curriculum: %s", line)
         self.already_finished = self.latest is not None and self.finished()
@@ -322,48 +321,10 @@ class Trainer:
 
     def plan(self) -> StepPlan:
         """What the next optimizer step does: its stage, micro-batches, LR and beta."""
-        cfg, step = self.cfg, self.state.step
-        if self.curriculum is not None:
-            return self.curriculum.plan(self.state.tokens)
-        return StepPlan(
-            stage=self._single_stage,
-            accumulation=gradient_accumulation(cfg.train, cfg.data.seq_len, self.dp_size),
-            tokens=cfg.train.global_batch_tokens,
-            lr=learning_rate(step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule),
-            beta=exit_beta(step, cfg.train.max_steps, cfg.train),
-        )
-
-    @functools.cached_property
-    def _single_stage(self) -> Stage:
-        """The one stage of a run without a curriculum (LR and beta follow the step)."""
-        cfg = self.cfg
-        return Stage(
-            index=0,
-            name="main",
-            start=0,
-            end=cfg.train.max_steps * cfg.train.global_batch_tokens,
-            # the configured mixture: a resume with changed weights applies them (logged)
-            weights={source.name: source.weight for source in cfg.data.sources},
-            seq_len=cfg.data.seq_len,
-            global_batch_tokens=cfg.train.global_batch_tokens,
-            batch_ramp_from=cfg.train.global_batch_tokens,
-            batch_ramp_tokens=0,
-            lr=cfg.optim.lr,
-            lr_final=cfg.optim.lr * cfg.schedule.min_lr_ratio,
-            lr_schedule=cfg.schedule.kind,
-            warmup_tokens=0,
-            beta=cfg.train.beta,
-            beta_final=cfg.train.beta if cfg.train.beta_final is None else cfg.train.beta_final,
-            beta_schedule=cfg.train.beta_schedule,
-            num_recurrent_steps=cfg.train.num_recurrent_steps or self.model.config.total_ut_steps,
-            rope_theta=self.model.config.rope_theta,
-            trainable=None,
-        )
+        return self.curriculum.plan(self.state.tokens)
 
     def _total_steps(self) -> int:
         limit = self.cfg.train.max_steps
-        if self.curriculum is None:
-            return limit
         steps = self.curriculum.total_steps()
         return steps if limit is None else min(limit, steps)
 
@@ -371,20 +332,20 @@ class Trainer:
         limit = self.cfg.train.max_steps
         if limit is not None and self.state.step >= limit:
             return True
-        return self.curriculum is not None and self.state.tokens >= self.curriculum.total_tokens
+        return self.state.tokens >= self.curriculum.total_tokens
 
     def _stage_ended(self) -> bool:
         """Whether the last step ended a curriculum stage (its checkpoint is always written:
         a branch point, such as the 2.6B model's, and an exact boundary to resume at)."""
-        if self.curriculum is None or self.finished():
+        if self.finished():
             return False
         return self.curriculum.stage_at(self.state.tokens).index != self.stage.index
 
     def _apply_model_settings(self, stage: Stage) -> None:
-        """The stage's loop depth and RoPE base; a curriculum also writes them into the model's
-        config, so checkpoints and exports carry them."""
+        """The stage's loop depth and RoPE base; configured stages also write them into the
+        model's config, so checkpoints and exports carry them."""
         self.num_steps = stage.num_recurrent_steps
-        if self.curriculum is not None:
+        if self.curriculum.configured:
             self.model.config.total_ut_steps = stage.num_recurrent_steps
             self.model.config.rope_theta = stage.rope_theta
         self.flops_per_token = step_flops_per_token(
@@ -413,7 +374,7 @@ class Trainer:
         self._apply_model_settings(stage)
         names = list(self.trainable)
         self.trainable = dict(zip(names, trainable_mask(names, stage.trainable), strict=True))
-        if self.rank == 0 and self.curriculum is not None:
+        if self.rank == 0 and self.curriculum.configured:
             logger.info(
                 "%s stage %d %r at step %d, %d tokens (T %d, seq_len %d, rope_theta %g)",
                 "entering" if entering else "resuming in",
@@ -436,7 +397,7 @@ class Trainer:
 
     def _stage_groups(self) -> list[tuple[bool, ...]] | None:
         """For each parameter, whether it trains in each stage (None: always)."""
-        if self.curriculum is None or not any(s.trainable for s in self.curriculum.stages):
+        if not any(s.trainable for s in self.curriculum.stages):
             return None
         names = [n for n, _ in self.model.named_parameters()]
         masks = [trainable_mask(names, s.trainable) for s in self.curriculum.stages]
@@ -449,7 +410,7 @@ class Trainer:
         saved state (None when there is none or the number of ranks changed)."""
         if self.latest is None:
             return None
-        managed = ("total_ut_steps", "rope_theta") if self.curriculum is not None else ()
+        managed = ("total_ut_steps", "rope_theta") if self.curriculum.configured else ()
         rank_state = self.checkpoints.load(
             self.engine, self.latest, self.world_size, self.model.config, managed
         )

@@ -10,8 +10,15 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from tests.conftest import OURO_TINY
-from train.config import config_problems, config_warnings, register_configs, to_object, validate
-from train.schedule import exit_beta, learning_rate
+from train.config import (
+    _model_config,
+    build_curriculum,
+    config_problems,
+    config_warnings,
+    register_configs,
+    to_object,
+    validate,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 register_configs()
@@ -137,26 +144,96 @@ def test_every_problem_is_reported_at_once():
     assert all(message in problems for _, message in chosen)
 
 
+def run_plans(*overrides: str, world_size: int = 1) -> list:
+    """Every step's plan of a run without curriculum stages (the tiny model, 64-token
+    sequences, one micro-batch of 4 per rank: 256 tokens a pass)."""
+    cfg = to_object(
+        composed(
+            "model=tiny",
+            "data.seq_len=64",
+            "train.micro_batch_size=4",
+            "train.global_batch_tokens=1024",
+            *overrides,
+        )
+    )
+    model_cfg, problems = _model_config(cfg)
+    assert not problems, problems
+    curriculum = build_curriculum(cfg, model_cfg, world_size)
+    assert [s.name for s in curriculum.stages] == ["main"] and not curriculum.configured
+    plans, tokens = [], 0
+    while tokens < curriculum.total_tokens:
+        plans.append(curriculum.plan(tokens))
+        tokens += plans[-1].tokens
+    assert len(plans) == cfg.train.max_steps == curriculum.total_steps()
+    return plans
+
+
+def step_lr(step: int, peak: float, total: int, kind: str, warmup: int, decay: float) -> float:
+    """The schedules written per optimizer step (0-based), as a reference."""
+    final = 0.1 * peak
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    if kind == "constant":
+        return peak
+    if kind == "cosine":
+        progress = (step - warmup) / max(total - warmup, 1)
+        return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    decay_steps = round(total * decay)
+    if step < total - decay_steps or decay_steps == 0:
+        return peak
+    return peak + (final - peak) * min((step - (total - decay_steps) + 1) / decay_steps, 1.0)
+
+
 @pytest.mark.parametrize("kind", ["wsd", "cosine", "constant"])
-def test_schedules_warm_up_linearly_and_end_where_configured(kind):
-    cfg = to_object(composed(f"schedule={kind}", "schedule.warmup_steps=10"))
-    lrs = [learning_rate(step, 1.0, 100, cfg.schedule) for step in range(100)]
-    assert lrs[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
-    assert max(lrs) == pytest.approx(1.0)
-    final = {"wsd": 0.1 + (1 - 0.1) * 0, "cosine": 0.1, "constant": 1.0}[kind]
-    assert lrs[-1] == pytest.approx(final, abs=0.01)
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_schedules_warm_up_linearly_and_end_where_configured(kind, world_size):
+    plans = run_plans(
+        f"schedule={kind}",
+        "schedule.warmup_steps=10",
+        "schedule.min_lr_ratio=0.1",
+        "optim.lr=3e-3",
+        "train.max_steps=100",
+        world_size=world_size,
+    )
+    lrs = [plan.lr for plan in plans]
+    assert all(plan.tokens == 1024 for plan in plans)
+    assert all(plan.accumulation == 4 // world_size for plan in plans)
+    # bit for bit the per-step formulas: 1024 tokens a step, a power of two
+    assert lrs == [step_lr(s, 3e-3, 100, kind, 10, 0.2) for s in range(100)]
+    assert lrs[:10] == pytest.approx([3e-3 * (i + 1) / 10 for i in range(10)])
+    assert max(lrs) == pytest.approx(3e-3)
+    final = {"wsd": 3e-4, "cosine": 3e-4, "constant": 3e-3}[kind]
+    assert lrs[-1] == pytest.approx(final, rel=0.01)
     if kind == "wsd":
-        assert lrs[10:80] == [1.0] * 70 and lrs[80] < 1.0
+        assert lrs[10:80] == [3e-3] * 70 and lrs[80] < 3e-3
+
+
+def test_a_batch_of_other_than_a_power_of_two_tokens_keeps_the_schedule_to_rounding():
+    plans = run_plans(
+        "schedule=cosine",
+        "schedule.warmup_steps=7",
+        "train.global_batch_tokens=768",
+        "train.micro_batch_size=4",
+        "data.seq_len=64",
+        "train.max_steps=50",
+        "optim.lr=1e-3",
+    )
+    expected = [step_lr(s, 1e-3, 50, "cosine", 7, 0.2) for s in range(50)]
+    assert [plan.lr for plan in plans] == pytest.approx(expected, rel=1e-14, abs=0)
 
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
 def test_beta_schedules_anneal_from_beta_to_beta_final(kind):
-    cfg = to_object(
-        composed("train.beta=0.1", "train.beta_final=0.05", f"train.beta_schedule={kind}")
+    plans = run_plans(
+        "train.beta=0.1",
+        "train.beta_final=0.05",
+        f"train.beta_schedule={kind}",
+        "train.max_steps=100",
     )
-    betas = [exit_beta(step, 101, cfg.train) for step in range(101)]
+    betas = [plan.beta for plan in plans]
+    # a function of the tokens consumed before the step: step / 100 of the way
     assert betas[0] == pytest.approx(0.1)
-    assert betas[-1] == pytest.approx(0.1 if kind == "constant" else 0.05)
+    assert betas[-1] == pytest.approx(0.1 if kind == "constant" else 0.05, abs=0.0011)
     if kind == "linear":
         assert betas[50] == pytest.approx(0.075)
     if kind == "cosine":
