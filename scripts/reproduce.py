@@ -123,13 +123,16 @@ class Model:
 
 
 def grid(scale: Scale, tasks: list[str], families=FAMILIES) -> list[Model]:
-    """Every model to train, iso_flop once per task and seed (it does not depend on k)."""
+    """Every model to train, iso_flop once per task and seed (it does not depend on k; a
+    block of all D layers is that model, so it adds nothing)."""
     models = []
     for task in tasks:
         for seed in scale.seeds:
             models.append(Model(task, "iso_flop", scale.depth, 1, seed))
             for k in scale.blocks:
                 loops = scale.depth // k
+                if loops == 1:  # k = D: the iso_flop model itself
+                    continue
                 models.append(Model(task, "looped", k, loops, seed))
                 models.append(Model(task, "iso_param", k, 1, seed))
                 models.append(Model(task, "looped_last", k, loops, seed))
@@ -410,6 +413,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def with_setting(scale: Scale, assignment: str) -> Scale:
+    """``scale`` with one field set from ``FIELD=VALUE`` (a tuple field takes ``1,2,3``)."""
+    key, value = assignment.split("=", 1)
+    if key not in Scale.__dataclass_fields__ or key == "tasks":
+        raise SystemExit(f"--set {assignment}: no such setting (use --source for a task)")
+    current = getattr(scale, key)
+    if isinstance(current, tuple):
+        parsed = tuple(int(part) for part in value.split(","))
+    elif isinstance(current, int):
+        parsed = int(float(value))
+    else:
+        parsed = type(current)(value)
+    return Scale(**{**asdict(scale), key: parsed})
+
+
+def check_blocks(scale: Scale) -> None:
+    """Every block size must divide the depth (SystemExit naming them otherwise)."""
+    if not scale.blocks or any(k < 1 or scale.depth % k for k in scale.blocks):
+        raise SystemExit(f"block sizes {scale.blocks} must each divide the depth {scale.depth}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
@@ -419,9 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps:
         scale = Scale(**{**asdict(scale), "steps": args.steps})
     for assignment in args.set:
-        key, value = assignment.split("=", 1)
-        kind = type(getattr(scale, key))
-        scale = Scale(**{**asdict(scale), key: kind(float(value)) if kind is int else kind(value)})
+        scale = with_setting(scale, assignment)
+    check_blocks(scale)
     for assignment in args.source:
         task, uri = assignment.split("=", 1)
         synthetic.parse_uri(uri)

@@ -36,6 +36,24 @@ def test_the_grid_pairs_every_looped_model_with_its_baselines():
     assert {m.family for m in only} == {"looped"} and {m.task for m in only} == {"mano"}
 
 
+def test_set_changes_one_field_of_the_scale_and_refuses_what_does_not_fit():
+    scale = reproduce.with_setting(reproduce.QUICK, "blocks=1,3")
+    scale = reproduce.with_setting(scale, "lr=3e-4")
+    scale = reproduce.with_setting(scale, "steps=1e3")
+    assert (scale.blocks, scale.lr, scale.steps) == ((1, 3), 3e-4, 1000)
+    assert reproduce.with_setting(scale, "depth=3").depth == 3
+    models = reproduce.grid(reproduce.with_setting(scale, "depth=3"), ["phop"])
+    assert {(m.layers, m.loops) for m in models if m.family == "looped"} == {(1, 3)}
+    assert len(models) == 2 * (1 + 3 * 2) - 2 * 3  # k=3 of depth 3 loops once: no looped trio
+    for bad in ("widht=3", "tasks=x"):
+        with pytest.raises(SystemExit):
+            reproduce.with_setting(reproduce.QUICK, bad)
+    reproduce.check_blocks(reproduce.with_setting(scale, "depth=3"))
+    for bad in ("blocks=4", "blocks=0"):
+        with pytest.raises(SystemExit, match="must each divide the depth 6"):
+            reproduce.check_blocks(reproduce.with_setting(reproduce.QUICK, bad))
+
+
 @pytest.mark.parametrize("family", reproduce.FAMILIES)
 def test_each_family_is_a_valid_pre_training_job(tmp_path, family):
     scale = reproduce.QUICK
