@@ -1,8 +1,8 @@
 """Stability guards: loss and grad-norm spike detection, and rollback after repeated spikes.
 
 A step whose loss (averaged over micro-batches and ranks) or whose global gradient norm (before
-clipping) lies beyond a z-score above its window's mean, or beyond a ratio of that mean, is a
-spike: the trainer skips its update on every rank. Accepted steps enter the windows; the
+clipping) lies beyond a z-score above its window's mean (and at least a minimum fraction above
+it), or beyond a ratio of that mean, is a spike: the trainer skips its update on every rank. Accepted steps enter the windows; the
 windows are part of every checkpoint, so a resumed run judges exactly as the uninterrupted one
 would. A skipped update leaves the weights unchanged, so a grad-norm spike that repeats over
 new batches comes from the weights and skipping cannot end it: after ``grad_norm_patience``
@@ -35,12 +35,19 @@ class StabilitySettings:
     min_history: int = 20
     """Steps accepted before any step is judged (early training moves fast)."""
     z_threshold: float = 6.0
-    """A loss more than this many standard deviations above the window mean is a spike."""
+    """A loss more than this many standard deviations above the window mean is a spike (when
+    it is also min_rise above the mean)."""
+    min_rise: float = 0.05
+    """The z-score rule judges only a loss at least this fraction above the window mean. On a
+    plateau the window's spread is tiny: a 2.9% rise (1.108 over a mean of 1.077) measured 9
+    sigma, and a healthy run was rolled back four times and stopped."""
     ratio_threshold: float = 2.0
     """A loss more than this many times the window mean is a spike."""
     grad_norm: bool = True
     """Also judge the global gradient norm (before clipping) of every step."""
     grad_norm_z_threshold: float = 6.0
+    grad_norm_min_rise: float = 0.5
+    """As min_rise, for the gradient norm (which varies far more from step to step)."""
     grad_norm_ratio_threshold: float = 4.0
     rollback_after: int = 3
     """Spikes within rollback_within steps that trigger a rollback (0: never roll back)."""
@@ -70,6 +77,8 @@ def stability_problems(s: StabilitySettings) -> list[str]:
         p.append("stability.window must be >= 2 and 1 <= stability.min_history <= window")
     if min(s.z_threshold, s.grad_norm_z_threshold) <= 0:
         p.append("stability.z_threshold and stability.grad_norm_z_threshold must be > 0")
+    if min(s.min_rise, s.grad_norm_min_rise) < 0:
+        p.append("stability.min_rise and stability.grad_norm_min_rise must be >= 0")
     if min(s.ratio_threshold, s.grad_norm_ratio_threshold) <= 1:
         p.append("stability.ratio_threshold and stability.grad_norm_ratio_threshold must be > 1")
     if s.rollback_after < 0 or s.rollback_within < 1 or s.max_rollbacks < 0:
@@ -91,9 +100,11 @@ class SpikeDetector:
         self.enabled = settings.enabled and (quantity == "loss" or settings.grad_norm)
         if quantity == "loss":
             self.z_threshold, self.ratio_threshold = settings.z_threshold, settings.ratio_threshold
+            self.min_rise = settings.min_rise
         else:
             self.z_threshold = settings.grad_norm_z_threshold
             self.ratio_threshold = settings.grad_norm_ratio_threshold
+            self.min_rise = settings.grad_norm_min_rise
         self.history: deque[float] = deque(maxlen=settings.window)
 
     def judge(self, value: float) -> str | None:
@@ -105,7 +116,8 @@ class SpikeDetector:
         mean = sum(self.history) / len(self.history)
         std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / (len(self.history) - 1))
         what = f"{self.quantity} {value:.4f}"
-        if std > 0 and (value - mean) / std > self.z_threshold:
+        material = value >= mean * (1.0 + self.min_rise)
+        if std > 0 and material and (value - mean) / std > self.z_threshold:
             return f"{what} is {(value - mean) / std:.1f} sigma above the window mean {mean:.4f}"
         if value > self.ratio_threshold * mean:
             return f"{what} is {value / mean:.2f}x the window mean {mean:.4f}"

@@ -76,6 +76,8 @@ BAD: dict[str, tuple] = {
     "stability.min_history": (0,),
     "stability.z_threshold": (0.0,),
     "stability.ratio_threshold": (1.0,),
+    "stability.min_rise": (-0.1,),
+    "stability.grad_norm_min_rise": (-0.5,),
     "stability.grad_norm_z_threshold": (-1.0,),
     "stability.grad_norm_ratio_threshold": (0.5,),
     "stability.rollback_after": (-1,),

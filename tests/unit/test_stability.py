@@ -23,7 +23,7 @@ def test_no_verdict_before_the_window_has_min_history():
 
 
 def test_z_score_and_ratio_spikes():
-    d = detector(z_threshold=3.0, ratio_threshold=10.0)
+    d = detector(z_threshold=3.0, ratio_threshold=10.0, min_rise=0.0)
     for loss in (1.0, 1.1, 0.9, 1.0):
         d.accept(loss)
     mean, std = 1.0, math.sqrt(0.02 / 3)
@@ -34,6 +34,22 @@ def test_z_score_and_ratio_spikes():
         flat.accept(2.0)  # no spread: only the ratio can judge
     assert flat.judge(3.9) is None
     assert "2.05x the window mean" in flat.judge(4.1)
+
+
+def test_on_a_plateau_a_small_rise_is_not_a_spike_however_many_sigma():
+    # the reproduction's p-hop run: losses within 0.3% of 1.077, then 1.108 (+2.9%, 9 sigma)
+    d = SpikeDetector(StabilitySettings())
+    g = SpikeDetector(StabilitySettings(), quantity="grad_norm")
+    for i in range(100):
+        d.accept(1.077 + 0.003 * (-1) ** i)
+        g.accept(0.26 + 0.005 * (-1) ** i)
+    assert d.judge(1.108) is None
+    assert "sigma above" in d.judge(1.077 * 1.06)
+    assert g.judge(0.26 * 1.4) is None  # grad norms: at least 50% above the mean
+    assert "sigma above" in g.judge(0.26 * 1.6)
+    strict = SpikeDetector(StabilitySettings(min_rise=0.0))
+    strict.load_state_dict(d.state_dict())
+    assert "sigma above" in strict.judge(1.108)  # z alone: the rise that stopped the run
 
 
 def test_the_window_keeps_the_last_accepted_losses_and_round_trips():
@@ -55,7 +71,15 @@ def test_disabled_guard_never_judges():
 
 
 @pytest.mark.parametrize(
-    "changes", [{"window": 1}, {"min_history": 0}, {"min_history": 9}, {"ratio_threshold": 1.0}]
+    "changes",
+    [
+        {"window": 1},
+        {"min_history": 0},
+        {"min_history": 9},
+        {"ratio_threshold": 1.0},
+        {"min_rise": -0.1},
+        {"grad_norm_min_rise": -1.0},
+    ],
 )
 def test_bad_settings_are_reported(changes):
     assert stability_problems(StabilitySettings(**{"window": 5, "min_history": 3, **changes}))
