@@ -270,11 +270,34 @@ def test_a_phop_answer_needs_every_hop():
         assert item.answers == (f" {_hop_answer(letters, 3)}\n",)
         assert len(set(_hop_positions(letters, 3))) == 4
         assert _hop_answer(letters, 3) not in (_hop_answer(letters, 1), _hop_answer(letters, 2))
+        assert _hop_answer(letters, 3) != letters[-1]  # no 0-hop answer either
     stalled, rng = 0, random.Random(0)
     for _ in range(2000):  # what uniformly random sequences would have given
         letters = [rng.choice("abcdefgh") for _ in range(16)]
         stalled += _hop_answer(letters, 1) == _hop_answer(letters, 3)
     assert stalled / 2000 > 0.5
+
+
+def test_a_two_hop_answer_is_never_the_last_letter():
+    """Drawn only until the answer differed from the 1-hop one, the 2-hop answer over 12
+    letters of 4 was the last letter (the query) in 53% of questions: one layer, which cannot
+    follow a hop, answered that way at 0.52-0.60."""
+    params = {"hops": 2, "length": 12, "symbols": 4}
+    rng = random.Random(1)
+    for _ in range(1000):
+        item = synthetic.phop_item(rng, params)
+        letters = item.key.split(" hops: ")[1].removesuffix(" = ").split()
+        answer = _hop_answer(letters, 2)
+        assert answer not in (letters[-1], _hop_answer(letters, 1))
+        assert item.answers == (f" {answer}\n",)
+    kept, last, rng = 0, 0, random.Random(1)
+    for _ in range(4000):  # the old rule: every hop moves, the answer is not the 1-hop one
+        letters = [rng.choice("abcd") for _ in range(12)]
+        positions = _hop_positions(letters, 2)
+        if len(set(positions)) == 3 and _hop_answer(letters, 2) != _hop_answer(letters, 1):
+            kept += 1
+            last += _hop_answer(letters, 2) == letters[-1]
+    assert last / kept > 0.45
 
 
 def test_phop_settings_whose_hops_cannot_all_move_are_refused():
