@@ -462,27 +462,23 @@ def one_stage(cfg: PretrainConfig, model_cfg: LoopLMConfig) -> Stage:
     """The one stage of a run without curriculum stages: ``train.max_steps`` batches of the
     configured mixture, the LR by the ``schedule`` group, beta by ``train.beta_*``."""
     t, s = cfg.train, cfg.schedule
-    batch = t.global_batch_tokens
+    base = curriculum_base(cfg, model_cfg)  # seq_len, batch, lr, beta, T, RoPE base
+    batch = base["global_batch_tokens"]
     return Stage(
+        **base,
         index=0,
         name="main",
         start=0,
         end=t.max_steps * batch,
         # the configured mixture: a resume with changed weights applies them (logged)
         weights={source.name: source.weight for source in cfg.data.sources},
-        seq_len=cfg.data.seq_len,
-        global_batch_tokens=batch,
         batch_ramp_from=batch,
         batch_ramp_tokens=0,
-        lr=cfg.optim.lr,
-        lr_final=cfg.optim.lr * s.min_lr_ratio,
+        lr_final=base["lr"] * s.min_lr_ratio,
         lr_schedule=s.kind,
         warmup_tokens=s.warmup_steps * batch,
-        beta=t.beta,
         beta_final=t.beta if t.beta_final is None else t.beta_final,
         beta_schedule=t.beta_schedule,
-        num_recurrent_steps=t.num_recurrent_steps or model_cfg.total_ut_steps,
-        rope_theta=model_cfg.rope_theta,
         trainable=None,
         decay_tokens=round(t.max_steps * s.decay_fraction) * batch if s.kind == "wsd" else 0,
     )
