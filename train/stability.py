@@ -14,8 +14,9 @@ the gradient norm) within ``rollback_within`` steps mean the weights have gone b
 trainer restores the weights and optimizer state of the last good checkpoint (one saved with
 no spike in its recent past), keeps reading data from where it is (the offending window is
 never trained on), and multiplies the LR by ``lr_factor`` for ``lr_factor_steps`` steps (the
-conservative-LR guard); before any good checkpoint exists, only the LR is lowered. More than
-``max_rollbacks`` rollbacks end the run.
+conservative-LR guard); before any good checkpoint exists, only the LR is lowered and the
+windows start over at the weights' new level. More than ``max_rollbacks`` rollbacks end the
+run.
 """
 
 from __future__ import annotations
@@ -264,6 +265,15 @@ class StabilityGuard:
     def good(self, step: int) -> bool:
         """No spike in the recent past: a checkpoint saved now is one a rollback may return to."""
         return not self.rollback_rule.recent_spikes(step)
+
+    def keep_weights(self, step: int) -> None:
+        """A rollback at ``step`` with no good checkpoint to return to: the weights stay, the LR
+        is lowered, and the windows start over (judged against the level the weights have
+        left, every later loss would be a spike, nothing would train, and the next rollbacks
+        would stop the run; a 3-layer p-hop model whose loss rose from 0.64 to 1.05 at step
+        406 was stopped so at step 418)."""
+        self.rollback_rule.rolled_back(step, None, 0)
+        self.restore_windows({"loss_window": [], "grad_norm_window": []})
 
     def restore_windows(self, saved: dict) -> None:
         """The accepted values of a checkpoint's trainer state (after a rollback to it)."""

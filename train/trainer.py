@@ -617,11 +617,12 @@ class Trainer:
         target = self.checkpoints.latest_good(before_step=first_spike)
         factor = self.cfg.stability.lr_factor
         if target is None:
-            rollbacks.rolled_back(self.state.step, None, 0)
+            self.guard.keep_weights(self.state.step)
             if self.rank == 0:
                 logger.warning(
                     "step %d: %d spikes since step %d and no good checkpoint before them: the "
-                    "weights stay, LR x %g until step %d",
+                    "weights stay (the spike windows start over at their level), LR x %g until "
+                    "step %d",
                     self.state.step,
                     self.cfg.stability.rollback_after,
                     first_spike,

@@ -126,6 +126,24 @@ def test_only_loss_spikes_and_nonfinite_steps_count_toward_a_rollback_by_default
     assert settled(counting, 5, 1.0, 9.0)[2] is True
 
 
+def test_with_no_checkpoint_to_return_to_training_goes_on_at_the_new_level():
+    """A rollback that keeps the weights lowers the LR and starts the windows over: the loss
+    the weights now have is judged against itself, not against the level they left."""
+    g = guard()
+    for step in range(1, 4):
+        settled(g, step, 1.0, 1.0)
+    assert settled(g, 4, 3.0, 1.0)[2] is False
+    assert settled(g, 5, 3.0, 1.0)[2] is True  # the weights moved to 3.0: a rollback is due
+    g.keep_weights(5)
+    assert g.rollbacks == [{"step": 5, "to_step": None, "skipped_tokens": 0}]
+    assert g.lr_factor(5) == 0.5
+    for step in range(6, 10):  # accepted: the new level fills the windows
+        assert settled(g, step, 3.0, 1.0)[1:] == (None, False)
+    assert g.state_dict()["loss_window"] == [3.0] * 4
+    verdict, reason, _ = settled(g, 10, 9.0, 1.0)  # and a spike above it is still one
+    assert verdict.loss_spike and "loss 9.0000" in reason
+
+
 def test_a_grad_norm_spike_is_let_through_once_its_patience_runs_out():
     g = guard(grad_norm_patience=2)
     for step in range(1, 4):
