@@ -188,8 +188,6 @@ class LoopLMModel(nn.Module):
         self.compiled_layers: list[Callable] | None = None
         """The layers compiled by ``LoopLMForCausalLM.compile_layers``, which serve the
         forward passes that build gradients; evaluation, a frozen body and decoding run eager."""
-        self.sequence_parallel: SequenceParallel | None = None
-        """Set by a training job that splits every sequence over ranks (Ulysses)."""
 
     def forward(
         self,
@@ -199,12 +197,17 @@ class LoopLMModel(nn.Module):
         cache=None,
         key_mask_BK=None,
         exit_rule: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        rope_theta: float | None = None,
+        sequence_parallel: SequenceParallel | None = None,
     ) -> LoopLMBodyOutput:
         """Runs up to ``num_steps`` steps. ``exit_rule`` maps the gate logits [B, S, t] of the
         steps run so far to each token's 0-based exit step (t for a token that has not exited);
-        given, the loop stops once every token has exited and the cache learns the exit steps."""
+        given, the loop stops once every token has exited and the cache learns the exit steps.
+        ``rope_theta`` overrides the config's RoPE base (a training stage's); with
+        ``sequence_parallel`` every sequence is split over its ranks (Ulysses)."""
         past = cache.seen_tokens if cache is not None else 0
-        sp = self.sequence_parallel
+        sp = sequence_parallel
         if sp is not None and (cache is not None or key_mask_BK is not None):
             raise ValueError("sequence parallelism is for training: no KV cache, no padding mask")
         whole_BS = position_ids_BS if sp is None else sp.gather_positions(position_ids_BS)
@@ -215,7 +218,10 @@ class LoopLMModel(nn.Module):
         layout.sequence_parallel = sp
         h = self.embed_tokens(input_ids_BS)
         cos, sin = rope_cos_sin(
-            position_ids_BS, self.config.head_dim, self.config.rope_theta, h.dtype
+            position_ids_BS,
+            self.config.head_dim,
+            self.config.rope_theta if rope_theta is None else rope_theta,
+            h.dtype,
         )
         step_hidden, gate_logits, exit_steps_BS = [], [], None
         last = len(self.layers) - 1
@@ -335,6 +341,8 @@ class LoopLMForCausalLM(nn.Module):
         objective: Objective | None = None,
         past_key_values=None,
         attention_mask: torch.Tensor | None = None,
+        rope_theta: float | None = None,
+        sequence_parallel: SequenceParallel | None = None,
     ) -> LoopLMOutput:
         """Runs the loop.
 
@@ -356,10 +364,16 @@ class LoopLMForCausalLM(nn.Module):
             past_key_values: a ``LoopKVCache`` for incremental decoding.
             attention_mask: [B, cached + S], 0 at padding (e.g. left-padded prompts); positions
                 then count only real tokens.
+            rope_theta: the RoPE base for this call (default: config.rope_theta); a training
+                stage passes its own, the config stays as built.
+            sequence_parallel: the Ulysses group that splits every sequence over its ranks
+                (training only: no cache, no padding mask).
         """
         steps = self.config.total_ut_steps if num_steps is None else num_steps
         if early_exit and labels is not None:
             raise ValueError("early_exit is for inference; a loss needs every step")
+        if rope_theta is not None and not rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {rope_theta}")
         past = past_key_values.seen_tokens if past_key_values is not None else 0
         key_mask = self._check_attention_mask(attention_mask, input_ids, past)
         if position_ids is None and key_mask is not None:
@@ -379,7 +393,15 @@ class LoopLMForCausalLM(nn.Module):
             else None
         )
         body = self._body(
-            input_ids, position_ids, steps, past_key_values, frozen_body, key_mask, exit_rule
+            input_ids,
+            position_ids,
+            steps,
+            past_key_values,
+            frozen_body,
+            key_mask,
+            exit_rule,
+            rope_theta=rope_theta,
+            sequence_parallel=sequence_parallel,
         )
         ran_every_step = body.gate_logits.shape[-1] == steps
         out = LoopLMOutput(
@@ -401,14 +423,24 @@ class LoopLMForCausalLM(nn.Module):
         return out
 
     def _body(
-        self, input_ids, position_ids, steps, cache, frozen: bool, key_mask=None, exit_rule=None
+        self,
+        input_ids,
+        position_ids,
+        steps,
+        cache,
+        frozen: bool,
+        key_mask=None,
+        exit_rule=None,
+        **settings,
     ):
         """The loop; ``frozen`` (Stage II) runs it without gradients and re-reads only the gate
         from the detached hidden states, so nothing but the gate can change."""
         if not frozen:
-            return self.model(input_ids, position_ids, steps, cache, key_mask, exit_rule)
+            return self.model(
+                input_ids, position_ids, steps, cache, key_mask, exit_rule, **settings
+            )
         with torch.no_grad():
-            body = self.model(input_ids, position_ids, steps, cache, key_mask)
+            body = self.model(input_ids, position_ids, steps, cache, key_mask, **settings)
         gate = self.model.early_exit_gate
         gate_logits_BST = torch.stack([gate(h).squeeze(-1) for h in body.step_hidden], dim=-1)
         return LoopLMBodyOutput(body.step_hidden, gate_logits_BST)

@@ -228,7 +228,6 @@ class Trainer:
         self.sp = sequence_parallel_group(cfg.deepspeed.sequence_parallel_size)
         self._phase("building the model")
         self.model = self.build_model()
-        self.model.model.sequence_parallel = self.sp
         self.objective = self.build_objective()
         self.curriculum = build_curriculum(cfg, self.model.config, self.world_size)
         self.stage: Stage | None = None
@@ -288,7 +287,7 @@ class Trainer:
         """Evaluates the model on the held-out tasks at the current step (every rank)."""
         record = {"step": self.state.step, "tokens": self.state.tokens, "stage": self.state.stage}
         record["num_recurrent_steps"] = self.num_steps
-        record.update(self.validator.evaluate(self.model, self.num_steps, self.sp))
+        record.update(self.validator.evaluate(self.model, self.num_steps, self.sp, self.rope_theta))
         if self.rank == 0:
             append_record(self.validator.path, record)
             self.metrics.log_eval(record, wandb_values(record), console_line(record))
@@ -342,12 +341,16 @@ class Trainer:
         return self.curriculum.stage_at(self.state.tokens).index != self.stage.index
 
     def _apply_model_settings(self, stage: Stage) -> None:
-        """The stage's loop depth and RoPE base; configured stages also write them into the
-        model's config, so checkpoints and exports carry them."""
-        self.num_steps = stage.num_recurrent_steps
+        """The stage's loop depth and RoPE base, passed to every forward (the model's config
+        stays as built). Configured stages also write them into the config that checkpoints
+        carry, so that exports serve the model as trained."""
+        self.num_steps, self.rope_theta = stage.num_recurrent_steps, stage.rope_theta
+        self.saved_config = self.model.config
+        """The model config this stage's checkpoints carry."""
         if self.curriculum.configured:
-            self.model.config.total_ut_steps = stage.num_recurrent_steps
-            self.model.config.rope_theta = stage.rope_theta
+            self.saved_config = self.model.config.replace(
+                total_ut_steps=stage.num_recurrent_steps, rope_theta=stage.rope_theta
+            )
         self.flops_per_token = step_flops_per_token(
             self.model.config, stage.seq_len, self.num_steps, self.objective
         )
@@ -412,7 +415,7 @@ class Trainer:
             return None
         managed = ("total_ut_steps", "rope_theta") if self.curriculum.configured else ()
         rank_state = self.checkpoints.load(
-            self.engine, self.latest, self.world_size, self.model.config, managed
+            self.engine, self.latest, self.world_size, self.saved_config, managed
         )
         self._apply_optimizer_settings()
         self.guard.load_state_dict(asdict(self.state))
@@ -463,7 +466,7 @@ class Trainer:
             self.state, **self.guard.state_dict(), good=self.guard.good(self.state.step)
         )
         return self.checkpoints.save(
-            self.engine, self.state.step, asdict(self.state), rank_state, self.model.config
+            self.engine, self.state.step, asdict(self.state), rank_state, self.saved_config
         )
 
     # ---- the loop -----------------------------------------------------------------------
@@ -582,6 +585,8 @@ class Trainer:
                 labels=batch["labels"].to(engine.device),
                 num_steps=self.num_steps,
                 objective=objective,
+                rope_theta=self.rope_theta,
+                sequence_parallel=self.sp,
             )
             loss = self._inject_faults(out.loss) if last else out.loss
             share = token_share(batch["labels"], self.sp)

@@ -227,8 +227,9 @@ class Validator:
         return self.settings.enabled and (last or step % self.settings.every_steps == 0)
 
     @torch.no_grad()
-    def evaluate(self, model, num_steps: int, sp=None) -> dict:
-        """Scores every held-out sequence (collectively: every rank calls it)."""
+    def evaluate(self, model, num_steps: int, sp=None, rope_theta: float | None = None) -> dict:
+        """Scores every held-out sequence (collectively: every rank calls it) at the RoPE base
+        ``rope_theta`` (default: the model config's)."""
         start = time.time()
         total = num_steps + self.settings.extra_steps
         sums = self._empty(num_steps, total)
@@ -238,7 +239,7 @@ class Validator:
                 index * self.settings.batch_size : (index + 1) * self.settings.batch_size
             ]
             batch = self._batch(chosen, sp)
-            self._score(model, batch, chosen, num_steps, total, sums, device, sp)
+            self._score(model, batch, chosen, num_steps, total, sums, device, sp, rope_theta)
         flat = sums.flat()
         if dist.is_initialized():
             dist.all_reduce(flat)
@@ -280,8 +281,9 @@ class Validator:
             batch = {k: v.chunk(sp.size, dim=1)[sp.rank] for k, v in batch.items()}
         return batch
 
-    def _score(self, model, batch, chosen, t, total, sums: _Sums, device, sp) -> None:
-        body = model.model(batch["input_ids"].to(device), batch["position_ids"].to(device), total)
+    def _score(self, model, batch, chosen, t, total, sums: _Sums, device, sp, rope_theta) -> None:
+        ids, positions = batch["input_ids"].to(device), batch["position_ids"].to(device)
+        body = model.model(ids, positions, total, rope_theta=rope_theta, sequence_parallel=sp)
         labels = batch["labels"]
         rows_N = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
         if rows_N.numel() == 0:

@@ -42,7 +42,7 @@ def tiny_model(
     return model
 
 
-def reference_forward(model, ids, position_ids=None, num_steps=None, state=None):
+def reference_forward(model, ids, position_ids=None, num_steps=None, state=None, rope_theta=None):
     """The reference's (step_logits, gate_logits) with the model's weights (or ``state``)."""
     cfg = model.config
     return ref.forward(
@@ -50,7 +50,7 @@ def reference_forward(model, ids, position_ids=None, num_steps=None, state=None)
         ids,
         num_heads=cfg.num_attention_heads,
         num_steps=num_steps or cfg.total_ut_steps,
-        rope_theta=cfg.rope_theta,
+        rope_theta=rope_theta or cfg.rope_theta,
         eps=cfg.rms_norm_eps,
         position_ids_BS=position_ids,
     )
@@ -222,12 +222,15 @@ def test_activation_checkpointing_gives_identical_loss_and_gradients(attn):
         torch.testing.assert_close(grads_on[name], grad, atol=1e-14, rtol=0, msg=name)
 
 
-def test_a_changed_rope_base_takes_effect_and_matches_the_reference():
-    """A curriculum stage sets ``config.rope_theta`` on the live model (long-context stages
-    raise it 10K -> 40K -> 1M); the next forward uses it."""
+def test_a_rope_base_passed_in_takes_effect_and_matches_the_reference():
+    """A curriculum stage passes its RoPE base to every forward (long-context stages raise it
+    10K -> 40K -> 1M); the config, as built, is left alone."""
     model, ids = tiny_model(), token_ids(2, 16)
     before = model(ids, return_all_steps=True).step_logits
-    model.config.rope_theta = 40000.0
-    after = model(ids, return_all_steps=True).step_logits
+    after = model(ids, return_all_steps=True, rope_theta=40000.0).step_logits
+    assert model.config.rope_theta == 1000.0
     assert (before - after).abs().max() > 1e-3
-    close(after, reference_forward(model, ids)[0])
+    close(after, reference_forward(model, ids, rope_theta=40000.0)[0])
+    close(before, reference_forward(model, ids)[0])
+    with pytest.raises(ValueError, match="rope_theta must be > 0, got 0"):
+        model(ids, rope_theta=0.0)
