@@ -24,7 +24,9 @@ JSONL shards in the cache directory (written atomically, so concurrent ranks agr
 read like any other JSONL source. With `chat=1` the documents are conversations for SFT
 (`{"messages": [user, assistant]}`): the user asks one of the task's questions and the
 assistant answers with the worked reasoning where the task has one (multi-hop's chain of
-facts, reachability's path), about the same knowledge base as the plain source of that seed.
+facts, reachability's path), about the same knowledge base as the plain source of that seed,
+and at the difficulties the plain documents draw (p-hop's p and Mano's l uniform in [1, P]
+and [1, L]), so that only the answer is a target and the hardest length is still held out.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlparse
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 MODULUS = 23
 _DEFAULTS = {"num_docs": 20000, "shards": 8, "seed": 0, "chat": 0}
 _TASK_DEFAULTS = {
@@ -116,7 +118,7 @@ def _generate(task: str, params: dict[str, int], directory: Path) -> None:
         with open(partial / f"part-{shard:05d}.jsonl", "w") as file:
             for _ in range(count):
                 if params["chat"]:
-                    record = {"messages": chat_messages(HELD_OUT[task](rng, context))}
+                    record = {"messages": chat_messages(training_item(task, rng, context))}
                 else:
                     record = {"text": generate(rng, context)}
                 file.write(json.dumps(record) + "\n")
@@ -352,6 +354,17 @@ HELD_OUT: dict[str, Callable] = {
     "reachability": reachability_item,
     "phop": phop_item,
 }
+
+
+def training_item(task: str, rng: random.Random, context) -> HeldOutItem:
+    """A question as a conversation of the training data asks it: p-hop's p and Mano's l
+    drawn as in the task's documents, uniform in [1, P] and [1, L] (held-out questions have
+    exactly P and L); the other tasks' questions as held out."""
+    if task == "phop":
+        return phop_item(rng, {**context, "hops": rng.randint(1, context["hops"])})
+    if task == "mano" and context and context["ops"]:
+        return mano_item(rng, {**context, "ops": rng.randint(1, context["ops"])})
+    return HELD_OUT[task](rng, context)
 
 
 def held_out_items(uri: str, count: int, seen: Callable[[str], bool]) -> list[HeldOutItem]:

@@ -142,15 +142,22 @@ def grid(scale: Scale, tasks: list[str], families=FAMILIES) -> list[Model]:
 # ---- one model ---------------------------------------------------------------------------
 
 
+def answers_only(uri: str) -> bool:
+    """Whether the source holds conversations (``chat=1``): the job then trains on the
+    answers alone (the SFT data kind), not on every token of the documents."""
+    return bool(synthetic.parse_uri(uri)[1]["chat"])
+
+
 def task_tokenizer(task: str, uri: str, out: Path, cache_dir: Path) -> Path:
-    """A word-level tokenizer of every word of the task's documents and held-out questions."""
+    """A word-level tokenizer of every word of the task's documents (or conversations, with
+    their roles) and held-out questions."""
     digest = hashlib.sha256(uri.encode()).hexdigest()[:8]
     path = out / "tokenizers" / f"{task}-{digest}.json"
     if not path.is_file():
-        texts = []
+        texts = ["user assistant"] if answers_only(uri) else []
         for shard in synthetic.materialize(uri, str(cache_dir)):
             with open(shard) as lines:
-                texts += [json.loads(line)["text"] for line in lines]
+                texts += [synthetic.document_text(json.loads(line)) for line in lines]
         items = synthetic.held_out_items(uri, 64, lambda key: False)
         texts += [item.prompt + answer for item in items for answer in item.answers]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +181,7 @@ def job_overrides(model: Model, scale: Scale, tokenizer: Path, run_dir: Path, ca
         f"model.num_hidden_layers={model.layers}",
         f"model.total_ut_steps={model.loops}",
         "data=embedded",
+        f"data.kind={'sft' if answers_only(scale.tasks[model.task]) else 'pretrain'}",
         f"data.tokenizer={tokenizer}",
         f"data.sources=[{{name:{model.task},paths:['{scale.tasks[model.task]}'],format:jsonl}}]",
         f"data.seq_len={scale.seq_len}",

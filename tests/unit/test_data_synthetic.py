@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import random
 import re
@@ -178,6 +179,26 @@ def test_conversations_are_a_source_of_their_own_and_bad_parameters_are_named(tm
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             synthetic.parse_uri(uri)
+
+
+def difficulty(question: str) -> int:
+    """The hops of a p-hop question, the operators of a Mano expression."""
+    hops = re.match(r"(\d+) hops: ", question)
+    return int(hops.group(1)) if hops else sum(word in "+-*" for word in question.split())
+
+
+@pytest.mark.parametrize("task", ["phop?hops=3&length=12", "mano?ops=3"])
+def test_conversations_ask_every_difficulty_the_documents_do(tmp_path, task):
+    """Conversations draw p-hop's p (Mano's l) uniform in [1, P] like the documents; only the
+    held-out questions are all of the hardest."""
+    uri = f"synthetic://{task}&num_docs=300&shards=1&chat=1"
+    records = [json.loads(line) for line in open(synthetic.materialize(uri, tmp_path)[0])]
+    counts = collections.Counter(
+        difficulty(r["messages"][0]["content"].splitlines()[-1]) for r in records
+    )
+    assert sorted(counts) == [1, 2, 3] and min(counts.values()) > 60, counts
+    held_out = synthetic.held_out_items(uri, 20, lambda key: False)
+    assert {difficulty(item.key.strip()) for item in held_out} == {3}
 
 
 def test_a_word_level_tokenizer_gives_every_symbol_one_token(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from data_pipelines import synthetic
 from tests.unit.test_readme_commands import load_script
 from train.config import config_problems
 from train.trainer import CONFIG_DIR
@@ -70,6 +71,28 @@ def test_each_family_is_a_valid_pre_training_job(tmp_path, family):
     assert [t.source for t in cfg.eval.tasks] == ["phop"] and cfg.eval.extra_steps == 0
     assert cfg.train.global_batch_tokens == scale.batch_tokens
     assert built.vocab_size == json.loads(tokenizer.read_text())["model"]["vocab"].__len__()
+
+
+def test_a_conversation_source_trains_on_the_answers_alone(tmp_path):
+    """A ``chat=1`` source is a job of the SFT kind (only the answers are targets) whose
+    tokenizer holds the roles of the chat template and every word of the conversations."""
+    uri = "synthetic://phop?hops=2&length=12&symbols=4&num_docs=200&shards=1&chat=1"
+    scale = reproduce.Scale(**{**reproduce.asdict(reproduce.QUICK), "tasks": {"phop": uri}})
+    model = reproduce.grid(scale, ["phop"], ["looped"])[0]
+    tokenizer = reproduce.task_tokenizer("phop", uri, tmp_path, tmp_path / "c")
+    overrides = reproduce.job_overrides(model, scale, tokenizer, tmp_path / "run", tmp_path / "c")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = OmegaConf.to_object(compose("pretrain", overrides=overrides))
+    assert config_problems(cfg, world_size=2) == []
+    assert cfg.data.kind == "sft" and "data.kind=pretrain" in reproduce.job_overrides(
+        model, reproduce.QUICK, tokenizer, tmp_path / "run", tmp_path / "c"
+    )
+    vocabulary = json.loads(tokenizer.read_text())["model"]["vocab"]
+    (shard,) = synthetic.materialize(uri, str(tmp_path / "c"))
+    words = {"user", "assistant"}
+    for line in open(shard):
+        words |= set(json.loads(line)["messages"][0]["content"].split())
+    assert words <= vocabulary.keys()
 
 
 def _record(task, family, layers, loops, seed, per_step):
