@@ -187,7 +187,7 @@ class LoopLMModel(nn.Module):
         self.gradient_checkpointing = False
         self.compiled_layers: list[Callable] | None = None
         """The layers compiled by ``LoopLMForCausalLM.compile_layers``, which serve the
-        forward passes that build gradients; evaluation, a frozen body and decoding run eager."""
+        forward passes run with gradients enabled; evaluation and decoding run eager."""
 
     def forward(
         self,
@@ -316,8 +316,8 @@ class LoopLMForCausalLM(nn.Module):
         calls the same compiled layers, so a change of T does not recompile, and their shapes
         are dynamic, so neither does a new sequence length or batch size. Each kind of call
         compiles once: causal or packed attention, and a batch or length of 1 (which dynamic
-        shapes specialize). The compiled layers serve the forward passes that build gradients;
-        evaluation, a frozen body and decoding with a cache run eagerly. Parameter names and
+        shapes specialize). The compiled layers serve the forward passes run with gradients
+        enabled; evaluation and decoding with a cache run eagerly. Parameter names and
         the checkpoint format are unchanged. Inductor fuses the norms, SwiGLU and RoPE itself,
         so the fused kernels of ``set_kernels`` are refused here."""
         if any(getattr(m, "kernels", "torch") != "torch" for m in self.modules()):
@@ -381,7 +381,7 @@ class LoopLMForCausalLM(nn.Module):
         position_ids = self._check_inputs(
             input_ids, position_ids, labels, steps, exit_at_step, past
         )
-        frozen_body = labels is not None and objective is not None and objective.kind == "stage2"
+        gate_only = labels is not None and objective is not None and objective.kind == "stage2"
         exit_rule = (
             partial(
                 self._exit_steps,
@@ -397,7 +397,7 @@ class LoopLMForCausalLM(nn.Module):
             position_ids,
             steps,
             past_key_values,
-            frozen_body,
+            gate_only,
             key_mask,
             exit_rule,
             rope_theta=rope_theta,
@@ -428,21 +428,21 @@ class LoopLMForCausalLM(nn.Module):
         position_ids,
         steps,
         cache,
-        frozen: bool,
+        gate_only: bool,
         key_mask=None,
         exit_rule=None,
         **settings,
     ):
-        """The loop; ``frozen`` (Stage II) runs it without gradients and re-reads only the gate
-        from the detached hidden states, so nothing but the gate can change."""
-        if not frozen:
-            return self.model(
-                input_ids, position_ids, steps, cache, key_mask, exit_rule, **settings
-            )
-        with torch.no_grad():
-            body = self.model(input_ids, position_ids, steps, cache, key_mask, **settings)
+        """The loop. ``gate_only`` (Stage II) re-reads the gate from the detached hidden states,
+        so that no gradient reaches the LM; freezing its parameters (``requires_grad``, as the
+        gate-tuning job does before building its engine) also keeps a graph from being built."""
+        body = self.model(input_ids, position_ids, steps, cache, key_mask, exit_rule, **settings)
+        if not gate_only:
+            return body
         gate = self.model.early_exit_gate
-        gate_logits_BST = torch.stack([gate(h).squeeze(-1) for h in body.step_hidden], dim=-1)
+        gate_logits_BST = torch.stack(
+            [gate(h.detach()).squeeze(-1) for h in body.step_hidden], dim=-1
+        )
         return LoopLMBodyOutput(body.step_hidden, gate_logits_BST)
 
     def loss(
