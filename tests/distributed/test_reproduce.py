@@ -49,13 +49,13 @@ def test_a_toy_reproduction_trains_evaluates_exports_and_reports(tmp_path):
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert [(r["family"], r["layers"], r["loops"]) for r in results] == [
-        ("looped", 2, 3),
-        ("iso_param", 2, 1),
+        ("looped", 1, 3),
+        ("iso_param", 1, 1),
     ]
     looped, plain = results
     assert looped["params"] == plain["params"]
     assert looped["train_flops"] > 2.5 * plain["train_flops"]
-    assert "[2/2] phop-iso_param-2x1-seed0: accuracy by step" in first.stdout
+    assert "[2/2] phop-iso_param-1x1-seed0: accuracy by step" in first.stdout
     for record in results:
         assert len(record["accuracy_per_step"]) == record["loops"] and record["n"] == 12
         assert record["accuracy"] == record["accuracy_per_step"][-1]
@@ -73,7 +73,7 @@ def test_a_toy_reproduction_trains_evaluates_exports_and_reports(tmp_path):
         expected = greedy_accuracy_per_step(model, tokenizer, items)
         assert record["accuracy_per_step"] == pytest.approx(expected)
     table = (out / "results.md").read_text()
-    assert "| phop | looped | 2 x 3 |" in table and "looped - iso_param" in table
+    assert "| phop | looped | 1 x 3 |" in table and "looped - iso_param" in table
     assert (out / "results.png").stat().st_size > 10_000
 
     # Run again: every model finished with these settings, so nothing trains.

@@ -42,7 +42,8 @@ def test_set_changes_one_field_of_the_scale_and_refuses_what_does_not_fit():
     scale = reproduce.with_setting(scale, "lr=3e-4")
     scale = reproduce.with_setting(scale, "steps=1e3")
     assert (scale.blocks, scale.lr, scale.steps) == ((1, 3), 3e-4, 1000)
-    assert reproduce.with_setting(scale, "depth=3").depth == 3
+    assert reproduce.with_setting(scale, "depth=6").depth == 6
+    assert reproduce.with_setting(scale, "stability=default").stability == "default"
     models = reproduce.grid(reproduce.with_setting(scale, "depth=3"), ["phop"])
     assert {(m.layers, m.loops) for m in models if m.family == "looped"} == {(1, 3)}
     assert len(models) == 2 * (1 + 3 * 2) - 2 * 3  # k=3 of depth 3 loops once: no looped trio
@@ -51,13 +52,15 @@ def test_set_changes_one_field_of_the_scale_and_refuses_what_does_not_fit():
             reproduce.with_setting(reproduce.QUICK, bad)
     reproduce.check_blocks(reproduce.with_setting(scale, "depth=3"))
     for bad in ("blocks=4", "blocks=0"):
-        with pytest.raises(SystemExit, match="must each divide the depth 6"):
+        with pytest.raises(SystemExit, match="must each divide the depth 3"):
             reproduce.check_blocks(reproduce.with_setting(reproduce.QUICK, bad))
 
 
 @pytest.mark.parametrize("family", reproduce.FAMILIES)
 def test_each_family_is_a_valid_pre_training_job(tmp_path, family):
-    scale = reproduce.QUICK
+    # the quick grid's settings, on fewer conversations of its source
+    uri = reproduce.QUICK.tasks["phop"].replace("num_docs=200000", "num_docs=400")
+    scale = reproduce.Scale(**{**reproduce.asdict(reproduce.QUICK), "tasks": {"phop": uri}})
     (model,) = [m for m in reproduce.grid(scale, ["phop"]) if m.family == family][:1]
     tokenizer = reproduce.task_tokenizer("phop", scale.tasks["phop"], tmp_path, tmp_path / "c")
     overrides = reproduce.job_overrides(model, scale, tokenizer, tmp_path / "run", tmp_path / "c")
@@ -70,6 +73,7 @@ def test_each_family_is_a_valid_pre_training_job(tmp_path, family):
     assert (cfg.train.beta > 0) == (model.loops > 1 and family == "looped")
     assert [t.source for t in cfg.eval.tasks] == ["phop"] and cfg.eval.extra_steps == 0
     assert cfg.train.global_batch_tokens == scale.batch_tokens
+    assert cfg.data.kind == "sft" and not cfg.stability.enabled  # answers alone, no spike guard
     assert built.vocab_size == json.loads(tokenizer.read_text())["model"]["vocab"].__len__()
 
 
@@ -85,8 +89,8 @@ def test_a_conversation_source_trains_on_the_answers_alone(tmp_path):
         cfg = OmegaConf.to_object(compose("pretrain", overrides=overrides))
     assert config_problems(cfg, world_size=2) == []
     assert cfg.data.kind == "sft" and "data.kind=pretrain" in reproduce.job_overrides(
-        model, reproduce.QUICK, tokenizer, tmp_path / "run", tmp_path / "c"
-    )
+        model, reproduce.FULL, tokenizer, tmp_path / "run", tmp_path / "c"
+    )  # the full grid's sources are documents
     vocabulary = json.loads(tokenizer.read_text())["model"]["vocab"]
     (shard,) = synthetic.materialize(uri, str(tmp_path / "c"))
     words = {"user", "assistant"}
