@@ -423,7 +423,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--task", default="all", choices=["all", *QUICK.tasks])
-    parser.add_argument("--quick", action="store_true", help="the CPU-sized grid (30 minutes)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the CPU-sized grid (about 80 minutes on 2 cores)"
+    )
     parser.add_argument("--out", required=True, help="the output directory")
     parser.add_argument("--seeds", type=int, nargs="*", help="override the grid's seeds")
     parser.add_argument("--steps", type=int, help="override the optimizer steps of every run")
