@@ -266,7 +266,8 @@ def result(model: Model, scale: Scale, run_dir: Path, tokenizer: Path, out: Path
 
     export = out / "models" / model.name
     if not (export / "config.json").is_file():
-        export_checkpoint(run_dir, export)
+        # trained on conversations: a chat model, whose EOS is <|im_end|>
+        export_checkpoint(run_dir, export, chat=answers_only(scale.tasks[model.task]))
         shutil.copy(tokenizer, export / "tokenizer.json")
     config = LoopLMConfig.load(export / "config.json")
     evaluation = [json.loads(line) for line in open(run_dir / "eval.jsonl")][-1]
