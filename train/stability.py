@@ -4,10 +4,11 @@ A step whose loss (averaged over micro-batches and ranks) or whose global gradie
 clipping) lies beyond a z-score above its window's mean (and at least a minimum fraction above
 it), or beyond a ratio of that mean, is a spike: the trainer skips its update on every rank.
 Accepted steps enter the windows; the windows are part of every checkpoint, so a resumed run
-judges exactly as the uninterrupted one would. A skipped update leaves the weights unchanged, so a grad-norm spike that repeats over
-new batches comes from the weights and skipping cannot end it: after ``grad_norm_patience``
-such skips in a row the (clipped) update proceeds, and its value enters the window. Updates
-skipped ``max_consecutive_skips`` times in a row end the run with an error.
+judges exactly as the uninterrupted one would. A skipped update leaves the weights unchanged,
+so a grad-norm spike that repeats over new batches comes from the weights and skipping cannot
+end it: after ``grad_norm_patience`` such skips in a row the (clipped) update proceeds, and its
+value enters the window. Updates skipped ``max_consecutive_skips`` times in a row end the run
+with an error.
 
 ``rollback_after`` spikes (of the loss, non-finite steps, and with ``grad_norm_rollback`` also of
 the gradient norm) within ``rollback_within`` steps mean the weights have gone bad: the
