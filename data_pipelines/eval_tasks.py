@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from data_pipelines import synthetic
 from data_pipelines.encoding import DocumentEncoder
+from looplm.files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -143,9 +143,7 @@ def held_out_synthetic(
             logger.warning("%s is unreadable (%s); building it again", cached, error)
     items = prove_held_out(spec, training_uris, cache_dir)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_name(f"{cached.name}.{socket.gethostname()}-{os.getpid()}")
-    partial.write_text(json.dumps([[i.key, i.prompt, list(i.answers)] for i in items]))
-    os.replace(partial, cached)
+    write_atomically(cached, json.dumps([[i.key, i.prompt, list(i.answers)] for i in items]))
     return items
 
 

@@ -35,14 +35,14 @@ import json
 import os
 import random
 import re
-import shutil
-import socket
 import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlparse
+
+from looplm.files import publishing
 
 FORMAT_VERSION = 5
 MODULUS = 23
@@ -108,24 +108,19 @@ def materialize(uri: str, cache_dir: str, check_only: bool = False) -> list[str]
 
 
 def _generate(task: str, params: dict[str, int], directory: Path) -> None:
-    partial = directory.with_name(f"{directory.name}.partial-{socket.gethostname()}-{os.getpid()}")
-    partial.mkdir(parents=True, exist_ok=True)
     generate = TASKS[task]
     context = _context(task, params)
-    for shard in range(params["shards"]):
-        rng = random.Random(_seed(params["seed"], task, shard))
-        count = len(range(shard, params["num_docs"], params["shards"]))
-        with open(partial / f"part-{shard:05d}.jsonl", "w") as file:
-            for _ in range(count):
-                if params["chat"]:
-                    record = {"messages": chat_messages(training_item(task, rng, context))}
-                else:
-                    record = {"text": generate(rng, context)}
-                file.write(json.dumps(record) + "\n")
-    try:
-        os.rename(partial, directory)
-    except OSError:
-        shutil.rmtree(partial)
+    with publishing(directory, replace=False) as partial:  # the same files, whoever is first
+        for shard in range(params["shards"]):
+            rng = random.Random(_seed(params["seed"], task, shard))
+            count = len(range(shard, params["num_docs"], params["shards"]))
+            with open(partial / f"part-{shard:05d}.jsonl", "w") as file:
+                for _ in range(count):
+                    if params["chat"]:
+                        record = {"messages": chat_messages(training_item(task, rng, context))}
+                    else:
+                        record = {"text": generate(rng, context)}
+                    file.write(json.dumps(record) + "\n")
 
 
 def _seed(seed: int, name: str, index: int) -> int:

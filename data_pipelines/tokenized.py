@@ -33,6 +33,7 @@ from data_pipelines.encoding import DocumentEncoder, Documents
 from data_pipelines.readers import BadInputLog, ReadOptions, parse_record, read_raw
 from data_pipelines.shards import TOKENS_META, Shard, first_middle_last, is_remote, resolve_shards
 from data_pipelines.tokenizer import tokenizer_problem, tokenizer_summary
+from looplm.files import write_atomically
 
 if TYPE_CHECKING:  # config imports this module
     from data_pipelines.config import DataConfig, SourceConfig
@@ -365,9 +366,7 @@ def pretokenize(
                 report()
         finally:
             _start_worker(None, None)
-    partial = os.path.join(out_dir, META_FILE + _PARTIAL)
-    Path(partial).write_text(json.dumps(meta, indent=1))
-    os.replace(partial, os.path.join(out_dir, META_FILE))
+    write_atomically(os.path.join(out_dir, META_FILE), json.dumps(meta, indent=1))
     return counts
 
 

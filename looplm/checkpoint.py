@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from looplm.config import LoopLMConfig
+from looplm.files import publishing
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -98,31 +98,25 @@ def save_pretrained(model, path, max_shard_size: int | str = "5GB", dtype=None) 
     dtype = resolve_dtype(dtype) if dtype is not None else None
     state = export_state_dict(model, dtype)
     stored_dtype = next(iter(state.values())).dtype
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    shards = _shard(state, parse_size(max_shard_size))
-    if len(shards) == 1:
-        save_file(shards[0], partial / WEIGHTS_NAME, metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, partial / name, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (partial / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    config = model.config.replace(torch_dtype=_dtype_name(stored_dtype))
-    config.extra = {**config.extra, "auto_map": auto_map(partial)}
-    if "dtype" in config.extra:  # the newer name of torch_dtype: both say the same
-        config.extra["dtype"] = config.torch_dtype
-    config.save(partial / "config.json")
-    _write_generation_config(config, partial)
-    readable_as_umask_allows(partial)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(partial, path)
+    with publishing(path) as partial:
+        shards = _shard(state, parse_size(max_shard_size))
+        if len(shards) == 1:
+            save_file(shards[0], partial / WEIGHTS_NAME, metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, partial / name, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, name))
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (partial / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        config = model.config.replace(torch_dtype=_dtype_name(stored_dtype))
+        config.extra = {**config.extra, "auto_map": auto_map(partial)}
+        if "dtype" in config.extra:  # the newer name of torch_dtype: both say the same
+            config.extra["dtype"] = config.torch_dtype
+        config.save(partial / "config.json")
+        _write_generation_config(config, partial)
 
 
 def auto_map(directory: Path) -> dict[str, str]:
@@ -131,20 +125,6 @@ def auto_map(directory: Path) -> dict[str, str]:
     ``trust_remote_code=True`` loads any export."""
     local = all((directory / f"{v.split('.')[0]}.py").is_file() for v in AUTO_CLASSES.values())
     return {k: v if local else f"{OURO_CODE_REPO}--{v}" for k, v in AUTO_CLASSES.items()}
-
-
-def readable_as_umask_allows(directory: Path) -> None:
-    """Gives the directory and every file in it the modes a plain ``open`` or ``mkdir`` would
-    (0666 / 0777 less the umask): some writers (safetensors) create files 0600, which the
-    rest of a cluster group then cannot read."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for root, folders, files in os.walk(directory):
-        for name in folders:
-            os.chmod(os.path.join(root, name), 0o777 & ~umask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def _write_generation_config(config: LoopLMConfig, directory: Path) -> None:

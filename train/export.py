@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,7 +17,7 @@ from data_pipelines.tokenizer import (
     write_tokenizer_files,
 )
 from looplm import LoopLMConfig, LoopLMForCausalLM
-from looplm.checkpoint import readable_as_umask_allows
+from looplm.files import publishing
 from train.checkpointing import DEEPSPEED_TAG, MODEL_CONFIG, CheckpointManager
 
 logger = logging.getLogger(__name__)
@@ -117,23 +115,20 @@ def export_checkpoint(
         model.config = model.model.config = model.config.replace(
             bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT]
         )
-    staging = out_dir.with_name(out_dir.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, dtype=dtype)
-    if files is not None:
-        if files.get_vocab_size() > model.config.vocab_size:
-            raise ValueError(
-                f"the tokenizer {name!r} has {files.get_vocab_size()} tokens, more than the "
-                f"model's vocab_size ({model.config.vocab_size})"
+    if files is not None and files.get_vocab_size() > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer {name!r} has {files.get_vocab_size()} tokens, more than the "
+            f"model's vocab_size ({model.config.vocab_size})"
+        )
+    with publishing(out_dir) as staging:
+        model.save_pretrained(staging, dtype=dtype)
+        if files is not None:
+            eos = IM_END if chat else ENDOFTEXT
+            write_tokenizer_files(files, staging, model.config.max_position_embeddings, eos)
+        else:
+            logger.warning(
+                "no tokenizer written: %s has no run config.yaml to name one", checkpoint
             )
-        eos = IM_END if chat else ENDOFTEXT
-        write_tokenizer_files(files, staging, model.config.max_position_embeddings, eos)
-    else:
-        logger.warning("no tokenizer written: %s has no run config.yaml to name one", checkpoint)
-    readable_as_umask_allows(staging)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)
     return out_dir
 
 

@@ -28,12 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from looplm import LoopLMForCausalLM, Objective
-from looplm.checkpoint import (
-    INDEX_NAME,
-    WEIGHTS_NAME,
-    readable_as_umask_allows,
-    resolve_model_dir,
-)
+from looplm.checkpoint import INDEX_NAME, WEIGHTS_NAME, resolve_model_dir
+from looplm.files import publishing
 from train.checkpointing import read_json
 from train.config import PretrainConfig, config_problems
 from train.export import export_dir_problems, prepare_source
@@ -100,29 +96,23 @@ def export_tuned_gate(source: str, gate: dict[str, torch.Tensor], out_dir: str |
         files = {source_dir / f for f in read_json(index)["weight_map"].values()}
     else:
         files = {source_dir / WEIGHTS_NAME}
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(source_dir, partial)
-    replaced = set()
-    for file in sorted(files):
-        with safe_open(file, framework="pt") as f:
-            if not gate.keys() & set(f.keys()):
-                continue
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-            metadata = f.metadata()
-        for name in gate.keys() & tensors.keys():
-            stored = tensors[name]
-            tensors[name] = gate[name].detach().to("cpu", stored.dtype).reshape(stored.shape)
-            replaced.add(name)
-        save_file(tensors, partial / file.name, metadata=metadata)
-    missing = sorted(gate.keys() - replaced)
-    if missing:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise ValueError(f"{source_dir} holds no tensors named {missing}")
-    readable_as_umask_allows(partial)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(partial, out_dir)
+    with publishing(out_dir) as partial:
+        shutil.copytree(source_dir, partial, dirs_exist_ok=True)
+        replaced = set()
+        for file in sorted(files):
+            with safe_open(file, framework="pt") as f:
+                if not gate.keys() & set(f.keys()):
+                    continue
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+                metadata = f.metadata()
+            for name in gate.keys() & tensors.keys():
+                stored = tensors[name]
+                tensors[name] = gate[name].detach().to("cpu", stored.dtype).reshape(stored.shape)
+                replaced.add(name)
+            save_file(tensors, partial / file.name, metadata=metadata)
+        missing = sorted(gate.keys() - replaced)
+        if missing:
+            raise ValueError(f"{source_dir} holds no tensors named {missing}")
     return out_dir
 
 

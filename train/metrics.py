@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 
 from looplm import LoopLMConfig, Objective
+from looplm.files import write_atomically
 
 logger = logging.getLogger("looplm.metrics")
 
@@ -88,9 +89,7 @@ def truncate_jsonl_after(path: Path, step: int) -> None:
             continue
         if record["step"] <= step:
             kept.append(line)
-    tmp = path.with_suffix(".jsonl.rewrite")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_atomically(path, "".join(line + "\n" for line in kept))
 
 
 ETA_WINDOW = 10

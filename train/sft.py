@@ -44,7 +44,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -63,6 +62,7 @@ from data_pipelines.tokenizer import (
     is_local_tokenizer,
     tokenizer_summary,
 )
+from looplm.files import write_atomically
 from train.checkpointing import read_json
 from train.config import PretrainConfig, config_problems
 from train.export import (
@@ -202,9 +202,7 @@ def dataset_tokens(data: DataConfig, run_dir: Path, rank: int, world_size: int) 
     local = count_source_tokens(data, shards, rank, world_size)
     counts = dict(zip(names, _all_reduce([local[n] for n in names]), strict=True))
     if rank == 0:
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps({"key": key, "tokens": counts}, indent=2) + "\n")
-        os.replace(partial, path)
+        write_atomically(path, json.dumps({"key": key, "tokens": counts}, indent=2) + "\n")
     return counts
 
 

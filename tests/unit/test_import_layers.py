@@ -1,9 +1,12 @@
 """The direction of imports between the packages, read from the source (every import
 statement, also those inside functions): the model knows nothing of training, data or
-launching; the data pipelines know nothing of the model or training; training knows the
-model and the data, never the launchers; the launchers start jobs by module name only."""
+launching; the data pipelines know nothing of the model or training (they share only
+`looplm.files`, the standard-library helpers every output is written through); training
+knows the model and the data, never the launchers; the launchers start jobs by module name
+only."""
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,8 @@ ALLOWED = {
     "train": {"looplm", "data_pipelines"},
     "launch": set(),
 }
+SHARED = {"looplm.files"}
+"""Modules any package may import: they import nothing but the standard library."""
 DISTRIBUTED = ("torch.distributed", "deepspeed")
 
 
@@ -35,7 +40,7 @@ def wrong_way(package: str, root: Path = REPO) -> list[str]:
         f"{path.relative_to(root)}:{line} imports {module}"
         for path in sorted((root / package).rglob("*.py"))
         for line, module in imports(path)
-        if module.split(".")[0] in OURS - {package} - ALLOWED[package]
+        if module.split(".")[0] in OURS - {package} - ALLOWED[package] and module not in SHARED
     ]
 
 
@@ -52,6 +57,15 @@ def test_the_model_has_no_distributed_code():
         if module.startswith(DISTRIBUTED)
     ]
     assert found == []
+
+
+def test_the_shared_modules_import_only_the_standard_library():
+    for module in SHARED:
+        path = REPO / (module.replace(".", "/") + ".py")
+        found = [
+            name for _, name in imports(path) if name.split(".")[0] not in sys.stdlib_module_names
+        ]
+        assert found == [], module
 
 
 def test_a_wrong_way_import_is_found(tmp_path):
