@@ -246,7 +246,7 @@ def weighted_lm_cross_entropy(
         ce_TN = torch.stack(
             [chunked_cross_entropy(h, weight_VH, rows_N, targets_N, chunk) for h in hidden_list]
         )
-        total = (ce_TN * weights_TN.to(ce_TN.dtype)).sum()
+        total = (ce_TN * weights_TN.detach().to(ce_TN.dtype)).sum()  # constants, as above
     return total, (ce_TN[0] if single else ce_TN)
 
 

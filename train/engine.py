@@ -196,8 +196,9 @@ def skip_update(engine) -> None:
     overflow check, which all ranks agree on."""
     from deepspeed.utils import safe_get_local_grad, safe_set_full_grad, safe_set_local_grad
 
-    param = min(
-        engine.module.parameters(), key=lambda p: p.ds_numel if hasattr(p, "ds_id") else p.numel()
+    param = min(  # one the stage trains: a frozen one has no gradient to set
+        (p for p in engine.module.parameters() if p.requires_grad),
+        key=lambda p: p.ds_numel if hasattr(p, "ds_id") else p.numel(),
     )
     if hasattr(param, "ds_id"):
         grad = safe_get_local_grad(param)

@@ -235,9 +235,6 @@ class Trainer:
         done = self.state.tokens >= self.curriculum.total_tokens
         plan = self.curriculum.plan(self.curriculum.stages[-1].start if done else self.state.tokens)
         self._apply_model_settings(plan.stage)
-        self.trainable = dict.fromkeys((n for n, _ in self.model.named_parameters()), True)
-        if any(s.trainable for s in self.curriculum.stages):
-            self._freeze_by_stage()
         self._phase(
             f"building the DeepSpeed engine ({self.model.config.num_parameters():,} parameters, "
             f"ZeRO-{cfg.deepspeed.zero_stage}, {self.world_size} ranks)"
@@ -375,8 +372,8 @@ class Trainer:
                 self.loader.stage.seq_len,
             )
         self._apply_model_settings(stage)
-        names = list(self.trainable)
-        self.trainable = dict(zip(names, trainable_mask(names, stage.trainable), strict=True))
+        if any(s.trainable for s in self.curriculum.stages):
+            self._train_only(stage)
         if self.rank == 0 and self.curriculum.configured:
             logger.info(
                 "%s stage %d %r at step %d, %d tokens (T %d, seq_len %d, rope_theta %g)",
@@ -390,13 +387,16 @@ class Trainer:
                 stage.rope_theta,
             )
 
-    def _freeze_by_stage(self) -> None:
-        """Parameters a stage leaves out get zero gradients (so they do not count in the
-        gradient norm either); their parameter groups get LR 0."""
-        for name, param in self.model.named_parameters():
-            param.register_hook(
-                lambda grad, name=name: grad if self.trainable[name] else torch.zeros_like(grad)
-            )
+    def _train_only(self, stage: Stage) -> None:
+        """Freezes the parameters the stage leaves out, by ``requires_grad``: no gradient is
+        computed for them, and DeepSpeed reduces zeros in its place, so they add nothing to the
+        gradient norm. The engine (built once, with every parameter some stage trains) still
+        holds them in its optimizer, so their groups also get LR 0 (``_set_learning_rate``):
+        Adam's moments would otherwise go on moving them."""
+        named = list(self.model.named_parameters())
+        mask = trainable_mask([name for name, _ in named], stage.trainable)
+        for (_, param), trains in zip(named, mask, strict=True):
+            param.requires_grad_(trains)
 
     def _stage_groups(self) -> list[tuple[bool, ...]] | None:
         """For each parameter, whether it trains in each stage (None: always)."""

@@ -142,6 +142,26 @@ def test_stage1_loss_and_gradients_match_reference(name):
             close(p.grad, grads[param_name], atol=F64_ATOL)
 
 
+@pytest.mark.parametrize("trainable", [GATE, ("lm_head.weight", *GATE)])
+def test_with_the_lm_frozen_the_gate_gets_the_gradients_of_the_full_model(trainable):
+    """A curriculum stage that trains only the gate freezes the rest by ``requires_grad``: the
+    head's loss then takes its path without gradients, which must not give the gate another."""
+    model = tiny_model(kv_heads=2)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+    ids, labels = batch(seed=23)
+    objective = Objective(**STAGE1["entropy"], chunk_tokens=3)
+    model(ids, labels=labels, objective=objective).loss.backward()
+    loss_fn = reference_stage1(STAGE1["entropy"])
+    _, grads = reference_loss_and_grads(model, ids, labels, loss_fn, trainable=trainable)
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert grads[name].abs().max() > 0, name
+            close(p.grad, grads[name], atol=F64_ATOL)
+        else:
+            assert p.grad is None, name
+
+
 @pytest.mark.parametrize("name", ["entropy", "kl_geometric"])
 def test_stage1_loss_and_gradients_float32(name):
     model = tiny_model(kv_heads=2).float()
