@@ -10,6 +10,16 @@ ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 OURO_TINY = os.path.join(ASSETS, "ouro-tiny")
 
 
+DISTRIBUTED_TESTS = os.path.join(os.path.dirname(__file__), "distributed")
+
+
+def pytest_itemcollected(item):
+    """The folder is the tier: every test under tests/distributed is marked ``distributed``
+    (it spawns gloo ranks), so ``-m "not distributed"`` is the unit tier, whatever a file says."""
+    if str(item.path).startswith(DISTRIBUTED_TESTS + os.sep):
+        item.add_marker(pytest.mark.distributed)
+
+
 def tier(item) -> int:
     """The order the suite runs in, so that a red result comes early: the unit tier (minutes),
     the distributed smoke subset, the other distributed tests, the GPU tests."""

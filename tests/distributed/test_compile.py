@@ -5,12 +5,8 @@ curriculum changes T, the sequence length and the RoPE base."""
 import json
 import random
 
-import pytest
-
 from tests.distributed.golden import differences
 from tests.distributed.launch import job, metrics, run
-
-pytestmark = pytest.mark.distributed
 
 # T 2 -> 3, sequence length 64 -> 128, RoPE base 10K -> 40K: two steps in each stage.
 STAGES = (

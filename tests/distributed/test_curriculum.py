@@ -22,8 +22,6 @@ from tests.distributed.launch import (
 )
 from train.export import export_checkpoint, load_checkpoint_model
 
-pytestmark = pytest.mark.distributed
-
 # Three stages on 2 ranks x micro batch 2 (256 tokens per pass at seq_len 64, 512 at 128):
 # a: T=2, the batch ramps 256 -> 512 tokens; steps of 256, 256, 512, 256 tokens (4 steps).
 # b: seq_len 128, T=3, RoPE base 40K, one source only, batch 1024 (2 steps).

@@ -7,7 +7,6 @@ import os
 import socket
 from pathlib import Path
 
-import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -20,7 +19,6 @@ from tests.unit.test_data_fixtures import (
     write_token_shards,
 )
 
-pytestmark = pytest.mark.distributed
 WORLD_SIZE = 2
 
 

@@ -24,8 +24,6 @@ from tests.distributed.launch import (
 from tests.unit.test_gate_tuning import tensors
 from train.export import load_checkpoint_model
 
-pytestmark = pytest.mark.distributed
-
 GATE = ("model.early_exit_gate.weight", "model.early_exit_gate.bias")
 PRETRAIN_STEPS = 150
 GATE_STEPS = 24

@@ -14,8 +14,6 @@ from tests.distributed.golden import (
     machine,
 )
 
-pytestmark = pytest.mark.distributed
-
 
 @pytest.mark.smoke
 @pytest.mark.parametrize("ranks", RANKS)

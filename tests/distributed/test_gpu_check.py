@@ -11,8 +11,6 @@ import torch
 
 from tests.distributed.launch import REPO, environment
 
-pytestmark = pytest.mark.distributed
-
 
 def test_the_dry_run_runs_every_check_and_writes_one_report(tmp_path):
     report_path = tmp_path / "report.json"

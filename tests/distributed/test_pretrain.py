@@ -29,8 +29,6 @@ from tests.distributed.launch import (
 from tests.unit.test_checkpoint_io import ouro_keys
 from train.export import export_checkpoint, load_checkpoint_model
 
-pytestmark = pytest.mark.distributed
-
 REQUIRED = {
     "step",
     "tokens",

@@ -14,8 +14,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
-
 from launch.commands import rendezvous_torchrun
 
 TIMEOUT_S = 50
@@ -72,7 +70,6 @@ def _finish(nodes: list[subprocess.Popen]) -> list[str]:
     return outputs
 
 
-@pytest.mark.distributed
 def test_two_nodes_meet_in_the_slurm_scripts_c10d_rendezvous(tmp_path):
     (tmp_path / "rendezvous_probe.py").write_text(PROBE)
     out_dir = tmp_path / "probe output"

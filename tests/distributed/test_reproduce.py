@@ -42,7 +42,6 @@ def greedy_accuracy_per_step(model, tokenizer, items) -> list[float]:
     return [h / len(items) for h in hits]
 
 
-@pytest.mark.distributed
 def test_a_toy_reproduction_trains_evaluates_exports_and_reports(tmp_path):
     out = tmp_path / "repro"
     first = reproduce(out)

@@ -8,13 +8,11 @@ import socket
 import time
 
 import psutil
-import pytest
 
 from tests.distributed.launch import job, kill_job, metrics, run, start, wait_paused
 from train.run_lock import LOCK_NAME
 
 
-@pytest.mark.distributed
 def test_a_second_job_on_a_run_refuses_and_a_dead_holders_lock_is_taken_over(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     holder = start(
@@ -53,7 +51,6 @@ def test_a_second_job_on_a_run_refuses_and_a_dead_holders_lock_is_taken_over(tmp
     assert not (run_dir / LOCK_NAME).exists()  # released at the end
 
 
-@pytest.mark.distributed
 def test_ranks_stop_when_their_launcher_is_killed(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     process = start(

@@ -8,8 +8,6 @@ from looplm import LoopLMConfig
 from tests.distributed.launch import job, metrics, run
 from train.export import export_checkpoint, load_checkpoint_model
 
-pytestmark = pytest.mark.distributed
-
 # One data-parallel group: one rank alone, or two ranks sharing each sequence, read the same
 # batches. fp32, so that the two differ only by the order of floating-point sums.
 SAME = ["deepspeed.precision=fp32", "train.global_batch_tokens=256", "train.max_steps=3"]

@@ -30,7 +30,6 @@ from train.validation import read_records
 # ---- the job -----------------------------------------------------------------------------
 
 
-@pytest.mark.distributed
 @pytest.mark.smoke
 def test_sft_run_lowers_the_loss_and_exports_a_thinking_model_that_chats(tmp_path, cache_dir):
     data = write_conversations(tmp_path / "chat.jsonl", 300)

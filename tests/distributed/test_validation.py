@@ -10,8 +10,6 @@ from train.config import PretrainConfig
 from train.export import load_checkpoint_model
 from train.validation import Validator, read_records
 
-pytestmark = pytest.mark.distributed
-
 EVAL = [
     "deepspeed.precision=fp32",
     "eval=embedded",
