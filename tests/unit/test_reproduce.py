@@ -39,9 +39,9 @@ def test_the_grid_pairs_every_looped_model_with_its_baselines():
 
 def test_set_changes_one_field_of_the_scale_and_refuses_what_does_not_fit():
     scale = reproduce.with_setting(reproduce.QUICK, "blocks=1,3")
-    scale = reproduce.with_setting(scale, "lr=3e-4")
+    scale = reproduce.with_setting(scale, "lr=1e-3")
     scale = reproduce.with_setting(scale, "steps=1e3")
-    assert (scale.blocks, scale.lr, scale.steps) == ((1, 3), 3e-4, 1000)
+    assert (scale.blocks, scale.lr, scale.steps) == ((1, 3), 1e-3, 1000)
     assert reproduce.with_setting(scale, "depth=6").depth == 6
     assert reproduce.with_setting(scale, "stability=default").stability == "default"
     models = reproduce.grid(reproduce.with_setting(scale, "depth=3"), ["phop"])
