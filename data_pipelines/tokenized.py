@@ -33,7 +33,7 @@ from data_pipelines.encoding import DocumentEncoder, Documents
 from data_pipelines.readers import BadInputLog, ReadOptions, parse_record, read_raw
 from data_pipelines.shards import TOKENS_META, Shard, first_middle_last, is_remote, resolve_shards
 from data_pipelines.tokenizer import tokenizer_problem, tokenizer_summary
-from looplm.files import write_atomically
+from looplm.files import PARTIAL, write_atomically
 
 if TYPE_CHECKING:  # config imports this module
     from data_pipelines.config import DataConfig, SourceConfig
@@ -404,7 +404,7 @@ def _prepare_output(out_dir: str, overwrite: bool) -> None:
             "there would be read with the new ones: pick an empty directory, or overwrite "
             "(--overwrite) to remove its pre-tokenized files first"
         )
-    ours = [name for name in entries if name.endswith((_BIN, _INDEX, _PARTIAL))]
+    ours = [n for n in entries if n.endswith((_BIN, _INDEX, _PARTIAL)) or PARTIAL in n]
     for name in ([META_FILE] if META_FILE in entries else []) + ours:
         os.remove(os.path.join(out_dir, name))
 

@@ -239,6 +239,8 @@ class Trainer:
             f"building the DeepSpeed engine ({self.model.config.num_parameters():,} parameters, "
             f"ZeRO-{cfg.deepspeed.zero_stage}, {self.world_size} ranks)"
         )
+        self.in_optimizer = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        """What the engine trains in some stage (a job may freeze the rest before it is built)."""
         self.engine, self.precision = build_engine(
             cfg, self.model, plan.accumulation, self.reshaped, self._stage_groups()
         )
@@ -395,8 +397,8 @@ class Trainer:
         Adam's moments would otherwise go on moving them."""
         named = list(self.model.named_parameters())
         mask = trainable_mask([name for name, _ in named], stage.trainable)
-        for (_, param), trains in zip(named, mask, strict=True):
-            param.requires_grad_(trains)
+        for (name, param), trains in zip(named, mask, strict=True):
+            param.requires_grad_(trains and name in self.in_optimizer)
 
     def _stage_groups(self) -> list[tuple[bool, ...]] | None:
         """For each parameter, whether it trains in each stage (None: always)."""

@@ -72,9 +72,11 @@ def test_stages_switch_at_exact_token_counts_and_resume_exactly_mid_stage_and_at
     if zero == "zero3":
         return
 
-    # Stop in the middle of stage a, then exactly at its end, then run to the end.
+    # Stop in the middle of stage a, exactly at its end, inside the gate-only stage c (its
+    # checkpoint written with the LM frozen), then run to the end.
     run_dir = tmp_path / "resumed"
-    for limit in ("train.max_steps=2", "train.max_steps=4", "train.max_steps=null"):
+    limits = ("train.max_steps=2", "train.max_steps=4", "train.max_steps=7", "train.max_steps=null")
+    for limit in limits:
         code, out = run("train.pretrain", job(run_dir, cache_dir, STAGES, limit), tmp_path / "x")
         assert code == 0, out[-3000:]
     resumed = metrics(run_dir)

@@ -2,7 +2,11 @@
 folder as it was and no partial copy beside it."""
 
 import os
+import socket
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +85,43 @@ def test_a_published_folder_is_readable_as_the_umask_allows(tmp_path):
     mode = stat.S_IMODE((tmp_path / "model" / "model.safetensors").stat().st_mode)
     assert mode == 0o644
     assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
+
+
+def test_a_failed_final_rename_puts_the_old_folder_back_and_keeps_the_new_copy(
+    tmp_path, monkeypatch
+):
+    out, shards = tmp_path / "export", tmp_path / "shards"
+    with publishing(out) as partial:
+        (partial / "a.txt").write_text("old")
+    rename = os.rename
+
+    def no_rename_into_place(src, dst):
+        if Path(dst) in (out, shards) and ".replaced" not in str(src):
+            raise OSError(5, "Input/output error")
+        rename(src, dst)
+
+    monkeypatch.setattr(files.os, "rename", no_rename_into_place)
+    with pytest.raises(OSError, match="the new copy is in") as error:
+        with publishing(out) as partial:
+            (partial / "a.txt").write_text("new")
+    assert (out / "a.txt").read_text() == "old"
+    assert (partial / "a.txt").read_text() == "new" and str(partial) in str(error.value)
+    with pytest.raises(OSError, match="the new copy is in"):  # not taken for a first writer
+        with publishing(shards, replace=False) as partial:
+            (partial / "part.jsonl").write_text("x")
+
+
+def test_what_a_killed_writer_left_is_removed_and_a_live_ones_is_not(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = tmp_path / f"export{files.PARTIAL}{host}-{dead.pid}-0000abcd"
+    live = tmp_path / f"export{files.PARTIAL}{host}-{os.getpid()}-0000abcd"
+    other_host = tmp_path / f"export{files.PARTIAL}elsewhere-{dead.pid}-0000abcd"
+    for folder in (stale, live, other_host):
+        folder.mkdir()
+    (tmp_path / f"counts.json{files.PARTIAL}{host}-{dead.pid}-0000abcd").write_text("{")
+    with publishing(tmp_path / "export") as partial:
+        (partial / "a.txt").write_text("1")
+    write_atomically(tmp_path / "counts.json", "{}")
+    assert names(tmp_path) == sorted(["counts.json", "export", live.name, other_host.name])
