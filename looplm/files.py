@@ -13,6 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+PARTIAL = ".partial-"
+"""What a partial sibling's name holds after the name of what it becomes."""
+
 
 def partial_path(path: Path) -> Path:
     """A new sibling for ``path`` to be written into first: named for this host and process
@@ -20,10 +23,6 @@ def partial_path(path: Path) -> Path:
     file never write into each other's copy."""
     write = uuid.uuid4().hex[:8]
     return path.with_name(f"{path.name}{PARTIAL}{socket.gethostname()}-{os.getpid()}-{write}")
-
-
-PARTIAL = ".partial-"
-"""What a partial sibling's name holds after the name of what it becomes."""
 
 
 def remove_stale_partials(path: Path) -> None:
@@ -45,7 +44,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's live process
-        return True
+        pass
     return True
 
 

@@ -1,5 +1,6 @@
 """Every shipped config composes; bad configs fail before any process group starts."""
 
+import functools
 import importlib
 import logging
 import math
@@ -38,6 +39,7 @@ GROUPS = ("model", "data", "optim", "schedule", "deepspeed", "logging", "stabili
 GROUPS += ("eval",)
 
 
+@functools.cache
 def experiment_choices() -> dict[str, dict[str, str]]:
     """Each shipped experiment's choice in each config group, composed on its job's config."""
     importlib.import_module("train.sft")  # registers the SFT job's schema
