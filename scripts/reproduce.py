@@ -271,6 +271,7 @@ def result(model: Model, scale: Scale, run_dir: Path, tokenizer: Path, out: Path
         export_checkpoint(run_dir, export, chat=answers_only(scale.tasks[model.task]))
         shutil.copy(tokenizer, export / "tokenizer.json")
     config = LoopLMConfig.load(export / "config.json")
+    exits = answer_exits(model, scale, run_dir, export) if model.loops > 1 else None
     evaluation = [json.loads(line) for line in open(run_dir / "eval.jsonl")][-1]
     scores = evaluation["tasks"][model.task]
     tokens = scale.steps * scale.batch_tokens
@@ -284,8 +285,38 @@ def result(model: Model, scale: Scale, run_dir: Path, tokenizer: Path, out: Path
         "accuracy": scores["accuracy_per_step"][model.loops - 1],
         "loss_per_step": scores.get("loss_per_step", evaluation["loss_per_step"])[: model.loops],
         "n": scores["n"],
+        "answer_exit_pdf": exits,
         "seconds": json.loads((run_dir / "finished.json").read_text())["seconds"],
     }
+
+
+def answer_exits(model: Model, scale: Scale, run_dir: Path, export: Path) -> list[float]:
+    """Where the looped model's gate sends each held-out answer: its mean exit distribution
+    at the position that predicts the answer's first token, the token that decides it. (The
+    job's ``exit_pdf_mean`` also averages tokens every step predicts equally well, such as a
+    conversation's closing ``<|im_end|>``, whose exits the entropy term keeps uniform.)"""
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+
+    from data_pipelines.encoding import DocumentEncoder
+    from data_pipelines.eval_tasks import TaskSpec, build_sequences
+    from looplm import LoopLMForCausalLM
+
+    data = OmegaConf.load(run_dir / "config.yaml").data
+    uri = scale.tasks[model.task]
+    encoder = DocumentEncoder(data.tokenizer, data.kind, data.eos_token)
+    spec = TaskSpec(model.task, scale.eval_items, source_uri=uri)  # the job's held-out set
+    sequences = build_sequences([spec], [uri], encoder, data.kind, str(data.cache_dir))
+    scored = [s for s in sequences if s.loss_mask.any()]  # each item's first answer
+    network = LoopLMForCausalLM.from_pretrained(export).eval()
+    total = torch.zeros(model.loops, dtype=torch.float64)
+    with torch.no_grad():
+        for sequence in scored:
+            first = int(np.flatnonzero(sequence.answer_mask)[0])
+            prompt = torch.from_numpy(sequence.tokens[:first])[None]
+            total += network(prompt, return_all_steps=True).exit_pdf[0, -1].double()
+    return (total / len(scored)).tolist()
 
 
 # ---- the report --------------------------------------------------------------------------
@@ -299,9 +330,8 @@ def summary(results: list[dict]) -> list[dict]:
     rows = []
     for (task, family, layers, loops), runs in groups.items():
         accuracies = [r["accuracy"] for r in runs]
-        per_step = [
-            sum(s) / len(s) for s in zip(*(r["accuracy_per_step"] for r in runs), strict=True)
-        ]
+        per_step = _mean_per_step([r["accuracy_per_step"] for r in runs])
+        exits = [r.get("answer_exit_pdf") for r in runs]
         rows.append(
             dict(
                 task=task,
@@ -315,9 +345,14 @@ def summary(results: list[dict]) -> list[dict]:
                 accuracy_min=min(accuracies),
                 accuracy_max=max(accuracies),
                 accuracy_per_step=per_step,
+                answer_exit_pdf=_mean_per_step(exits) if None not in exits else None,
             )
         )
     return rows
+
+
+def _mean_per_step(lists: list[list[float]]) -> list[float]:
+    return [sum(s) / len(s) for s in zip(*lists, strict=True)]
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -365,17 +400,20 @@ def write_report(results: list[dict], scale: Scale, out: Path, command: str) -> 
         f"`{command}`",
         "",
         "Exact-match accuracy on held-out questions of the hardest length, mean over seeds "
-        "(min-max); accuracy by recurrent step for looped models.",
+        "(min-max); accuracy by recurrent step for looped models, and where their gate exits "
+        "on the answer (mean exit distribution at the answer's first token).",
         "",
-        "| task | family | layers x loops | params | train FLOPs | accuracy | by step |",
-        "|---|---|---|---|---|---|---|",
+        "| task | family | layers x loops | params | train FLOPs | accuracy | by step | "
+        "answer exits |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["task"], FAMILIES.index(r["family"]), r["layers"])):
         steps = " / ".join(f"{a:.2f}" for a in r["accuracy_per_step"])
+        exits = " / ".join(f"{p:.2f}" for p in r["answer_exit_pdf"] or [])
         lines.append(
             f"| {r['task']} | {r['family']} | {r['layers']} x {r['loops']} | {r['params']:,} | "
             f"{r['train_flops']:.2e} | {r['accuracy']:.3f} ({r['accuracy_min']:.2f}-"
-            f"{r['accuracy_max']:.2f}) | {steps} |"
+            f"{r['accuracy_max']:.2f}) | {steps} | {exits} |"
         )
     lines += ["", "Targets:", ""] + [f"- {line}" for line in checks]
     (out / "results.md").write_text("\n".join(lines) + "\n")

@@ -42,6 +42,18 @@ def greedy_accuracy_per_step(model, tokenizer, items) -> list[float]:
     return [h / len(items) for h in hits]
 
 
+def answer_exit_pdf(model, tokenizer, items) -> list[float]:
+    """The mean exit distribution at the position predicting each answer's first token, in
+    float64."""
+    model = model.double()
+    total = torch.zeros(model.config.total_ut_steps, dtype=torch.float64)
+    for _key, prompt, _answers in items:
+        ids = torch.tensor([tokenizer.encode(prompt).ids])
+        with torch.no_grad():
+            total += model(ids, return_all_steps=True).exit_pdf[0, -1]
+    return (total / len(items)).tolist()
+
+
 def test_a_toy_reproduction_trains_evaluates_exports_and_reports(tmp_path):
     out = tmp_path / "repro"
     first = reproduce(out)
@@ -71,6 +83,11 @@ def test_a_toy_reproduction_trains_evaluates_exports_and_reports(tmp_path):
         assert len(items) == 12
         expected = greedy_accuracy_per_step(model, tokenizer, items)
         assert record["accuracy_per_step"] == pytest.approx(expected)
+        if record["loops"] == 1:
+            assert record["answer_exit_pdf"] is None
+        else:
+            exits = answer_exit_pdf(model, tokenizer, items)
+            assert record["answer_exit_pdf"] == pytest.approx(exits, abs=1e-5)
     table = (out / "results.md").read_text()
     assert "| phop | looped | 1 x 3 |" in table and "looped - iso_param" in table
     assert (out / "results.png").stat().st_size > 10_000

@@ -99,7 +99,7 @@ def test_a_conversation_source_trains_on_the_answers_alone(tmp_path):
     assert words <= vocabulary.keys()
 
 
-def _record(task, family, layers, loops, seed, per_step):
+def _record(task, family, layers, loops, seed, per_step, exits=None):
     return dict(
         task=task,
         family=family,
@@ -110,13 +110,14 @@ def _record(task, family, layers, loops, seed, per_step):
         train_flops=1e9 * layers * loops,
         accuracy_per_step=per_step,
         accuracy=per_step[-1],
+        answer_exit_pdf=exits,
     )
 
 
 def test_the_report_averages_over_seeds_and_checks_the_targets(tmp_path):
     results = [
-        _record("mano", "looped", 2, 3, 0, [0.2, 0.5, 0.7]),
-        _record("mano", "looped", 2, 3, 1, [0.4, 0.5, 0.5]),
+        _record("mano", "looped", 2, 3, 0, [0.2, 0.5, 0.7], [0.1, 0.3, 0.6]),
+        _record("mano", "looped", 2, 3, 1, [0.4, 0.5, 0.5], [0.3, 0.3, 0.4]),
         _record("mano", "iso_param", 2, 1, 0, [0.3]),
         _record("mano", "iso_param", 2, 1, 1, [0.5]),
         _record("mano", "iso_flop", 6, 1, 0, [0.8]),
@@ -128,6 +129,8 @@ def test_the_report_averages_over_seeds_and_checks_the_targets(tmp_path):
     assert rows["looped"]["accuracy"] == pytest.approx(0.6)
     assert rows["looped"]["accuracy_per_step"] == pytest.approx([0.3, 0.5, 0.6])
     assert (rows["looped"]["accuracy_min"], rows["looped"]["accuracy_max"]) == (0.5, 0.7)
+    assert rows["looped"]["answer_exit_pdf"] == pytest.approx([0.2, 0.3, 0.5])
+    assert rows["iso_param"]["answer_exit_pdf"] is None
     checks = reproduce.verdicts(list(rows.values()))
     assert checks == [
         "mano, k=2: looped - iso_param = +20.0 points (target >= +20): met",
@@ -139,9 +142,10 @@ def test_the_report_averages_over_seeds_and_checks_the_targets(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text()) == results
     table = (tmp_path / "results.md").read_text()
     assert (
-        "| mano | looped | 2 x 3 | 2,000 | 6.00e+09 | 0.600 (0.50-0.70) | 0.30 / 0.50 / 0.60 |"
-        in table
+        "| mano | looped | 2 x 3 | 2,000 | 6.00e+09 | 0.600 (0.50-0.70) | 0.30 / 0.50 / 0.60 | "
+        "0.20 / 0.30 / 0.50 |" in table
     )
+    assert "| mano | iso_param | 2 x 1 | 2,000 | 2.00e+09 | 0.400 (0.30-0.50) | 0.40 |  |" in table
     assert (tmp_path / "results.png").stat().st_size > 10_000
 
 
