@@ -73,6 +73,11 @@ class Scale:
     stopped a 3-layer p-hop model four times in 900 steps at LR 1e-3)."""
     tasks: dict[str, str] = field(default_factory=dict)
     """The ``synthetic://`` source of each task."""
+    gate_bias: float | None = None
+    """An investigation, not part of the grid: the looped models start from a fresh
+    initialization (seeded by their seed, given to the job as ``init_from``) whose exit gate
+    has this bias. Ouro initializes it to 0, exits 1/2, 1/4, ... at the start; -3 puts 0.91
+    of the weight on the last of 3 steps."""
 
 
 QUICK = Scale(
@@ -174,21 +179,55 @@ def task_tokenizer(task: str, uri: str, out: Path, cache_dir: Path) -> Path:
     return path
 
 
-def job_overrides(model: Model, scale: Scale, tokenizer: Path, run_dir: Path, cache_dir: Path):
+def model_settings(model: Model, scale: Scale, vocab) -> dict:
+    """The architecture of a model of the grid: the ``tiny`` preset with these fields."""
+    return dict(
+        vocab_size=vocab,
+        hidden_size=scale.hidden_size,
+        intermediate_size=3 * scale.hidden_size,
+        num_attention_heads=scale.heads,
+        num_key_value_heads=scale.heads,
+        num_hidden_layers=model.layers,
+        total_ut_steps=model.loops,
+    )
+
+
+def initial_model(model: Model, scale: Scale, tokenizer: Path, directory: Path) -> Path:
+    """``scale.gate_bias``'s fresh model (see there), written in Ouro's format."""
+    import torch
+
+    from data_pipelines.tokenizer import load_tokenizer
+    from looplm import LoopLMConfig, LoopLMForCausalLM
+
+    vocab = load_tokenizer(str(tokenizer)).get_vocab_size()
+    config = LoopLMConfig.from_preset("tiny", **model_settings(model, scale, vocab))
+    torch.manual_seed(model.seed)
+    network = LoopLMForCausalLM(config)
+    with torch.no_grad():
+        network.model.early_exit_gate.bias.fill_(scale.gate_bias)
+    network.save_pretrained(directory)
+    return directory
+
+
+def starts_fresh(model: Model, scale: Scale) -> bool:
+    """Whether the model starts from ``initial_model`` rather than the job's initialization."""
+    return scale.gate_bias is not None and model.loops > 1
+
+
+def job_overrides(
+    model: Model, scale: Scale, tokenizer: Path, run_dir: Path, cache_dir: Path, init=None
+):
+    """The pre-training job of one model; ``init``: the Ouro-format directory it starts from."""
     from data_pipelines.tokenizer import load_tokenizer
 
     vocab = load_tokenizer(str(tokenizer)).get_vocab_size() if tokenizer.is_file() else "VOCAB"
     micro_batch = max(1, scale.batch_tokens // (2 * scale.seq_len))
     objective = "last_step" if model.family == "looped_last" else "stage1"
+    architecture = model_settings(model, scale, vocab)
     return [
         "model=tiny",
-        f"model.vocab_size={vocab}",
-        f"model.hidden_size={scale.hidden_size}",
-        f"model.intermediate_size={3 * scale.hidden_size}",
-        f"model.num_attention_heads={scale.heads}",
-        f"model.num_key_value_heads={scale.heads}",
-        f"model.num_hidden_layers={model.layers}",
-        f"model.total_ut_steps={model.loops}",
+        *(f"model.{name}={value}" for name, value in architecture.items()),
+        *([f"init_from={init}"] if init is not None else []),
         "data=embedded",
         f"data.kind={'sft' if answers_only(scale.tasks[model.task]) else 'pretrain'}",
         f"data.tokenizer={tokenizer}",
@@ -226,7 +265,10 @@ def train(model: Model, scale: Scale, tokenizer: Path, out: Path, cache_dir: Pat
     """Runs the pre-training job of one model (unless it finished before with the same
     settings); its run directory."""
     run_dir = out / "runs" / model.name
-    overrides = job_overrides(model, scale, tokenizer, run_dir, cache_dir)
+    init = (
+        out / "init" / f"{model.name}-gate{scale.gate_bias}" if starts_fresh(model, scale) else None
+    )
+    overrides = job_overrides(model, scale, tokenizer, run_dir, cache_dir, init)
     finished = run_dir / "finished.json"
     if finished.is_file() and json.loads(finished.read_text())["overrides"] == overrides:
         return run_dir
@@ -234,6 +276,8 @@ def train(model: Model, scale: Scale, tokenizer: Path, out: Path, cache_dir: Pat
         shutil.rmtree(run_dir)
     shutil.rmtree(out / "models" / model.name, ignore_errors=True)
     run_dir.mkdir(parents=True)
+    if init is not None:
+        initial_model(model, scale, tokenizer, init)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         f"--master_port={_free_port()}", "-m", "train.pretrain", *overrides,
@@ -426,6 +470,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     tasks = sorted({r["task"] for r in rows})
     figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
@@ -449,6 +494,7 @@ def plot(rows: list[dict], path: Path) -> None:
                     )  # fmt: skip
         axis.set_title(task)
         axis.set_xlabel("effective depth (layers applied)")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel("exact-match accuracy, hardest length")
         axis.set_ylim(0, 1)
         axis.grid(alpha=0.3)
@@ -490,6 +536,8 @@ def with_setting(scale: Scale, assignment: str) -> Scale:
         parsed = tuple(int(part) for part in value.split(","))
     elif isinstance(current, int):
         parsed = int(float(value))
+    elif current is None:  # an optional number (gate_bias)
+        parsed = float(value)
     else:
         parsed = type(current)(value)
     return Scale(**{**asdict(scale), key: parsed})

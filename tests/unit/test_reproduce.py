@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from data_pipelines import synthetic
+from looplm import LoopLMForCausalLM
 from tests.unit.test_readme_commands import load_script
 from train.config import config_problems
 from train.trainer import CONFIG_DIR
@@ -75,6 +77,41 @@ def test_each_family_is_a_valid_pre_training_job(tmp_path, family):
     assert cfg.train.global_batch_tokens == scale.batch_tokens
     assert cfg.data.kind == "sft" and not cfg.stability.enabled  # answers alone, no spike guard
     assert built.vocab_size == json.loads(tokenizer.read_text())["model"]["vocab"].__len__()
+
+
+def test_a_gate_bias_starts_each_looped_model_from_a_fresh_model_with_that_gate(tmp_path):
+    uri = reproduce.QUICK.tasks["phop"].replace("num_docs=200000", "num_docs=400")
+    scale = reproduce.Scale(**{**reproduce.asdict(reproduce.QUICK), "tasks": {"phop": uri}})
+    scale = reproduce.with_setting(scale, "gate_bias=-3")
+    tokenizer = reproduce.task_tokenizer("phop", uri, tmp_path, tmp_path / "c")
+    looped, plain = [m for m in reproduce.grid(scale, ["phop"], ["looped", "iso_param"])][:2]
+    assert (looped.loops, plain.loops) == (3, 1)
+    assert reproduce.starts_fresh(looped, scale) and not reproduce.starts_fresh(plain, scale)
+    assert not reproduce.starts_fresh(looped, reproduce.QUICK)  # the grid itself: the job's own
+    init = reproduce.initial_model(looped, scale, tokenizer, tmp_path / "init")
+    overrides = reproduce.job_overrides(
+        looped, scale, tokenizer, tmp_path / "run", tmp_path / "c", init
+    )
+    assert f"init_from={init}" in overrides
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = OmegaConf.to_object(compose("pretrain", overrides=overrides))
+    assert config_problems(cfg, world_size=2) == []  # the same architecture as the settings
+    model = LoopLMForCausalLM.from_pretrained(init)
+    assert model.model.early_exit_gate.bias.item() == -3.0
+    # seeded by the model's seed: the same seed gives the same weights
+    again = reproduce.initial_model(looped, scale, tokenizer, tmp_path / "again")
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(),
+        LoopLMForCausalLM.from_pretrained(again).state_dict().items(),
+        strict=True,
+    ):
+        assert torch.equal(a, b), name
+    # the exits start on the last step: lambda = sigmoid(-3 + w.h), exits lambda, (1 - lambda)
+    # lambda, (1 - lambda)^2
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        pdf = model(ids, return_all_steps=True).exit_pdf
+    assert pdf[..., -1].min() > 0.85 and pdf.sum(-1).allclose(torch.ones(2, 16))
 
 
 def test_a_conversation_source_trains_on_the_answers_alone(tmp_path):
