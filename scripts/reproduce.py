@@ -573,7 +573,10 @@ def main(argv: list[str] | None = None) -> None:
           f"seeds {scale.seeds}, {scale.steps} steps of {scale.batch_tokens} tokens each", flush=True)  # fmt: skip
     if args.dry_run:
         for model in models:
-            overrides = job_overrides(model, scale, Path("TOKENIZER"), Path("RUN_DIR"), cache_dir)
+            init = Path("INIT") if starts_fresh(model, scale) else None
+            overrides = job_overrides(
+                model, scale, Path("TOKENIZER"), Path("RUN_DIR"), cache_dir, init
+            )
             print(model.name, " ".join(overrides))
         return
     out.mkdir(parents=True, exist_ok=True)
