@@ -22,7 +22,8 @@ in [1, P], scored at p = P).
 Written into ``--out``: ``results.json`` (one object per model), ``results.md`` (the table
 and the means over seeds), ``results.png`` (accuracy against effective depth, a line per
 family), ``models/NAME/`` (each model, Ouro format, with ``tokenizer.json``), ``runs/NAME/``
-(each run directory and ``job.log``) and ``tokenizers/``. A model whose run finished is not
+(each run directory and ``job.log``), ``tokenizers/`` and, with ``--set gate_bias``,
+``init/`` (the models such runs start from). A model whose run finished is not
 trained again, so an interrupted reproduction continues where it stopped.
 """
 
@@ -210,8 +211,9 @@ def initial_model(model: Model, scale: Scale, tokenizer: Path, directory: Path) 
 
 
 def starts_fresh(model: Model, scale: Scale) -> bool:
-    """Whether the model starts from ``initial_model`` rather than the job's initialization."""
-    return scale.gate_bias is not None and model.loops > 1
+    """Whether the model starts from ``initial_model`` rather than the job's initialization
+    (with its gate at 0, the same weights: both seed torch with the model's seed)."""
+    return scale.gate_bias is not None and model.family == "looped"
 
 
 def job_overrides(
@@ -336,7 +338,8 @@ def result(model: Model, scale: Scale, run_dir: Path, tokenizer: Path, out: Path
 
 def answer_exits(model: Model, scale: Scale, run_dir: Path, export: Path) -> list[float]:
     """Where the looped model's gate sends each held-out answer: its mean exit distribution
-    at the position that predicts the answer's first token, the token that decides it. (The
+    at the position that predicts the answer's first token (on Mano and p-hop, the whole
+    answer; a source whose answer opens with worked reasoning would need another). (The
     job's ``exit_pdf_mean`` also averages tokens every step predicts equally well, such as a
     conversation's closing ``<|im_end|>``, whose exits the entropy term keeps uniform.)"""
     import numpy as np

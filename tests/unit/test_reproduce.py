@@ -15,6 +15,7 @@ from data_pipelines import synthetic
 from looplm import LoopLMForCausalLM
 from tests.unit.test_readme_commands import load_script
 from train.config import config_problems
+from train.engine import build_model
 from train.trainer import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,9 +85,12 @@ def test_a_gate_bias_starts_each_looped_model_from_a_fresh_model_with_that_gate(
     scale = reproduce.Scale(**{**reproduce.asdict(reproduce.QUICK), "tasks": {"phop": uri}})
     scale = reproduce.with_setting(scale, "gate_bias=-3")
     tokenizer = reproduce.task_tokenizer("phop", uri, tmp_path, tmp_path / "c")
-    looped, plain = [m for m in reproduce.grid(scale, ["phop"], ["looped", "iso_param"])][:2]
-    assert (looped.loops, plain.loops) == (3, 1)
-    assert reproduce.starts_fresh(looped, scale) and not reproduce.starts_fresh(plain, scale)
+    looped, plain, last = reproduce.grid(scale, ["phop"], ["looped", "iso_param", "looped_last"])[
+        :3
+    ]
+    assert (looped.family, plain.family, last.family) == ("looped", "iso_param", "looped_last")
+    assert reproduce.starts_fresh(looped, scale)
+    assert not reproduce.starts_fresh(plain, scale) and not reproduce.starts_fresh(last, scale)
     assert not reproduce.starts_fresh(looped, reproduce.QUICK)  # the grid itself: the job's own
     init = reproduce.initial_model(looped, scale, tokenizer, tmp_path / "init")
     overrides = reproduce.job_overrides(
@@ -106,6 +110,26 @@ def test_a_gate_bias_starts_each_looped_model_from_a_fresh_model_with_that_gate(
         strict=True,
     ):
         assert torch.equal(a, b), name
+    # with the gate at 0 it is the job's own fresh model (the trainer seeds, then builds)
+    zero = reproduce.with_setting(scale, "gate_bias=0")
+    start = LoopLMForCausalLM.from_pretrained(
+        reproduce.initial_model(looped, zero, tokenizer, tmp_path / "zero")
+    )
+    torch.manual_seed(cfg.seed)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        own = [o for o in overrides if not o.startswith("init_from=")]
+        fresh_cfg = OmegaConf.to_object(compose("pretrain", overrides=own))
+    fresh = build_model(fresh_cfg)
+    assert fresh_cfg.init_from is None and cfg.seed == looped.seed
+    for (name, a), (_, b) in zip(
+        start.state_dict().items(), fresh.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    # another bias is another run: the driver trains it again rather than reusing the last one
+    other = reproduce.job_overrides(
+        looped, scale, tokenizer, tmp_path / "run", tmp_path / "c", tmp_path / "init-gate-2.0"
+    )
+    assert other != overrides
     # the exits start on the last step: lambda = sigmoid(-3 + w.h), exits lambda, (1 - lambda)
     # lambda, (1 - lambda)^2
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
