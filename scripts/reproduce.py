@@ -317,7 +317,7 @@ def result(model: Model, scale: Scale, run_dir: Path, tokenizer: Path, out: Path
         export_checkpoint(run_dir, export, chat=answers_only(scale.tasks[model.task]))
         shutil.copy(tokenizer, export / "tokenizer.json")
     config = LoopLMConfig.load(export / "config.json")
-    exits = answer_exits(model, scale, run_dir, export) if model.loops > 1 else None
+    exits = answer_exits(model, run_dir, export) if model.loops > 1 else None
     evaluation = [json.loads(line) for line in open(run_dir / "eval.jsonl")][-1]
     scores = evaluation["tasks"][model.task]
     tokens = scale.steps * scale.batch_tokens
@@ -336,7 +336,7 @@ def result(model: Model, scale: Scale, run_dir: Path, tokenizer: Path, out: Path
     }
 
 
-def answer_exits(model: Model, scale: Scale, run_dir: Path, export: Path) -> list[float]:
+def answer_exits(model: Model, run_dir: Path, export: Path) -> list[float]:
     """Where the looped model's gate sends each held-out answer: its mean exit distribution
     at the position that predicts the answer's first token (on Mano and p-hop, the whole
     answer; a source whose answer opens with worked reasoning would need another). (The
@@ -347,15 +347,18 @@ def answer_exits(model: Model, scale: Scale, run_dir: Path, export: Path) -> lis
     from omegaconf import OmegaConf
 
     from data_pipelines.encoding import DocumentEncoder
-    from data_pipelines.eval_tasks import TaskSpec, build_sequences
+    from data_pipelines.eval_tasks import build_sequences
     from looplm import LoopLMForCausalLM
+    from train.validation import synthetic_paths, task_specs
 
-    data = OmegaConf.load(run_dir / "config.yaml").data
-    uri = scale.tasks[model.task]
-    encoder = DocumentEncoder(data.tokenizer, data.kind, data.eos_token)
-    spec = TaskSpec(model.task, scale.eval_items, source_uri=uri)  # the job's held-out set
-    sequences = build_sequences([spec], [uri], encoder, data.kind, str(data.cache_dir))
-    scored = [s for s in sequences if s.loss_mask.any()]  # each item's first answer
+    cfg = OmegaConf.load(run_dir / "config.yaml")  # the job's held-out set, as its Validator
+    encoder = DocumentEncoder(cfg.data.tokenizer, cfg.data.kind, cfg.data.eos_token)
+    sequences = build_sequences(
+        task_specs(cfg.eval, cfg.data), synthetic_paths(cfg.data), encoder, cfg.data.kind,
+        cfg.data.cache_dir,
+    )  # fmt: skip
+    # each item's first answer
+    scored = [s for s in sequences if s.task == model.task and s.loss_mask.any()]
     network = LoopLMForCausalLM.from_pretrained(export).eval()
     total = torch.zeros(model.loops, dtype=torch.float64)
     with torch.no_grad():
