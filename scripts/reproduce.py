@@ -61,6 +61,7 @@ class Scale:
     hidden_size: int
     heads: int
     steps: int
+    """Optimizer steps of every run, except a task's in ``task_steps``."""
     batch_tokens: int
     seq_len: int
     lr: float
@@ -74,11 +75,17 @@ class Scale:
     stopped a 3-layer p-hop model four times in 900 steps at LR 1e-3)."""
     tasks: dict[str, str] = field(default_factory=dict)
     """The ``synthetic://`` source of each task."""
+    task_steps: dict[str, int] = field(default_factory=dict)
+    """Optimizer steps of a task's runs where they differ from ``steps`` (``--steps`` sets
+    every task's)."""
     gate_bias: float | None = None
     """An investigation, not part of the grid: the looped models start from a fresh
     initialization (seeded by their seed, given to the job as ``init_from``) whose exit gate
     has this bias. Ouro initializes it to 0, exits 1/2, 1/4, ... at the start; -3 puts 0.91
     of the weight on the last of 3 steps."""
+
+    def steps_of(self, task: str) -> int:
+        return self.task_steps.get(task, self.steps)
 
 
 QUICK = Scale(
@@ -96,13 +103,17 @@ QUICK = Scale(
     eval_items=256,
     stability="off",
     tasks={
-        "mano": "synthetic://mano?ops=3&mod=5&num_docs=200000&shards=2&chat=1",
+        "mano": "synthetic://mano?ops=2&mod=11&num_docs=200000&shards=2&chat=1",
         "phop": "synthetic://phop?hops=2&length=12&symbols=4&num_docs=200000&shards=2&chat=1",
     },
+    task_steps={"mano": 6000},
 )
 """One layer looped three times (Saunshi et al.'s setting): the smallest grid where, on a CPU,
 looping shows what it buys. Trained on the answers alone (conversations, every difficulty up
-to the hardest); Mano modulo 5 rather than 23, whose values no model learns at this budget.
+to the hardest). Mano modulo 11 with 1 or 2 operators, for 6,000 steps: modulo 23 no model
+learns the tables at this budget, and modulo 5 with 3 operators no model learnt the hardest
+length (three layers 0.48, one 0.37: nothing for looping to show), while two operators modulo
+11 need depth (one layer 0.4, three 0.8 in the probe) and twice p-hop's steps to learn.
 LR 3e-4: at 1e-3 the looped layer stalls on Mano and p-hop's three layers spike."""
 FULL = Scale(
     depth=12,
@@ -224,6 +235,7 @@ def job_overrides(
 
     vocab = load_tokenizer(str(tokenizer)).get_vocab_size() if tokenizer.is_file() else "VOCAB"
     micro_batch = max(1, scale.batch_tokens // (2 * scale.seq_len))
+    steps = scale.steps_of(model.task)
     objective = "last_step" if model.family == "looped_last" else "stage1"
     architecture = model_settings(model, scale, vocab)
     return [
@@ -239,12 +251,12 @@ def job_overrides(
         f"data.cache_dir={cache_dir}",
         "data.num_workers=1",
         f"seed={model.seed}",
-        f"train.max_steps={scale.steps}",
+        f"train.max_steps={steps}",
         f"train.global_batch_tokens={scale.batch_tokens}",
         f"train.micro_batch_size={micro_batch}",
         f"train.objective={objective}",
         f"train.beta={scale.beta if model.family == 'looped' else 0.0}",
-        f"train.log_every={max(1, scale.steps // 10)}",
+        f"train.log_every={max(1, steps // 10)}",
         f"optim.lr={scale.lr}",
         "optim.weight_decay=0.1",
         "schedule=wsd",
@@ -252,10 +264,10 @@ def job_overrides(
         "eval=embedded",
         f"eval.tasks=[{{name:{model.task},source:{model.task}}}]",
         f"eval.num_items={scale.eval_items}",
-        f"eval.every_steps={max(1, scale.steps // 4)}",
+        f"eval.every_steps={max(1, steps // 4)}",
         "eval.extra_steps=0",
         "eval.batch_size=64",
-        f"checkpoint.every_steps={scale.steps}",
+        f"checkpoint.every_steps={steps}",
         "checkpoint.keep_last=1",
         "logging.wandb=false",
         f"stability={scale.stability}",
@@ -320,7 +332,7 @@ def result(model: Model, scale: Scale, run_dir: Path, tokenizer: Path, out: Path
     exits = answer_exits(model, run_dir, export) if model.loops > 1 else None
     evaluation = [json.loads(line) for line in open(run_dir / "eval.jsonl")][-1]
     scores = evaluation["tasks"][model.task]
-    tokens = scale.steps * scale.batch_tokens
+    tokens = scale.steps_of(model.task) * scale.batch_tokens
     return {
         **asdict(model),
         "name": model.name,
@@ -516,7 +528,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--task", default="all", choices=["all", *QUICK.tasks])
     parser.add_argument(
-        "--quick", action="store_true", help="the CPU-sized grid (about 80 minutes on 2 cores)"
+        "--quick",
+        action="store_true",
+        help="the CPU-sized grid (on 2 cores: p-hop about 35 minutes, Mano about 70)",
     )
     parser.add_argument("--out", required=True, help="the output directory")
     parser.add_argument("--seeds", type=int, nargs="*", help="override the grid's seeds")
@@ -535,8 +549,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def with_setting(scale: Scale, assignment: str) -> Scale:
     """``scale`` with one field set from ``FIELD=VALUE`` (a tuple field takes ``1,2,3``)."""
     key, value = assignment.split("=", 1)
-    if key not in Scale.__dataclass_fields__ or key == "tasks":
-        raise SystemExit(f"--set {assignment}: no such setting (use --source for a task)")
+    if key not in Scale.__dataclass_fields__ or key in ("tasks", "task_steps"):
+        raise SystemExit(
+            f"--set {assignment}: no such setting (--source sets a task's source, --steps the steps)"
+        )
     current = getattr(scale, key)
     if isinstance(current, tuple):
         parsed = tuple(int(part) for part in value.split(","))
@@ -562,7 +578,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.seeds:
         scale = Scale(**{**asdict(scale), "seeds": tuple(args.seeds)})
     if args.steps:
-        scale = Scale(**{**asdict(scale), "steps": args.steps})
+        scale = Scale(**{**asdict(scale), "steps": args.steps, "task_steps": {}})
     for assignment in args.set:
         scale = with_setting(scale, assignment)
     check_blocks(scale)
@@ -575,8 +591,9 @@ def main(argv: list[str] | None = None) -> None:
     cache_dir = out / "cache"
     models = grid(scale, tasks, args.families)
     command = "python scripts/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    steps = ", ".join(f"{task} {scale.steps_of(task)}" for task in tasks)
     print(f"{len(models)} models: tasks {tasks}, depth {scale.depth}, blocks {scale.blocks}, "
-          f"seeds {scale.seeds}, {scale.steps} steps of {scale.batch_tokens} tokens each", flush=True)  # fmt: skip
+          f"seeds {scale.seeds}, steps of {scale.batch_tokens} tokens: {steps}", flush=True)  # fmt: skip
     if args.dry_run:
         for model in models:
             init = Path("INIT") if starts_fresh(model, scale) else None

@@ -59,6 +59,29 @@ def test_set_changes_one_field_of_the_scale_and_refuses_what_does_not_fit():
             reproduce.check_blocks(reproduce.with_setting(reproduce.QUICK, bad))
 
 
+def test_a_task_may_train_for_its_own_number_of_steps_and_steps_sets_every_task(tmp_path, capsys):
+    scale = reproduce.Scale(**{**reproduce.asdict(reproduce.QUICK), "task_steps": {"mano": 700}})
+    assert (scale.steps_of("mano"), scale.steps_of("phop")) == (700, scale.steps)
+
+    def job(task, scale):
+        (model,) = reproduce.grid(scale, [task], ["iso_param"])[:1]
+        overrides = reproduce.job_overrides(model, scale, tmp_path / "t.json", tmp_path, tmp_path)
+        return {o.split("=")[0]: o.split("=", 1)[1] for o in overrides if o.count("=") == 1}
+
+    mano, phop = job("mano", scale), job("phop", scale)
+    assert (mano["train.max_steps"], mano["eval.every_steps"], mano["checkpoint.every_steps"]) == (
+        "700", "175", "700"
+    )  # fmt: skip
+    assert phop["train.max_steps"] == str(scale.steps) != "700"
+    with pytest.raises(SystemExit, match="--steps the steps"):
+        reproduce.with_setting(scale, "task_steps=3")
+    for extra, expected in (([], reproduce.QUICK.steps_of("mano")), (["--steps", "5"], 5)):
+        reproduce.main(["--quick", "--task", "mano", "--out", str(tmp_path), "--dry-run", *extra])
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].endswith(f"tokens: mano {expected}")
+        assert all(f"train.max_steps={expected} " in line for line in lines[1:]) and lines[1:]
+
+
 @pytest.mark.parametrize("family", reproduce.FAMILIES)
 def test_each_family_is_a_valid_pre_training_job(tmp_path, family):
     # the quick grid's settings, on fewer conversations of its source
