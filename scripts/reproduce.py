@@ -275,9 +275,11 @@ def job_overrides(
     ]
 
 
-def train(model: Model, scale: Scale, tokenizer: Path, out: Path, cache_dir: Path) -> Path:
+def train(
+    model: Model, scale: Scale, tokenizer: Path, out: Path, cache_dir: Path, label: str = ""
+) -> Path:
     """Runs the pre-training job of one model (unless it finished before with the same
-    settings); its run directory."""
+    settings); its run directory. ``label`` heads the line saying which."""
     run_dir = out / "runs" / model.name
     init = (
         out / "init" / f"{model.name}-gate{scale.gate_bias}" if starts_fresh(model, scale) else None
@@ -285,7 +287,9 @@ def train(model: Model, scale: Scale, tokenizer: Path, out: Path, cache_dir: Pat
     overrides = job_overrides(model, scale, tokenizer, run_dir, cache_dir, init)
     finished = run_dir / "finished.json"
     if finished.is_file() and json.loads(finished.read_text())["overrides"] == overrides:
+        print(f"{label}{model.name}: trained before with these settings, not again", flush=True)
         return run_dir
+    print(f"{label}{model.name}: training", flush=True)
     if run_dir.exists():  # interrupted, or trained with other settings: trained again
         shutil.rmtree(run_dir)
     shutil.rmtree(out / "models" / model.name, ignore_errors=True)
@@ -607,8 +611,7 @@ def main(argv: list[str] | None = None) -> None:
     for index, model in enumerate(models, 1):
         uri = scale.tasks[model.task]
         tokenizer = task_tokenizer(model.task, uri, out, cache_dir)
-        print(f"[{index}/{len(models)}] {model.name}: training", flush=True)
-        run_dir = train(model, scale, tokenizer, out, cache_dir)
+        run_dir = train(model, scale, tokenizer, out, cache_dir, f"[{index}/{len(models)}] ")
         record = result(model, scale, run_dir, tokenizer, out)
         results.append(record)
         steps = " ".join(f"{a:.2f}" for a in record["accuracy_per_step"])
