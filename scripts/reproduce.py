@@ -336,7 +336,7 @@ def result(model: Model, scale: Scale, run_dir: Path, tokenizer: Path, out: Path
     exits = answer_exits(model, run_dir, export) if model.loops > 1 else None
     evaluation = [json.loads(line) for line in open(run_dir / "eval.jsonl")][-1]
     scores = evaluation["tasks"][model.task]
-    tokens = scale.steps_of(model.task) * scale.batch_tokens
+    tokens = train_tokens(model, scale)
     return {
         **asdict(model),
         "name": model.name,
@@ -350,6 +350,10 @@ def result(model: Model, scale: Scale, run_dir: Path, tokenizer: Path, out: Path
         "answer_exit_pdf": exits,
         "seconds": json.loads((run_dir / "finished.json").read_text())["seconds"],
     }
+
+
+def train_tokens(model: Model, scale: Scale) -> int:
+    return scale.steps_of(model.task) * scale.batch_tokens
 
 
 def answer_exits(model: Model, run_dir: Path, export: Path) -> list[float]:
@@ -534,7 +538,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="the CPU-sized grid (on 2 cores: p-hop about 35 minutes, Mano about 70)",
+        help="the CPU-sized grid (on 2 cores: p-hop 35-45 minutes, Mano 70)",
     )
     parser.add_argument("--out", required=True, help="the output directory")
     parser.add_argument("--seeds", type=int, nargs="*", help="override the grid's seeds")
@@ -566,7 +570,8 @@ def with_setting(scale: Scale, assignment: str) -> Scale:
         parsed = float(value)
     else:
         parsed = type(current)(value)
-    return Scale(**{**asdict(scale), key: parsed})
+    cleared = {"task_steps": {}} if key == "steps" else {}  # as --steps: every task's
+    return Scale(**{**asdict(scale), key: parsed, **cleared})
 
 
 def check_blocks(scale: Scale) -> None:

@@ -98,5 +98,6 @@ def test_a_toy_reproduction_trains_evaluates_exports_and_reports(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert {p: p.stat().st_mtime for p in stamps} == stamps
     assert "[1/2] phop-looped-1x3-seed0: trained before with these settings" in second.stdout
-    assert ": training" in first.stdout and ": training" not in second.stdout
+    assert "] phop-looped-1x3-seed0: training" in first.stdout
+    assert "] phop-looped-1x3-seed0: training" not in second.stdout
     assert json.loads((out / "results.json").read_text()) == results

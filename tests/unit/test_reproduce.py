@@ -62,6 +62,10 @@ def test_set_changes_one_field_of_the_scale_and_refuses_what_does_not_fit():
 def test_a_task_may_train_for_its_own_number_of_steps_and_steps_sets_every_task(tmp_path, capsys):
     scale = reproduce.Scale(**{**reproduce.asdict(reproduce.QUICK), "task_steps": {"mano": 700}})
     assert (scale.steps_of("mano"), scale.steps_of("phop")) == (700, scale.steps)
+    assert reproduce.QUICK.steps_of("mano") == 2 * reproduce.QUICK.steps_of("phop") == 6000
+    mano_model, phop_model = (reproduce.grid(scale, [t], ["looped"])[0] for t in ("mano", "phop"))
+    assert reproduce.train_tokens(mano_model, scale) == 700 * scale.batch_tokens
+    assert reproduce.train_tokens(phop_model, scale) == scale.steps * scale.batch_tokens
 
     def job(task, scale):
         (model,) = reproduce.grid(scale, [task], ["iso_param"])[:1]
@@ -73,6 +77,8 @@ def test_a_task_may_train_for_its_own_number_of_steps_and_steps_sets_every_task(
         "700", "175", "700"
     )  # fmt: skip
     assert phop["train.max_steps"] == str(scale.steps) != "700"
+    assert (mano["train.log_every"], phop["train.log_every"]) == ("70", str(scale.steps // 10))
+    assert reproduce.with_setting(scale, "steps=50").steps_of("mano") == 50  # as --steps
     with pytest.raises(SystemExit, match="--steps the steps"):
         reproduce.with_setting(scale, "task_steps=3")
     for extra, expected in (([], reproduce.QUICK.steps_of("mano")), (["--steps", "5"], 5)):
