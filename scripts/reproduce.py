@@ -37,7 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -570,8 +570,8 @@ def with_setting(scale: Scale, assignment: str) -> Scale:
         parsed = float(value)
     else:
         parsed = type(current)(value)
-    cleared = {"task_steps": {}} if key == "steps" else {}  # as --steps: every task's
-    return Scale(**{**asdict(scale), key: parsed, **cleared})
+    cleared = {"task_steps": {}} if key == "steps" else {}  # every task's steps
+    return replace(scale, **{key: parsed}, **cleared)
 
 
 def check_blocks(scale: Scale) -> None:
@@ -585,16 +585,16 @@ def main(argv: list[str] | None = None) -> None:
 
     scale = QUICK if args.quick else FULL
     if args.seeds:
-        scale = Scale(**{**asdict(scale), "seeds": tuple(args.seeds)})
+        scale = replace(scale, seeds=tuple(args.seeds))
     if args.steps:
-        scale = Scale(**{**asdict(scale), "steps": args.steps, "task_steps": {}})
+        scale = with_setting(scale, f"steps={args.steps}")
     for assignment in args.set:
         scale = with_setting(scale, assignment)
     check_blocks(scale)
     for assignment in args.source:
         task, uri = assignment.split("=", 1)
         synthetic.parse_uri(uri)
-        scale = Scale(**{**asdict(scale), "tasks": {**scale.tasks, task: uri}})
+        scale = replace(scale, tasks={**scale.tasks, task: uri})
     tasks = list(scale.tasks) if args.task == "all" else [args.task]
     out = Path(args.out)
     cache_dir = out / "cache"
