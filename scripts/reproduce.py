@@ -289,7 +289,12 @@ def train(
     if finished.is_file() and json.loads(finished.read_text())["overrides"] == overrides:
         print(f"{label}{model.name}: trained before with these settings, not again", flush=True)
         return run_dir
-    print(f"{label}{model.name}: training", flush=True)
+    why = (
+        " again: its earlier run had other settings (paths included: a moved --out trains again)"
+        if finished.is_file()
+        else ""
+    )
+    print(f"{label}{model.name}: training{why}", flush=True)
     if run_dir.exists():  # interrupted, or trained with other settings: trained again
         shutil.rmtree(run_dir)
     shutil.rmtree(out / "models" / model.name, ignore_errors=True)
