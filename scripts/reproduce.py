@@ -24,7 +24,8 @@ and the means over seeds), ``results.png`` (accuracy against effective depth, a 
 family), ``models/NAME/`` (each model, Ouro format, with ``tokenizer.json``), ``runs/NAME/``
 (each run directory and ``job.log``), ``tokenizers/`` and, with ``--set gate_bias``,
 ``init/`` (the models such runs start from). A model whose run finished is not
-trained again, so an interrupted reproduction continues where it stopped.
+trained again, so an interrupted reproduction continues where it stopped, and ``--out`` can be
+moved or copied.
 """
 
 from __future__ import annotations
@@ -286,14 +287,11 @@ def train(
     )
     overrides = job_overrides(model, scale, tokenizer, run_dir, cache_dir, init)
     finished = run_dir / "finished.json"
-    if finished.is_file() and json.loads(finished.read_text())["overrides"] == overrides:
+    recorded = json.loads(finished.read_text())["overrides"] if finished.is_file() else None
+    if recorded is not None and portable(recorded) == portable(overrides):
         print(f"{label}{model.name}: trained before with these settings, not again", flush=True)
         return run_dir
-    why = (
-        " again: its earlier run had other settings (paths included: a moved --out trains again)"
-        if finished.is_file()
-        else ""
-    )
+    why = " again: its earlier run had other settings" if recorded is not None else ""
     print(f"{label}{model.name}: training{why}", flush=True)
     if run_dir.exists():  # interrupted, or trained with other settings: trained again
         shutil.rmtree(run_dir)
@@ -314,8 +312,18 @@ def train(
         raise RuntimeError(
             f"{model.name}: the training job failed (exit {code.returncode}):\n{tail}"
         )
-    finished.write_text(json.dumps({"seconds": time.time() - start, "overrides": overrides}))
+    record = {"seconds": time.time() - start, "overrides": portable(overrides)}
+    finished.write_text(json.dumps(record))
     return run_dir
+
+
+def portable(overrides: list[str]) -> list[str]:
+    """The overrides with their reproduction directory (``OUT`` of ``run_dir=OUT/runs/NAME``)
+    written as ``$OUT``, so that a directory that was moved or copied still knows its runs
+    (those recorded with their paths, as before, too)."""
+    (run_dir,) = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]
+    out = Path(run_dir).parent.parent
+    return [override.replace(f"{out}/", "$OUT/") for override in overrides]
 
 
 def _free_port() -> int:
@@ -338,7 +346,7 @@ def result(model: Model, scale: Scale, run_dir: Path, tokenizer: Path, out: Path
         export_checkpoint(run_dir, export, chat=answers_only(scale.tasks[model.task]))
         shutil.copy(tokenizer, export / "tokenizer.json")
     config = LoopLMConfig.load(export / "config.json")
-    exits = answer_exits(model, run_dir, export) if model.loops > 1 else None
+    exits = answer_exits(model, run_dir, export, out / "cache") if model.loops > 1 else None
     evaluation = [json.loads(line) for line in open(run_dir / "eval.jsonl")][-1]
     scores = evaluation["tasks"][model.task]
     tokens = train_tokens(model, scale)
@@ -361,7 +369,7 @@ def train_tokens(model: Model, scale: Scale) -> int:
     return scale.steps_of(model.task) * scale.batch_tokens
 
 
-def answer_exits(model: Model, run_dir: Path, export: Path) -> list[float]:
+def answer_exits(model: Model, run_dir: Path, export: Path, cache_dir: Path) -> list[float]:
     """Where the looped model's gate sends each held-out answer: its mean exit distribution
     at the position that predicts the answer's first token (on Mano and p-hop, the whole
     answer; a source whose answer opens with worked reasoning would need another). (The
@@ -377,6 +385,8 @@ def answer_exits(model: Model, run_dir: Path, export: Path) -> list[float]:
     from train.validation import synthetic_paths, task_specs
 
     cfg = OmegaConf.load(run_dir / "config.yaml")  # the job's held-out set, as its Validator
+    # where the files are now (the run's config names them where it ran)
+    cfg.data.tokenizer, cfg.data.cache_dir = str(export / "tokenizer.json"), str(cache_dir)
     encoder = DocumentEncoder(cfg.data.tokenizer, cfg.data.kind, cfg.data.eos_token)
     sequences = build_sequences(
         task_specs(cfg.eval, cfg.data), synthetic_paths(cfg.data), encoder, cfg.data.kind,
@@ -601,7 +611,7 @@ def main(argv: list[str] | None = None) -> None:
         synthetic.parse_uri(uri)
         scale = replace(scale, tasks={**scale.tasks, task: uri})
     tasks = list(scale.tasks) if args.task == "all" else [args.task]
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the jobs run in the repository
     cache_dir = out / "cache"
     models = grid(scale, tasks, args.families)
     command = "python scripts/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)

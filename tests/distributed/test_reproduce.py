@@ -1,5 +1,6 @@
 """The reproduction driver end to end at a toy size: real pre-training jobs on 2 gloo ranks,
-their evaluations, the exports and the report, and a second invocation that trains nothing."""
+their evaluations, the exports and the report, and a second invocation, on the directory
+moved, that trains nothing."""
 
 import json
 import subprocess
@@ -20,10 +21,10 @@ TOY = [
 ]  # fmt: skip
 
 
-def reproduce(out) -> subprocess.CompletedProcess:
+def reproduce(out, cwd=REPO) -> subprocess.CompletedProcess:
     command = [sys.executable, str(REPO / "scripts" / "reproduce.py"), "--out", str(out), *TOY]
     return subprocess.run(
-        command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600
+        command, cwd=cwd, env=environment(), capture_output=True, text=True, timeout=600
     )
 
 
@@ -92,12 +93,15 @@ def test_a_toy_reproduction_trains_evaluates_exports_and_reports(tmp_path):
     assert "| phop | looped | 1 x 3 |" in table and "looped - iso_param" in table
     assert (out / "results.png").stat().st_size > 10_000
 
-    # Run again: every model finished with these settings, so nothing trains.
-    stamps = {p: p.stat().st_mtime for p in (out / "runs").glob("*/finished.json")}
-    second = reproduce(out)
+    # Move the directory and run again from elsewhere, naming it relatively: every model
+    # finished with these settings, so nothing trains, and the report is the same.
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    stamps = {p: p.stat().st_mtime for p in (moved / "runs").glob("*/finished.json")}
+    second = reproduce("moved", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert {p: p.stat().st_mtime for p in stamps} == stamps
+    assert {p: p.stat().st_mtime for p in stamps} == stamps and not out.exists()
     assert "[1/2] phop-looped-1x3-seed0: trained before with these settings" in second.stdout
     assert "] phop-looped-1x3-seed0: training" in first.stdout
     assert "] phop-looped-1x3-seed0: training" not in second.stdout
-    assert json.loads((out / "results.json").read_text()) == results
+    assert json.loads((moved / "results.json").read_text()) == results

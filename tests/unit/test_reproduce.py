@@ -88,6 +88,36 @@ def test_a_task_may_train_for_its_own_number_of_steps_and_steps_sets_every_task(
         assert all(f"train.max_steps={expected} " in line for line in lines[1:]) and lines[1:]
 
 
+def test_a_finished_run_is_not_trained_again_in_place_or_moved(tmp_path, capsys):
+    (model,) = reproduce.grid(reproduce.QUICK, ["phop"], ["looped"])[:1]
+
+    def finish(out, overrides):  # what a finished job leaves
+        run_dir = out / "runs" / model.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "finished.json").write_text(json.dumps({"seconds": 1, "overrides": overrides}))
+
+    def reused(out) -> bool:
+        run_dir = out / "runs" / model.name
+        tokenizer, cache = out / "tokenizers" / "t.json", out / "cache"
+        assert reproduce.train(model, reproduce.QUICK, tokenizer, out, cache) == run_dir
+        return "trained before with these settings, not again" in capsys.readouterr().out
+
+    out = tmp_path / "a"
+    overrides = reproduce.job_overrides(
+        model, reproduce.QUICK, out / "tokenizers" / "t.json", out / "runs" / model.name,
+        out / "cache",
+    )  # fmt: skip
+    assert sum(str(out) in o for o in overrides) == 3  # tokenizer, cache and run directory
+    recorded = reproduce.portable(overrides)
+    assert not any(str(tmp_path) in o for o in recorded) and "run_dir=$OUT/runs/" in recorded[-1]
+    assert reproduce.portable(recorded) == recorded
+    for record in (recorded, overrides):  # as runs record them, and as they did (full paths)
+        finish(out, record)
+        assert reused(out)
+        out = out.rename(out.with_name(out.name + "-moved"))
+        assert reused(out)
+
+
 @pytest.mark.parametrize("family", reproduce.FAMILIES)
 def test_each_family_is_a_valid_pre_training_job(tmp_path, family):
     # the quick grid's settings, on fewer conversations of its source
