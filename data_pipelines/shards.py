@@ -138,10 +138,17 @@ def _expand(path: str, fmt: str, cache_dir: str, check_only: bool) -> list[Shard
 
 @functools.cache
 def _stdlib_files(pattern: str) -> tuple[str, ...]:
-    """The standard library's files matching `pattern`, listed once per process (a recursive
-    glob of the whole library takes about a second)."""
+    """The standard library's files matching `pattern`, listed once per process. A leading
+    `**/` is globbed per top-level folder, skipping `site-packages` (the installed packages
+    under the library's folder, where a recursive glob spends 0.6 s of its 0.65)."""
     root = sysconfig.get_paths()["stdlib"]
-    files = glob.glob(os.path.join(root, pattern), recursive=True)
+    if pattern.startswith("**/"):  # "**" matches no folder, or one of the top level and more
+        tops = [e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != "."]
+        roots = [root, *(os.path.join(root, top, "**") for top in tops if top != "site-packages")]
+        paths = [os.path.join(r, pattern[3:]) for r in roots]
+    else:
+        paths = [os.path.join(root, pattern)]
+    files = [file for path in paths for file in glob.glob(path, recursive=True)]
     return tuple(file for file in files if "site-packages" not in file and os.path.isfile(file))
 
 

@@ -23,11 +23,12 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:  # matplotlib is imported where a chart is drawn: reading metrics needs none
+    from matplotlib.figure import Figure
 
 REQUIRED_KEYS = ("step", "loss", "loss_per_step", "exit_pdf_mean")
 
@@ -84,6 +85,9 @@ def read_evaluations(path: Path) -> list[dict]:
 
 
 def _save(path: Path, draw, steps: np.ndarray, records: list[dict]) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(9, 9 if draw is _draw_loss else 6), layout="constrained")
     FigureCanvasAgg(figure)
     draw(figure, steps, records)
@@ -122,6 +126,8 @@ def _number(value) -> float:
 
 def _step_colors(count: int) -> list:
     """Recurrent step t gets the same colour in every chart."""
+    from matplotlib import colormaps
+
     colormap = colormaps["viridis"]
     return [colormap(index / max(count - 1, 1)) for index in range(count)]
 

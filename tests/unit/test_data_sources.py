@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import gzip
 import json
 import logging
+import os
 import re
+import sysconfig
 
 import datasets
 import numpy as np
@@ -22,7 +25,7 @@ from data_pipelines.readers import (
     ShardReader,
     shard_dataset,
 )
-from data_pipelines.shards import Shard, epoch_pieces
+from data_pipelines.shards import Shard, _stdlib_files, epoch_pieces
 from data_pipelines.tokenizer import load_tokenizer
 from tests.unit.test_data_fixtures import (
     assert_same_batches,
@@ -135,6 +138,15 @@ def test_builtin_sources_are_streamed_through_datasets(tmp_path, monkeypatch):
     assert any(file.endswith(".jsonl") for file in files)
     assert any(file.endswith(".py") for file in files)
     assert all(call["streaming"] and call["type"] is datasets.IterableDataset for call in calls)
+
+
+@pytest.mark.parametrize("pattern", ["**/*.py", "**/json/*.py", "json/*.py", "**/*"])
+def test_the_standard_library_listing_is_a_recursive_glob_without_site_packages(pattern):
+    root = sysconfig.get_paths()["stdlib"]
+    globbed = glob.glob(os.path.join(root, pattern), recursive=True)
+    expected = sorted(f for f in globbed if os.path.isfile(f) and "site-packages" not in f)
+    listed = _stdlib_files(pattern)
+    assert sorted(listed) == expected and len(set(listed)) == len(listed) and expected
 
 
 def test_a_shard_reader_replays_what_a_window_read_past_its_end(tmp_path, monkeypatch):
