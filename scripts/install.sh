@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs looplm and its dependencies on a fresh machine.
 #   bash scripts/install.sh        # the package
-#   bash scripts/install.sh dev    # the package plus pytest and ruff
+#   bash scripts/install.sh dev    # the package plus pytest (with pytest-xdist) and ruff
 # torch is installed first and only when missing: the CUDA build where a GPU is visible,
 # the pinned CPU build elsewhere (letting pip resolve torch freely pulls GBs of CUDA wheels).
 set -euo pipefail

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import resource
 import signal
 import socket
@@ -38,9 +39,22 @@ FAST = [
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port for a job's rendezvous. Under pytest-xdist each worker draws from a range of
+    its own, below the kernel's ephemeral ports, so two workers never hand out the same port
+    between the check here and the job's bind."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    candidates = [0]  # any: the kernel picks
+    if worker.startswith("gw") and int(worker[2:]) < 12:
+        low = 20_000 + 1_000 * int(worker[2:])
+        candidates = random.Random().sample(range(low, low + 1_000), 1_000)
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in the range of pytest worker {worker}")
 
 
 def torchrun_command(module: str, overrides: list[str], nproc: int = 2) -> list[str]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from data_pipelines import SourceConfig, build_data_loader
+from tests.distributed.launch import free_port
 from tests.unit.test_data_fixtures import (
     assert_same_batches,
     labelled_token_documents,
@@ -55,12 +55,6 @@ def rank_main(rank: int, directory: str, port: int) -> None:
         assert not set(gathered[0]) & set(gathered[1]), "two ranks read the same document"
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as connection:
-        connection.bind(("127.0.0.1", 0))
-        return connection.getsockname()[1]
 
 
 def test_two_ranks_read_disjoint_documents_and_resume_exactly(tmp_path):

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 from launch.commands import rendezvous_torchrun
+from tests.distributed.launch import free_port
 
 TIMEOUT_S = 50
 
@@ -35,12 +35,6 @@ record = {"rank": rank, "world_size": world_size, "reduced": value.item(),
 dist.barrier()
 dist.destroy_process_group()
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _node_env(tmp_path, port: int) -> dict[str, str]:
@@ -75,7 +69,7 @@ def test_two_nodes_meet_in_the_slurm_scripts_c10d_rendezvous(tmp_path):
     out_dir = tmp_path / "probe output"
     out_dir.mkdir()
     command = rendezvous_torchrun(1, "rendezvous_probe", [str(out_dir)])
-    env = _node_env(tmp_path, _free_port())
+    env = _node_env(tmp_path, free_port())
     nodes = [
         subprocess.Popen(
             ["bash", "-c", command],

@@ -1,4 +1,5 @@
-"""Every command of the README, held to the code it runs.
+"""Every command of the README (and of the reproduction's record, scripts/REPRODUCTION.md),
+held to the code it runs.
 
 The README's commands are read from its bash blocks and walked in order, as a new user pastes
 them. Each one's arguments must parse with its own parser; a job's config must compose and
@@ -40,10 +41,14 @@ EARLIER_RUN = re.compile(r"(^|[\s'])runs/")
 """A problem about a `runs/` path: a documented command's input written by the job before it."""
 
 
+DOCUMENTS = ("README.md", "scripts/REPRODUCTION.md")
+"""The documents whose commands are walked, in this order."""
+
+
 def readme_commands() -> list[list[str]]:
-    """The commands of the README's bash blocks in order: continuation lines joined, comments
-    dropped, `a && b` split in two."""
-    text = (REPO / "README.md").read_text()
+    """The commands of the documents' bash blocks in order: continuation lines joined,
+    comments dropped, `a && b` split in two."""
+    text = "\n".join((REPO / document).read_text() for document in DOCUMENTS)
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     commands = []
     for block in blocks:
@@ -346,8 +351,11 @@ def test_the_readme_commands_run_in_order_on_what_the_commands_before_them_wrote
 def test_ci_runs_the_readme_test_command():
     tests = [c for c in readme_commands() if c[:2] == ["bash", "scripts/install.sh"]]
     assert ["bash", "scripts/install.sh", "dev"] in tests
-    ci = (REPO / ".ci" / "run").read_text()
-    assert "bash scripts/install.sh dev && python3 -m pytest -q" in ci
+    readme = (REPO / "README.md").read_text().splitlines()
+    (line,) = [line for line in readme if line.startswith("bash scripts/install.sh dev && ")]
+    assert line.startswith("bash scripts/install.sh dev && python3 -m pytest -q")
+    ci = (REPO / ".ci" / "run").read_text().rstrip().splitlines()
+    assert ci[-1] == line  # exactly the README's command
 
 
 def test_a_readme_path_read_before_it_is_written_is_found(tmp_path):
