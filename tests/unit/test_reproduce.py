@@ -267,6 +267,12 @@ def test_the_report_averages_over_seeds_and_checks_the_targets(tmp_path):
     )
     assert "| mano | iso_param | 2 x 1 | 2,000 | 2.00e+09 | 0.400 (0.30-0.50) | 0.40 |  |" in table
     assert (tmp_path / "results.png").stat().st_size > 10_000
+    # A grid of baselines alone (an investigation) says it has no targets, not an empty list.
+    baselines = [r for r in results if r["family"] == "iso_flop"]
+    assert reproduce.write_report(baselines, scale, tmp_path, "python scripts/reproduce.py") == []
+    table = (tmp_path / "results.md").read_text()
+    assert table.endswith("Targets:\n\n- none: the targets compare the looped family with its "
+                          "baselines, and this grid has no looped model\n")  # fmt: skip
 
 
 def test_the_task_probe_trains_and_scores_every_difficulty_at_every_step(capsys):
