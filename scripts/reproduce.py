@@ -542,6 +542,8 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.set_title(task)
         axis.set_xlabel("effective depth (layers applied)")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        deepest = max(r["layers"] * r["loops"] for r in rows if r["task"] == task)
+        axis.set_xlim(0.5, deepest + 0.5)  # whole depths, also for a grid of one depth
         axis.set_ylabel("exact-match accuracy, hardest length")
         axis.set_ylim(0, 1)
         axis.grid(alpha=0.3)
