@@ -512,6 +512,13 @@ def write_report(results: list[dict], scale: Scale, out: Path, command: str) -> 
     return checks
 
 
+def legend_label(row: dict) -> str:
+    """A family's line in the plot's legend: `looped (1 layer x 3)`, `iso_flop (3 layers)`."""
+    layers = f"{row['layers']} layer{'s' if row['layers'] != 1 else ''}"
+    loops = f" x {row['loops']}" if row["loops"] > 1 else ""
+    return f"{row['family']} ({layers}{loops})"
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -528,16 +535,14 @@ def plot(rows: list[dict], path: Path) -> None:
             for r in (r for r in rows if r["task"] == task and r["family"] == family):
                 if r["loops"] > 1:  # accuracy when exiting at each step: depth k, 2k, ...
                     depths = [r["layers"] * (t + 1) for t in range(r["loops"])]
-                    label = f"{family} ({r['layers']} layers x {r['loops']})"
                     axis.plot(
                         depths, r["accuracy_per_step"], marker="o", color=colors[family],
-                        label=label,
+                        label=legend_label(r),
                     )  # fmt: skip
                 else:
-                    label = f"{family} ({r['layers']} layers)"
                     axis.scatter(
                         [r["layers"]], [r["accuracy"]], s=60, marker="s", color=colors[family],
-                        label=label, zorder=3,
+                        label=legend_label(r), zorder=3,
                     )  # fmt: skip
         axis.set_title(task)
         axis.set_xlabel("effective depth (layers applied)")

@@ -289,3 +289,11 @@ def test_the_task_probe_trains_and_scores_every_difficulty_at_every_step(capsys)
     assert all(len(s.split(": ")[1].split()) == 2 for s in scores)  # one per recurrent step
     with pytest.raises(ValueError, match="mano: give ops=L"):
         probe.main(["--task", "mano", "--steps", "1"])
+
+
+def test_the_legend_names_one_layer_and_several_layers_as_such():
+    labels = [
+        reproduce.legend_label({"family": family, "layers": layers, "loops": loops})
+        for family, layers, loops in [("looped", 1, 3), ("iso_param", 1, 1), ("iso_flop", 3, 1)]
+    ]
+    assert labels == ["looped (1 layer x 3)", "iso_param (1 layer)", "iso_flop (3 layers)"]
