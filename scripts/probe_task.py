@@ -5,11 +5,17 @@
 
 Trains the model (looplm's, on the Stage I loss, or on the last step's alone with `--objective
 last_step`) on single questions of the task, one per row (no packing, no DeepSpeed), and prints
-the held-out accuracy at every recurrent step, for each difficulty from 1 to the task's hardest
-(p-hop: hops; Mano: operators), every `--eval-every` steps. With `--answer-only` only the answer
-is a target, without it every next token is (as in pre-training). It answers in minutes on a CPU core what a grid of `scripts/reproduce.py`
-would answer in hours: whether a budget is enough to learn a task at all, and which difficulty
-a model of some depth masters first. It is a diagnostic; the reproduction's figures come from
+the accuracy at every recurrent step on questions of its evaluation stream, for each difficulty
+from 1 to the task's hardest (p-hop: hops; Mano: operators), every `--eval-every` steps. With
+`--answer-only` only the answer is a target, without it every next token is (as in
+pre-training). By default every training question is drawn fresh, so on a task of few distinct
+questions (Mano modulo 11 with two operators has 23,958) the scored ones have mostly been
+trained on: the score is then one of fitting the task's questions, not of answering new ones.
+`--pool N` trains on a fixed set of N questions, as the job does on its source's documents,
+and scores the hardest difficulty on questions outside the set, as the job's evaluation does.
+It answers in minutes on a CPU core what a grid of `scripts/reproduce.py` would answer in
+hours: whether a budget is enough to learn a task at all, and which difficulty a model of some
+depth masters first. It is a diagnostic; the reproduction's figures come from
 the pre-training job.
 """
 
@@ -55,6 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--answer-only", action="store_true")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-items", type=int, default=256, help="per difficulty")
+    parser.add_argument(
+        "--pool", type=int, default=0,
+        help="train on a fixed set of N questions, as the job trains on its source's num_docs, "
+             "and score only the hardest difficulty, on questions outside the set (0: a fresh "
+             "question every time, scored on questions the model may have trained on)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
@@ -75,6 +87,29 @@ def question(task: str, params: dict[str, int], rng: random.Random, level: int) 
     else:
         line, answer = synthetic._operators_expression(rng, level, params["mod"])
     return [*line.split(), "=", str(answer)]
+
+
+def unseen(pool: list[list[str]], draw, count: int) -> list[list[str]]:
+    """``count`` distinct questions from ``draw()`` that are not in ``pool``."""
+    seen, found = {tuple(words) for words in pool}, {}
+    for _ in range(1000 * count):
+        words = draw()
+        if tuple(words) not in seen:
+            found.setdefault(tuple(words), words)
+            if len(found) == count:
+                return list(found.values())
+    raise SystemExit(
+        f"--pool {len(pool)}: found {len(found)} of {count} held-out questions outside the "
+        "training pool (the pool covers nearly every question: give a smaller --pool)"
+    )
+
+
+def epochs(pool: list[list[int]], rng: random.Random):
+    """The pool's questions in a fresh random order each pass."""
+    while True:
+        order = list(pool)
+        rng.shuffle(order)
+        yield from order
 
 
 class Vocabulary(dict):
@@ -119,10 +154,19 @@ def main(argv=None) -> int:
     hardest = params[DIFFICULTY[args.task]]
     train_rng, eval_rng = random.Random(args.seed), random.Random(10_000 + args.seed)
     vocab = Vocabulary(pad=0)
-    held_out = {
-        level: [vocab.ids(question(args.task, params, eval_rng, level)) for _ in range(args.eval_items)]
-        for level in range(1, hardest + 1)
-    }  # fmt: skip
+    if args.pool:
+        pool = [question(args.task, params, train_rng, train_rng.randint(1, hardest))
+                for _ in range(args.pool)]  # fmt: skip
+        outside = unseen(
+            pool, lambda: question(args.task, params, eval_rng, hardest), args.eval_items
+        )
+        held_out = {hardest: [vocab.ids(words) for words in outside]}
+        pool = [vocab.ids(words) for words in pool]
+    else:
+        held_out = {
+            level: [vocab.ids(question(args.task, params, eval_rng, level)) for _ in range(args.eval_items)]
+            for level in range(1, hardest + 1)
+        }  # fmt: skip
     for _ in range(1000):  # every word the task uses
         vocab.ids(question(args.task, params, train_rng, train_rng.randint(1, hardest)))
     config = LoopLMConfig(
@@ -149,16 +193,24 @@ def main(argv=None) -> int:
         f"{'answer' if args.answer_only else 'every token'} as target, {args.objective} loss",
         flush=True,
     )
+    if args.pool:
+        pool_order = epochs(pool, train_rng)
+        distinct = len({tuple(row) for row in pool})
+        print(f"training pool: {args.pool:,} questions ({distinct:,} distinct); held out: "
+              f"{args.eval_items} questions of {hardest} {DIFFICULTY[args.task]}, none in the pool")  # fmt: skip
     start, tokens = time.time(), 0
     for step in range(1, args.steps + 1):
         lr = args.lr * min(1.0, step / args.warmup)
         lr *= min(1.0, (args.steps - step) / (0.2 * args.steps))  # linear decay over the last 20%
         for group in optimizer.param_groups:
             group["lr"] = lr
-        rows = [
-            vocab.ids(question(args.task, params, train_rng, train_rng.randint(1, hardest)))
-            for _ in range(args.batch)
-        ]
+        if args.pool:
+            rows = [next(pool_order) for _ in range(args.batch)]
+        else:
+            rows = [
+                vocab.ids(question(args.task, params, train_rng, train_rng.randint(1, hardest)))
+                for _ in range(args.batch)
+            ]
         x, y = batch(rows, args.answer_only)
         tokens += int((x != 0).sum())
         loss = model(x, labels=y, objective=objective).loss

@@ -79,6 +79,8 @@ class Scale:
     task_steps: dict[str, int] = field(default_factory=dict)
     """Optimizer steps of a task's runs where they differ from ``steps`` (``--steps`` sets
     every task's)."""
+    precision: str = "auto"
+    """The job's ``deepspeed.precision``: ``auto`` is bf16 where the CPU computes it."""
     gate_bias: float | None = None
     """An investigation, not part of the grid: the looped models start from a fresh
     initialization (seeded by their seed, given to the job as ``init_from``) whose exit gate
@@ -272,6 +274,7 @@ def job_overrides(
         "checkpoint.keep_last=1",
         "logging.wandb=false",
         f"stability={scale.stability}",
+        f"deepspeed.precision={scale.precision}",
         f"run_dir={run_dir}",
     ]
 

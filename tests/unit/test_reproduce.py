@@ -77,6 +77,11 @@ def test_a_task_may_train_for_its_own_number_of_steps_and_steps_sets_every_task(
         "700", "175", "700"
     )  # fmt: skip
     assert phop["train.max_steps"] == str(scale.steps) != "700"
+    assert phop["deepspeed.precision"] == "auto"
+    assert (
+        job("phop", reproduce.with_setting(scale, "precision=fp32"))["deepspeed.precision"]
+        == "fp32"
+    )
     assert (mano["train.log_every"], phop["train.log_every"]) == ("70", str(scale.steps // 10))
     assert reproduce.with_setting(scale, "steps=50").steps_of("mano") == 50  # as --steps
     with pytest.raises(SystemExit, match="--steps the steps"):
@@ -289,6 +294,28 @@ def test_the_task_probe_trains_and_scores_every_difficulty_at_every_step(capsys)
     assert all(len(s.split(": ")[1].split()) == 2 for s in scores)  # one per recurrent step
     with pytest.raises(ValueError, match="mano: give ops=L"):
         probe.main(["--task", "mano", "--steps", "1"])
+
+
+def test_the_probe_with_a_pool_scores_only_questions_outside_it(capsys):
+    probe = load_script("probe_task")
+    argv = ["--task", "mano", "--params", "ops=2,mod=5", "--layers", "1", "--loops", "2",
+            "--hidden", "32", "--heads", "2", "--batch", "4", "--steps", "2", "--eval-every", "2",
+            "--eval-items", "8", "--pool", "300"]  # fmt: skip
+    assert probe.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("training pool: 300 questions (")
+    assert lines[-1].split("per ops: ")[1].startswith("2: ")  # the hardest difficulty alone
+    pool = [probe.question("mano", {"ops": 2, "mod": 5}, probe.random.Random(0), 2)
+            for _ in range(500)]  # fmt: skip
+    rng = probe.random.Random(1)
+    draw = lambda: probe.question("mano", {"ops": 2, "mod": 5}, rng, 2)  # noqa: E731
+    outside = probe.unseen(pool, draw, 20)
+    assert len({tuple(q) for q in outside}) == 20
+    assert not {tuple(q) for q in outside} & {tuple(q) for q in pool}
+    # Two operators modulo 5 are 2 * 9 * 125 = 2,250 questions: a pool of all leaves none.
+    everything = [probe.question("mano", {"ops": 2, "mod": 5}, rng, 2) for _ in range(40_000)]
+    with pytest.raises(SystemExit, match="outside the training pool"):
+        probe.unseen(everything, draw, 20)
 
 
 def test_the_legend_names_one_layer_and_several_layers_as_such():
