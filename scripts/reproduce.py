@@ -585,6 +585,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def setting_choices(key: str) -> tuple[str, ...] | None:
+    """The values the job accepts for a Scale field that names a choice (None: any value)."""
+    if key == "precision":
+        from train.config import PRECISIONS
+
+        return PRECISIONS
+    if key == "stability":
+        return tuple(sorted(path.stem for path in (REPO / "configs" / "stability").glob("*.yaml")))
+    return None
+
+
 def with_setting(scale: Scale, assignment: str) -> Scale:
     """``scale`` with one field set from ``FIELD=VALUE`` (a tuple field takes ``1,2,3``)."""
     key, value = assignment.split("=", 1)
@@ -601,6 +612,9 @@ def with_setting(scale: Scale, assignment: str) -> Scale:
         parsed = float(value)
     else:
         parsed = type(current)(value)
+    allowed = setting_choices(key)
+    if allowed is not None and parsed not in allowed:
+        raise SystemExit(f"--set {assignment}: {key} is one of {', '.join(allowed)}")
     cleared = {"task_steps": {}} if key == "steps" else {}  # every task's steps
     return replace(scale, **{key: parsed}, **cleared)
 

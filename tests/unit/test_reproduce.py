@@ -53,6 +53,10 @@ def test_set_changes_one_field_of_the_scale_and_refuses_what_does_not_fit():
     for bad in ("widht=3", "tasks=x"):
         with pytest.raises(SystemExit):
             reproduce.with_setting(reproduce.QUICK, bad)
+    with pytest.raises(SystemExit, match="precision is one of bf16, fp32, auto"):
+        reproduce.with_setting(reproduce.QUICK, "precision=fp16")
+    with pytest.raises(SystemExit, match="stability is one of default, off"):
+        reproduce.with_setting(reproduce.QUICK, "stability=none")
     reproduce.check_blocks(reproduce.with_setting(scale, "depth=3"))
     for bad in ("blocks=4", "blocks=0"):
         with pytest.raises(SystemExit, match="must each divide the depth 3"):
