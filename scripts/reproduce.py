@@ -309,15 +309,67 @@ def train(
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     start = time.time()
     with open(out / "runs" / f"{model.name}.log", "w") as log:
-        code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if code.returncode != 0:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            code = watch(process, run_dir, scale.steps_of(model.task), f"{label}{model.name}")
+        except BaseException:  # the job does not outlive the driver
+            process.terminate()
+            process.wait()
+            raise
+    if code != 0:
         tail = (out / "runs" / f"{model.name}.log").read_text()[-3000:]
-        raise RuntimeError(
-            f"{model.name}: the training job failed (exit {code.returncode}):\n{tail}"
-        )
+        raise RuntimeError(f"{model.name}: the training job failed (exit {code}):\n{tail}")
     record = {"seconds": time.time() - start, "overrides": portable(overrides)}
     finished.write_text(json.dumps(record))
     return run_dir
+
+
+class Tail:
+    """The complete lines appended to a file since the last call."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+
+    def lines(self) -> list[str]:
+        if not self.path.is_file():
+            return []
+        if self.path.stat().st_size < self.offset:  # rewritten (a rollback): read it anew
+            self.offset = 0
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return complete.decode().splitlines()
+
+
+def watch(process: subprocess.Popen, run_dir: Path, steps: int, name: str) -> int:
+    """Waits for a training job, printing its progress from the run directory: every tenth
+    of its steps (loss, time so far, time left at the job's own speed) and every evaluation,
+    in the order of their steps. Returns the job's exit code."""
+    metrics, evaluations = Tail(run_dir / "metrics.jsonl"), Tail(run_dir / "eval.jsonl")
+    start, tenth, shown = time.time(), max(1, steps // 10), 0
+    while True:
+        try:
+            code = process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        events = []
+        for record in map(json.loads, metrics.lines()):
+            if record["step"] >= shown + tenth or record["step"] == steps:
+                shown = record["step"]
+                speed = record.get("tokens_per_s") or 0
+                left = (steps - shown) * record["tokens"] / shown / speed / 60 if speed else 0
+                events.append((shown, 0, f"loss {record['loss']:.3f} ({(time.time() - start) / 60:.1f} "
+                                         f"min, about {left:.1f} min left)"))  # fmt: skip
+        for record in map(json.loads, evaluations.lines()):
+            for task in record["tasks"].values():
+                accuracy = " ".join(f"{a:.2f}" for a in task["accuracy_per_step"])
+                events.append((record["step"], 1, f"held-out accuracy by step {accuracy}"))
+        for step, _, text in sorted(events):
+            print(f"{name}: step {step:,}/{steps:,}, {text}", flush=True)
+        if code is not None:
+            return code
 
 
 def portable(overrides: list[str]) -> list[str]:

@@ -68,6 +68,17 @@ def test_a_toy_reproduction_trains_evaluates_exports_and_reports(tmp_path):
     assert looped["params"] == plain["params"]
     assert looped["train_flops"] > 2.5 * plain["train_flops"]
     assert "[2/2] phop-iso_param-1x1-seed0: accuracy by step" in first.stdout
+    # A job is never silent: every tenth of its steps (here each of 4) and every evaluation.
+    progress = [
+        line for line in first.stdout.splitlines() if "] phop-looped-1x3-seed0: step" in line
+    ]
+    assert [line.split(": step ")[1].split(",")[0] for line in progress if "loss" in line] == [
+        "1/4", "2/4", "3/4", "4/4"
+    ]  # fmt: skip
+    evaluated = [line for line in progress if "held-out accuracy by step" in line]
+    assert [line.split(": step ")[1].split(",")[0] for line in evaluated] == [
+        "1/4", "2/4", "3/4", "4/4"
+    ]  # fmt: skip
     for record in results:
         assert len(record["accuracy_per_step"]) == record["loops"] and record["n"] == 12
         assert record["accuracy"] == record["accuracy_per_step"][-1]

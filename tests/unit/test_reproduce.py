@@ -328,3 +328,17 @@ def test_the_legend_names_one_layer_and_several_layers_as_such():
         for family, layers, loops in [("looped", 1, 3), ("iso_param", 1, 1), ("iso_flop", 3, 1)]
     ]
     assert labels == ["looped (1 layer x 3)", "iso_param (1 layer)", "iso_flop (3 layers)"]
+
+
+def test_the_progress_tail_returns_complete_lines_once_and_rereads_a_rewritten_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    tail = reproduce.Tail(path)
+    assert tail.lines() == []  # not written yet
+    path.write_text('{"step": 1}\n{"step": 2}\n{"st')
+    assert tail.lines() == ['{"step": 1}', '{"step": 2}']
+    assert tail.lines() == []
+    with open(path, "a") as f:
+        f.write('ep": 3}\n')
+    assert tail.lines() == ['{"step": 3}']
+    path.write_text('{"step": 1}\n')  # shorter: rewritten
+    assert tail.lines() == ['{"step": 1}']
