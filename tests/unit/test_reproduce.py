@@ -304,9 +304,10 @@ def test_the_probe_with_a_pool_scores_only_questions_outside_it(capsys):
     probe = load_script("probe_task")
     argv = ["--task", "mano", "--params", "ops=2,mod=5", "--layers", "1", "--loops", "2",
             "--hidden", "32", "--heads", "2", "--batch", "4", "--steps", "2", "--eval-every", "2",
-            "--eval-items", "8", "--pool", "300"]  # fmt: skip
+            "--eval-items", "8", "--pool", "300", "--rope-theta", "10000"]  # fmt: skip
     assert probe.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert "RoPE base 10,000," in lines[0]
     assert lines[1].startswith("training pool: 300 questions (")
     assert lines[-1].split("per ops: ")[1].startswith("2: ")  # the hardest difficulty alone
     pool = [probe.question("mano", {"ops": 2, "mod": 5}, probe.random.Random(0), 2)
