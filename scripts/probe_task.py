@@ -49,8 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
-        "--rope-theta", type=float, default=None,
-        help="the RoPE base (LoopLMConfig's default otherwise; the reproduction's jobs use 10000)",
+        "--rope-theta", type=float, default=LoopLMConfig.rope_theta,
+        help="the RoPE base (the reproduction's jobs use 10000)",
     )  # fmt: skip
     parser.add_argument("--batch", type=int, default=64, help="questions per step")
     parser.add_argument("--steps", type=int, default=2000)
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
         num_key_value_heads=args.heads,
         total_ut_steps=args.loops,
         max_position_embeddings=1024,
-        **({} if args.rope_theta is None else {"rope_theta": args.rope_theta}),
+        rope_theta=args.rope_theta,
     )
     model = LoopLMForCausalLM(config)
     optimizer = torch.optim.AdamW(
@@ -194,7 +194,8 @@ def main(argv=None) -> int:
     objective = Objective(kind=args.objective, beta=beta)
     print(
         f"{args.task} {params} | {args.layers} layers x {args.loops} steps, hidden {args.hidden}, "
-        f"RoPE base {config.rope_theta:,.0f}, {config.num_parameters():,} parameters | {args.batch} questions a step, lr {args.lr}, "
+        f"RoPE base {config.rope_theta:,.0f}, {config.num_parameters():,} parameters | "
+        f"{args.batch} questions a step, lr {args.lr}, "
         f"{'answer' if args.answer_only else 'every token'} as target, {args.objective} loss",
         flush=True,
     )
