@@ -13,6 +13,9 @@ questions (Mano modulo 11 with two operators has 23,958) the scored ones have mo
 trained on: the score is then one of fitting the task's questions, not of answering new ones.
 `--pool N` trains on a fixed set of N questions, as the job does on its source's documents,
 and scores the hardest difficulty on questions outside the set, as the job's evaluation does.
+`--chat` asks each question as the job's conversations (`chat=1` sources) do: the task's
+instruction and the ChatML markup around it (22 tokens a two-operator Mano question, against 7),
+with the answer and its closing `<|im_end|>` as the targets.
 It answers in minutes on a CPU core what a grid of `scripts/reproduce.py` would answer in
 hours: whether a budget is enough to learn a task at all, and which difficulty a model of some
 depth masters first. It is a diagnostic; the reproduction's figures come from
@@ -32,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_pipelines import synthetic  # noqa: E402
+from data_pipelines.tokenizer import IM_END, IM_START  # noqa: E402
 from looplm import LoopLMConfig, LoopLMForCausalLM, Objective  # noqa: E402
 
 DIFFICULTY = {"phop": "hops", "mano": "ops"}
@@ -63,6 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Stage I (every step, weighted by the exit distribution) or the last step only",
     )
     parser.add_argument("--answer-only", action="store_true")
+    parser.add_argument(
+        "--chat", action="store_true",
+        help="each question as a conversation of the job's chat=1 sources: the instruction "
+             "and ChatML markup around it, the answer and <|im_end|> the targets (needs "
+             "--answer-only)",
+    )  # fmt: skip
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-items", type=int, default=256, help="per difficulty")
     parser.add_argument(
@@ -93,6 +103,15 @@ def question(task: str, params: dict[str, int], rng: random.Random, level: int) 
     return [*line.split(), "=", str(answer)]
 
 
+def conversation(task: str, params: dict[str, int], words: list[str]) -> list[str]:
+    """A question's words (its answer last) as the job renders its conversation: ChatML,
+    the task's instruction, the answer and its closing ``<|im_end|>`` last."""
+    instruction = synthetic.training_item(task, random.Random(0), params).prompt.split("\n")[0]
+    user = [*instruction.split(), "\n", *words[:-1]]
+    return [IM_START, "user", "\n", *user, IM_END, "\n", IM_START, "assistant", "\n",
+            words[-1], IM_END]  # fmt: skip
+
+
 def unseen(pool: list[list[str]], draw, count: int) -> list[list[str]]:
     """``count`` distinct questions from ``draw()`` that are not in ``pool``."""
     seen, found = {tuple(words) for words in pool}, {}
@@ -121,28 +140,32 @@ class Vocabulary(dict):
         return [self.setdefault(word, len(self)) for word in words]
 
 
-def batch(rows: list[list[int]], answer_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded inputs and targets (-100 on padding, and on all but the answer with
-    ``answer_only``)."""
+def batch(
+    rows: list[list[int]], answer_only: bool, after: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded inputs and targets (-100 on padding, and with ``answer_only`` on all but
+    the answer and the ``after`` tokens that follow it, which end the row)."""
     width = max(map(len, rows))
     x = torch.zeros(len(rows), width, dtype=torch.long)
     y = torch.full((len(rows), width), -100, dtype=torch.long)
     for i, row in enumerate(rows):
         x[i, : len(row)] = torch.tensor(row)
         if answer_only:
-            y[i, len(row) - 2] = row[-1]
+            targets = row[len(row) - 1 - after :]
+            y[i, len(row) - 2 - after : len(row) - 1] = torch.tensor(targets)
         else:
             y[i, : len(row) - 1] = torch.tensor(row[1:])
     return x, y
 
 
 @torch.no_grad()
-def accuracy_by_step(model, rows: list[list[int]]) -> list[float]:
+def accuracy_by_step(model, rows: list[list[int]], after: int = 0) -> list[float]:
+    """Exact match of the answer (``after`` tokens before the row's end) at every step."""
     model.eval()
     x, _ = batch(rows, answer_only=True)
     out = model(x, return_all_steps=True)
-    where = torch.tensor([len(row) - 2 for row in rows])
-    gold = torch.tensor([row[-1] for row in rows])
+    where = torch.tensor([len(row) - 2 - after for row in rows])
+    gold = torch.tensor([row[-1 - after] for row in rows])
     model.train()
     return [
         (step_logits[torch.arange(len(rows)), where].argmax(-1) == gold).float().mean().item()
@@ -152,27 +175,36 @@ def accuracy_by_step(model, rows: list[list[int]]) -> list[float]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.chat and not args.answer_only:
+        raise SystemExit(
+            "--chat trains on the answers, as the job's conversations do: add --answer-only"
+        )
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     params = task_params(args.task, args.params)
     hardest = params[DIFFICULTY[args.task]]
     train_rng, eval_rng = random.Random(args.seed), random.Random(10_000 + args.seed)
     vocab = Vocabulary(pad=0)
+    after = 1 if args.chat else 0  # the conversation's <|im_end|> follows its answer
+
+    def ids(words: list[str]) -> list[int]:
+        return vocab.ids(conversation(args.task, params, words) if args.chat else words)
+
     if args.pool:
         pool = [question(args.task, params, train_rng, train_rng.randint(1, hardest))
                 for _ in range(args.pool)]  # fmt: skip
         outside = unseen(
             pool, lambda: question(args.task, params, eval_rng, hardest), args.eval_items
         )
-        held_out = {hardest: [vocab.ids(words) for words in outside]}
-        pool = [vocab.ids(words) for words in pool]
+        held_out = {hardest: [ids(words) for words in outside]}
+        pool = [ids(words) for words in pool]
     else:
         held_out = {
-            level: [vocab.ids(question(args.task, params, eval_rng, level)) for _ in range(args.eval_items)]
+            level: [ids(question(args.task, params, eval_rng, level)) for _ in range(args.eval_items)]
             for level in range(1, hardest + 1)
         }  # fmt: skip
     for _ in range(1000):  # every word the task uses
-        vocab.ids(question(args.task, params, train_rng, train_rng.randint(1, hardest)))
+        ids(question(args.task, params, train_rng, train_rng.randint(1, hardest)))
     config = LoopLMConfig(
         vocab_size=64 * ((len(vocab) + 63) // 64),
         hidden_size=args.hidden,
@@ -196,7 +228,8 @@ def main(argv=None) -> int:
         f"{args.task} {params} | {args.layers} layers x {args.loops} steps, hidden {args.hidden}, "
         f"RoPE base {config.rope_theta:,.0f}, {config.num_parameters():,} parameters | "
         f"{args.batch} questions a step, lr {args.lr}, "
-        f"{'answer' if args.answer_only else 'every token'} as target, {args.objective} loss",
+        f"{'answer' if args.answer_only else 'every token'} as target, {args.objective} loss"
+        f"{', as conversations' if args.chat else ''}",
         flush=True,
     )
     if args.pool:
@@ -214,10 +247,10 @@ def main(argv=None) -> int:
             rows = [next(pool_order) for _ in range(args.batch)]
         else:
             rows = [
-                vocab.ids(question(args.task, params, train_rng, train_rng.randint(1, hardest)))
+                ids(question(args.task, params, train_rng, train_rng.randint(1, hardest)))
                 for _ in range(args.batch)
             ]
-        x, y = batch(rows, args.answer_only)
+        x, y = batch(rows, args.answer_only, after)
         tokens += int((x != 0).sum())
         loss = model(x, labels=y, objective=objective).loss
         loss.backward()
@@ -226,7 +259,7 @@ def main(argv=None) -> int:
         optimizer.zero_grad(set_to_none=True)
         if step % args.eval_every == 0 or step == args.steps:
             scores = " | ".join(
-                f"{level}: " + " ".join(f"{a:.2f}" for a in accuracy_by_step(model, rows))
+                f"{level}: " + " ".join(f"{a:.2f}" for a in accuracy_by_step(model, rows, after))
                 for level, rows in held_out.items()
             )
             print(

@@ -323,6 +323,36 @@ def test_the_probe_with_a_pool_scores_only_questions_outside_it(capsys):
         probe.unseen(everything, draw, 20)
 
 
+def test_the_probe_asks_conversations_as_the_job_renders_them(capsys):
+    probe = load_script("probe_task")
+    params = {"ops": 2, "mod": 11}
+    words = probe.question("mano", params, probe.random.Random(0), 2)
+    rendered = probe.conversation("mano", params, words)
+    # the job's ChatML around the source's user message and the assistant's answer
+    (item,) = synthetic.held_out_items("synthetic://mano?ops=2&mod=11", 1, lambda key: False)
+    instruction = item.prompt.split("\n")[0].split()
+    assert rendered == [
+        "<|im_start|>", "user", "\n", *instruction, "\n", *words[:-1], "<|im_end|>", "\n",
+        "<|im_start|>", "assistant", "\n", words[-1], "<|im_end|>",
+    ]  # fmt: skip
+    vocab = probe.Vocabulary(pad=0)
+    row = vocab.ids(rendered)
+    x, y = probe.batch([row, row[:-3]], answer_only=True, after=1)
+    targets = [(i, int(t)) for i, t in enumerate(y[0]) if t != -100]
+    assert targets == [(len(row) - 3, vocab[words[-1]]), (len(row) - 2, vocab["<|im_end|>"])]
+    assert (y[1] != -100).sum() == 2 and (x[1, len(row) - 3 :] == 0).all()  # padding
+    argv = ["--task", "mano", "--params", "ops=2,mod=5", "--layers", "1", "--loops", "2",
+            "--hidden", "32", "--heads", "2", "--batch", "4", "--steps", "2", "--eval-every", "2",
+            "--eval-items", "8", "--pool", "300", "--answer-only", "--chat"]  # fmt: skip
+    assert probe.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("answer as target, stage1 loss, as conversations")
+    tokens = int(lines[-1].split("tokens ")[1].split()[0].replace(",", ""))
+    assert 2 * 4 * 20 <= tokens <= 2 * 4 * 22  # 2 steps of 4, 20 tokens (one operator) or 22
+    with pytest.raises(SystemExit, match="add --answer-only"):
+        probe.main([a for a in argv if a != "--answer-only"])
+
+
 def test_the_legend_names_one_layer_and_several_layers_as_such():
     labels = [
         reproduce.legend_label({"family": family, "layers": layers, "loops": loops})
