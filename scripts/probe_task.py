@@ -135,6 +135,10 @@ def epochs(pool: list[list[int]], rng: random.Random):
         yield from order
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 class Vocabulary(dict):
     def ids(self, words: list[str]) -> list[int]:
         return [self.setdefault(word, len(self)) for word in words]
@@ -225,7 +229,8 @@ def main(argv=None) -> int:
     beta = BETA if args.beta is None else args.beta
     objective = Objective(kind=args.objective, beta=beta)
     print(
-        f"{args.task} {params} | {args.layers} layers x {args.loops} steps, hidden {args.hidden}, "
+        f"{args.task} {params} | {plural(args.layers, 'layer')} x {plural(args.loops, 'step')}, "
+        f"hidden {args.hidden}, "
         f"RoPE base {config.rope_theta:,.0f}, {config.num_parameters():,} parameters | "
         f"{args.batch} questions a step, lr {args.lr}, "
         f"{'answer' if args.answer_only else 'every token'} as target, {args.objective} loss"

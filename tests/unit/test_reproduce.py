@@ -291,7 +291,7 @@ def test_the_task_probe_trains_and_scores_every_difficulty_at_every_step(capsys)
             "--eval-every", "2", "--eval-items", "8"]  # fmt: skip
     assert probe.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("phop {") and "1 layers x 2 steps" in lines[0]
+    assert lines[0].startswith("phop {") and "1 layer x 2 steps" in lines[0]
     assert [line.split()[1] for line in lines[1:]] == ["2", "3"]
     scores = lines[-1].split("per hops: ")[1].split(" | ")
     assert [s.split(":")[0] for s in scores] == ["1", "2"]
