@@ -103,13 +103,17 @@ def question(task: str, params: dict[str, int], rng: random.Random, level: int) 
     return [*line.split(), "=", str(answer)]
 
 
-def conversation(task: str, params: dict[str, int], words: list[str]) -> list[str]:
+def instruction(task: str, params: dict[str, int]) -> list[str]:
+    """The words of the line that opens every question of the task's conversations."""
+    prompt = synthetic.training_item(task, random.Random(0), params).prompt
+    return [*prompt.split("\n")[0].split(), "\n"]
+
+
+def conversation(instruction: list[str], words: list[str]) -> list[str]:
     """A question's words (its answer last) as the job renders its conversation: ChatML,
     the task's instruction, the answer and its closing ``<|im_end|>`` last."""
-    instruction = synthetic.training_item(task, random.Random(0), params).prompt.split("\n")[0]
-    user = [*instruction.split(), "\n", *words[:-1]]
-    return [IM_START, "user", "\n", *user, IM_END, "\n", IM_START, "assistant", "\n",
-            words[-1], IM_END]  # fmt: skip
+    return [IM_START, "user", "\n", *instruction, *words[:-1], IM_END, "\n", IM_START,
+            "assistant", "\n", words[-1], IM_END]  # fmt: skip
 
 
 def unseen(pool: list[list[str]], draw, count: int) -> list[list[str]]:
@@ -190,9 +194,10 @@ def main(argv=None) -> int:
     train_rng, eval_rng = random.Random(args.seed), random.Random(10_000 + args.seed)
     vocab = Vocabulary(pad=0)
     after = 1 if args.chat else 0  # the conversation's <|im_end|> follows its answer
+    opening = instruction(args.task, params)
 
     def ids(words: list[str]) -> list[int]:
-        return vocab.ids(conversation(args.task, params, words) if args.chat else words)
+        return vocab.ids(conversation(opening, words) if args.chat else words)
 
     if args.pool:
         pool = [question(args.task, params, train_rng, train_rng.randint(1, hardest))

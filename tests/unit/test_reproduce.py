@@ -327,7 +327,7 @@ def test_the_probe_asks_conversations_as_the_job_renders_them(capsys):
     probe = load_script("probe_task")
     params = {"ops": 2, "mod": 11}
     words = probe.question("mano", params, probe.random.Random(0), 2)
-    rendered = probe.conversation("mano", params, words)
+    rendered = probe.conversation(probe.instruction("mano", params), words)
     # the job's ChatML around the source's user message and the assistant's answer
     (item,) = synthetic.held_out_items("synthetic://mano?ops=2&mod=11", 1, lambda key: False)
     instruction = item.prompt.split("\n")[0].split()
