@@ -16,7 +16,13 @@ from omegaconf import OmegaConf
 from data_pipelines.readers import ReadOptions, probe_problem
 from data_pipelines.shards import FORMATS, ShardResolutionError, first_middle_last, resolve_shards
 from data_pipelines.tokenized import token_source_problems
-from data_pipelines.tokenizer import IM_END, IM_START, special_token_problems, tokenizer_problem
+from data_pipelines.tokenizer import (
+    IM_END,
+    IM_START,
+    TEMPLATES,
+    special_token_problems,
+    tokenizer_problem,
+)
 
 KINDS = ("pretrain", "sft")
 BAD_INPUT_POLICIES = ("skip", "error")
@@ -54,8 +60,14 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     """The mixture's sources."""
     kind: str = "pretrain"
-    """pretrain: plain documents, every next token is a target. sft: ChatML conversations,
-    only assistant tokens are targets."""
+    """pretrain: plain documents, every next token is a target. sft: conversations, only
+    assistant tokens are targets."""
+    template: str = "chatml"
+    """How an sft run renders a conversation. chatml: `<|im_start|>role\ncontent<|im_end|>\n`
+    per message; the assistant's content and `<|im_end|>` are targets; a chat model. plain:
+    the contents one space apart, then EOS; the assistant's content and the EOS are targets
+    (single-turn questions answered as completions: no markup, no roles); exported with
+    EOS `<|endoftext|>`."""
     tokenizer: str = "embedded"
     """Path to a tokenizer.json, `embedded` (the tokenizer shipped in this package) or a hub
     name (needs network access)."""
@@ -121,7 +133,8 @@ def validate_data_config(cfg: DataConfig) -> list[str]:
     if problem:
         problems.append(f"data.tokenizer: {problem}")
     else:
-        needed = [cfg.eos_token] + ([IM_START, IM_END] if cfg.kind == "sft" else [])
+        chatml = cfg.kind == "sft" and cfg.template == "chatml"
+        needed = [cfg.eos_token] + ([IM_START, IM_END] if chatml else [])
         problems += [f"data.tokenizer: {p}" for p in special_token_problems(cfg.tokenizer, needed)]
     return problems
 
@@ -130,6 +143,10 @@ def _field_problems(cfg: DataConfig) -> list[str]:
     checks = [
         (not cfg.sources, "data.sources: at least one source is needed"),
         (cfg.kind not in KINDS, f"data.kind: {cfg.kind!r} is not one of {KINDS}"),
+        (
+            cfg.template not in TEMPLATES,
+            f"data.template: {cfg.template!r} is not one of {tuple(TEMPLATES)}",
+        ),
         (cfg.seq_len < 1, f"data.seq_len: must be positive, got {cfg.seq_len}"),
         (cfg.packing not in PACKINGS, f"data.packing: {cfg.packing!r} is not one of {PACKINGS}"),
         (cfg.num_workers < 0, f"data.num_workers: must be >= 0, got {cfg.num_workers}"),

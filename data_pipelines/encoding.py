@@ -1,4 +1,5 @@
-"""Turning parsed records into token arrays: plain documents and ChatML conversations.
+"""Turning parsed records into token arrays: plain documents, and conversations rendered in
+ChatML or plain (`data.template`).
 
 Records are encoded a batch at a time with one `encode_batch_fast` call, which is where the
 tokenizer spends its time, and come back as one `Documents`: every document's ids (EOS
@@ -57,7 +58,12 @@ class DocumentEncoder:
     """Tokenizes pre-training texts or renders and tokenizes SFT conversations."""
 
     def __init__(
-        self, tokenizer: str, kind: str, eos_token: str, max_chars: int = DEFAULT_MAX_CHARS
+        self,
+        tokenizer: str,
+        kind: str,
+        eos_token: str,
+        max_chars: int = DEFAULT_MAX_CHARS,
+        template: str = "chatml",
     ):
         self.tokenizer = load_tokenizer(tokenizer)
         self.max_chars = max_chars
@@ -67,12 +73,21 @@ class DocumentEncoder:
         # document early nor forge a turn of the ChatML structure built here.
         self.tokenizer.encode_special_tokens = True
         self.kind = kind
+        self.template = template
+        """How conversations are rendered: chatml or plain (see `_render`)."""
         self.eos = token_id(self.tokenizer, eos_token)
-        if kind == "sft":
+        if kind == "sft" and template == "chatml":
             self.im_start = token_id(self.tokenizer, IM_START)
             self.im_end = token_id(self.tokenizer, IM_END)
             self.newline = self._ids(["\n"])[0]
             self.headers: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def of(cls, data) -> DocumentEncoder:
+        """The encoder of a `DataConfig`'s run."""
+        return cls(
+            data.tokenizer, data.kind, data.eos_token, data.max_document_chars, data.template
+        )
 
     def encode(self, payloads: list) -> Documents:
         """Encode a batch of payloads (texts, or lists of (role, content) for SFT)."""
@@ -103,9 +118,15 @@ class DocumentEncoder:
         return [parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in ids]
 
     def _encode_conversations(self, conversations: list[list[tuple[str, str]]]) -> Documents:
-        contents = [content for messages in conversations for _, content in messages]
+        plain = self.template == "plain"
+        contents = [
+            " " + content if plain and number else content
+            for messages in conversations
+            for number, (_, content) in enumerate(messages)
+        ]
         encoded = iter(self._ids(contents))
-        rendered = [self._render(messages, encoded) for messages in conversations]
+        render = self._render_plain if plain else self._render
+        rendered = [render(messages, encoded) for messages in conversations]
         return Documents(
             np.concatenate([tokens for tokens, _ in rendered]),
             np.array([len(tokens) for tokens, _ in rendered], dtype=np.int64),
@@ -132,6 +153,22 @@ class DocumentEncoder:
                 targets.append(np.full(len(piece), target))
         pieces.append(np.array([self.eos], dtype=np.int32))
         targets.append(np.zeros(1, dtype=bool))
+        return np.concatenate(pieces), np.concatenate(targets)
+
+    def _render_plain(self, messages: list[tuple[str, str]], encoded):
+        """Plain: the contents one space apart (the space opens each later content's tokens,
+        as a completion's answer follows its prompt), then EOS.
+
+        Targets are the assistant's contents, and the EOS when an assistant's message ends
+        the conversation: the answer of a question, and where it stops.
+        """
+        pieces, targets = [], []
+        for role, _ in messages:
+            content = next(encoded)
+            pieces.append(content)
+            targets.append(np.full(len(content), role == "assistant"))
+        pieces.append(np.array([self.eos], dtype=np.int32))
+        targets.append(np.full(1, bool(messages) and messages[-1][0] == "assistant"))
         return np.concatenate(pieces), np.concatenate(targets)
 
     def _header(self, role: str) -> np.ndarray:

@@ -6,7 +6,7 @@ from a stream of their own, every question that occurs in that source's document
 or a user's JSONL file of ``{"prompt": ..., "answer": ...}`` records (``answer`` a string or a
 list of accepted strings) or, for SFT, of ``{"messages": [...]}`` conversations whose last
 message is the assistant's answer. In an SFT run a synthetic task's questions are asked as
-conversations, the way its ``chat=1`` training sources ask them.
+conversations, the way its ``chat=1`` training sources ask them, in the run's rendering.
 
 Every accepted answer becomes one ``EvalSequence``: the prompt's and the answer's tokens laid
 end to end, with masks of the answer's tokens (scored by exact match) and of the tokens whose
@@ -157,7 +157,7 @@ def prove_held_out(
     documents = training_documents(training_uris, cache_dir)
     keys = {key for text in documents for key in synthetic.question_keys(task, text)}
     items = synthetic.held_out_items(spec.source_uri, spec.num_items, keys.__contains__)
-    corpus = "\0".join(documents)
+    corpus = "".join("\0\n" + text for text in documents)  # a key may open a document
     leaked = [item.key for item in items if item.key in corpus]
     if leaked:
         raise ValueError(
@@ -214,12 +214,13 @@ def _ids(encoder: DocumentEncoder, text: str) -> np.ndarray:
 
 
 def _conversation(name: str, index: int, messages: list[dict], encoder: DocumentEncoder):
-    """ChatML as the SFT data renders it, without its final EOS; the answer is the last
-    (assistant) message and its ``<|im_end|>``."""
+    """The conversation as the SFT data renders it (``data.template``), up to its last target;
+    the answer is the last (assistant) message and what ends it (ChatML's ``<|im_end|>``, the
+    plain rendering's EOS)."""
     pairs = [(m["role"], m["content"]) for m in messages]
     documents = encoder.encode([pairs])
-    tokens, targets = documents.tokens[:-1].astype(np.int64), documents.targets[:-1]
-    end = int(np.flatnonzero(targets)[-1])  # the final <|im_end|>
+    end = int(np.flatnonzero(documents.targets)[-1])
+    tokens, targets = documents.tokens[: end + 1].astype(np.int64), documents.targets[: end + 1]
     start = end
     while start > 0 and targets[start - 1]:
         start -= 1

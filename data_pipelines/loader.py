@@ -333,9 +333,7 @@ class _SlotDataset(IterableDataset):
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
         worker = ((info.id if info else 0) + self.rotation) % self.per_rank
         slot = Slot(self.rank * self.per_rank + worker, self.world_size * self.per_rank)
-        encoder = DocumentEncoder(
-            self.cfg.tokenizer, self.cfg.kind, self.cfg.eos_token, self.cfg.max_document_chars
-        )
+        encoder = DocumentEncoder.of(self.cfg)
         state = SlotState(**self.states[worker])
         mixture = MixtureStream(self.cfg, self.shards, slot, self.stage, state, encoder)
         while True:
@@ -366,7 +364,7 @@ def count_source_tokens(
     of ``world_size``), so that summing over the ranks counts every record once.
     ``shards``: each source's shards, by name. Whole-document packing is counted in the
     sequences each worker's packer fills, its last one counted whole."""
-    encoder = DocumentEncoder(data.tokenizer, data.kind, data.eos_token)
+    encoder = DocumentEncoder.of(data)
     log = BadInputLog(data.on_bad_input, muted=True)  # the training loader reports them
     workers, whole = max(data.num_workers, 1), packs_whole_documents(data)
     counts = {}

@@ -27,6 +27,9 @@ assistant answers with the worked reasoning where the task has one (multi-hop's 
 facts, reachability's path), about the same knowledge base as the plain source of that seed,
 and at the difficulties the plain documents draw (p-hop's p and Mano's l uniform in [1, P]
 and [1, L]), so that only the answer is a target and the hardest length is still held out.
+Mano's and p-hop's documents and questions open with an instruction line ("Evaluate modulo
+23 (prefix notation).", "Follow the hops."); `instruction=0` leaves it out, so that a question
+is its expression alone.
 """
 
 from __future__ import annotations
@@ -48,8 +51,8 @@ FORMAT_VERSION = 5
 MODULUS = 23
 _DEFAULTS = {"num_docs": 20000, "shards": 8, "seed": 0, "chat": 0}
 _TASK_DEFAULTS = {
-    "mano": {"ops": 0, "mod": MODULUS},
-    "phop": {"hops": 4, "length": 16, "symbols": 4},
+    "mano": {"ops": 0, "mod": MODULUS, "instruction": 1},
+    "phop": {"hops": 4, "length": 16, "symbols": 4, "instruction": 1},
 }
 """Parameters of one task: the directory of a source names those that differ from these."""
 _SYLLABLES = "ka lo mi ren sa tor vel dan is ur bel cor fen gal hal jun kir lam nor pim".split()
@@ -74,6 +77,11 @@ def parse_uri(uri: str) -> tuple[str, dict[str, int]]:
         raise ValueError("num_docs and shards must be positive")
     if params["chat"] not in (0, 1):
         raise ValueError(f"chat must be 0 (documents) or 1 (conversations), got {params['chat']}")
+    if params.get("instruction", 1) not in (0, 1):
+        raise ValueError(
+            f"instruction must be 1 (each document or question opens with the task's "
+            f"instruction line) or 0 (none), got {params['instruction']}"
+        )
     if task == "mano" and params["mod"] < 2:
         raise ValueError(f"mano: mod must be >= 2, got {params['mod']}")
     if task == "phop" and not (
@@ -205,12 +213,22 @@ def mano(rng: random.Random, params=None) -> str:
         else:
             expression, value = _expression(rng, rng.randint(1, 4), mod)
         lines.append(f"{expression} = {value}")
-    return f"Evaluate modulo {mod} (prefix notation).\n" + "\n".join(lines)
+    return _instruction("mano", params) + "\n".join(lines)
 
 
 def _mano_settings(params) -> tuple[int, int]:
     params = params or _TASK_DEFAULTS["mano"]
     return params["ops"], params["mod"]
+
+
+def _instruction(task: str, params) -> str:
+    """The line a Mano or p-hop document or question opens with ("" with ``instruction=0``)."""
+    params = params or _TASK_DEFAULTS[task]
+    if not params.get("instruction", 1):
+        return ""
+    return (
+        f"Evaluate modulo {params['mod']} (prefix notation).\n" if task == "mano" else _PHOP_HEADER
+    )
 
 
 _OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -245,8 +263,8 @@ def mano_item(rng: random.Random, params=None) -> HeldOutItem:
         expression, value = _operators_expression(rng, ops, mod)
     else:
         expression, value = _expression(rng, rng.randint(1, 4), mod)
-    header = f"Evaluate modulo {mod} (prefix notation).\n"
-    return HeldOutItem(f"\n{expression} = ", f"{header}{expression} =", (f" {value}\n",))
+    prompt = f"{_instruction('mano', params)}{expression} ="
+    return HeldOutItem(f"\n{expression} = ", prompt, (f" {value}\n",))
 
 
 _PHOP_HEADER = "Follow the hops.\n"
@@ -258,7 +276,7 @@ def phop(rng: random.Random, params) -> str:
     for _ in range(rng.randint(2, 6)):
         line, answer = _phop_question(rng, params, rng.randint(1, params["hops"]))
         lines.append(f"{line} = {answer}")
-    return _PHOP_HEADER + "\n".join(lines)
+    return _instruction("phop", params) + "\n".join(lines)
 
 
 _PHOP_ATTEMPTS = 10_000
@@ -298,7 +316,7 @@ def hop_path(sequence: list[str], hops: int) -> list[int]:
 def phop_item(rng: random.Random, params) -> HeldOutItem:
     """One question of exactly ``hops`` hops, as the first line of a document."""
     line, answer = _phop_question(rng, params, params["hops"])
-    return HeldOutItem(f"\n{line} = ", f"{_PHOP_HEADER}{line} =", (f" {answer}\n",))
+    return HeldOutItem(f"\n{line} = ", f"{_instruction('phop', params)}{line} =", (f" {answer}\n",))
 
 
 def reachability(rng: random.Random, _context=None) -> str:
@@ -410,6 +428,6 @@ def question_keys(task: str, text: str) -> list[str]:
     """The keys (``HeldOutItem.key``) of the questions a training document of ``task`` holds."""
     if task == "multi_hop":
         return re.findall(r"Question: Who is [^?]*\?", text)
-    if task in ("mano", "phop"):
-        return [f"\n{line.split(' = ')[0]} = " for line in text.split("\n")[1:]]
+    if task in ("mano", "phop"):  # every line but the instruction
+        return [f"\n{line.split(' = ')[0]} = " for line in text.split("\n") if " = " in line]
     return [text[: text.index("Answer:") + len("Answer:")]] if "Answer:" in text else []

@@ -24,6 +24,17 @@ CHATML_TEMPLATE = (
 )
 """ChatML as `data_pipelines.encoding` renders it for training: `<|im_start|>role\\ncontent<|im_end|>\\n`
 per message; the generation prompt opens an assistant turn."""
+PLAIN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if not loop.first %}{{ ' ' }}{% endif %}{{ message['content'] }}"
+    "{% endfor %}"
+)
+"""The plain rendering (`data.template=plain`): the messages' contents, one space apart; the
+assistant's answer follows the prompt as a completion does, and ends with `<|endoftext|>`."""
+TEMPLATES = {"chatml": CHATML_TEMPLATE, "plain": PLAIN_TEMPLATE}
+"""`data.template`'s renderings of a conversation, as chat templates."""
+TEMPLATE_EOS = {"chatml": IM_END, "plain": ENDOFTEXT}
+"""The token that ends an answer in each rendering: a chat model's EOS."""
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 """Ouro's special tokens, in id order: 0, 1, 2."""
 
@@ -133,16 +144,22 @@ def word_level_tokenizer(texts) -> Tokenizer:
 
 
 def write_tokenizer_files(
-    tokenizer: Tokenizer, directory: Path, model_max_length: int, eos_token: str = IM_END
+    tokenizer: Tokenizer,
+    directory: Path,
+    model_max_length: int,
+    eos_token: str = IM_END,
+    chat_template: str | None = None,
 ) -> None:
     """`tokenizer.json`, and `tokenizer_config.json` / `special_tokens_map.json` as Hugging Face
     tokenizers read them: BOS and padding `<|endoftext|>`, EOS `eos_token` (`<|im_end|>` for a
-    chat model, `<|endoftext|>` for a base model), and the ChatML `chat_template` when the
-    vocabulary holds its tokens."""
+    ChatML chat model, `<|endoftext|>` for a base model), and `chat_template` (None: ChatML
+    when the vocabulary holds its tokens)."""
     directory = Path(directory)
     tokenizer.save(str(directory / "tokenizer.json"))
     special = {"bos_token": ENDOFTEXT, "eos_token": eos_token, "pad_token": ENDOFTEXT}
     chat = all(tokenizer.token_to_id(token) is not None for token in (IM_START, IM_END))
+    if chat_template is None and chat:
+        chat_template = CHATML_TEMPLATE
     extra = [IM_START, IM_END] if chat else []
     added = {
         str(index): {
@@ -159,7 +176,7 @@ def write_tokenizer_files(
         **special,
         "added_tokens_decoder": added,
         "additional_special_tokens": extra,
-        **({"chat_template": CHATML_TEMPLATE} if chat else {}),
+        **({"chat_template": chat_template} if chat_template is not None else {}),
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -1,4 +1,4 @@
-"""Chat with a LoopLM: ChatML prompt, Q-exit decoding, the answer up to ``<|im_end|>``.
+"""Chat with a LoopLM: its chat template, Q-exit decoding, the answer up to its EOS.
 
     python scripts/chat.py MODEL_DIR "What is 3 + 4?" [--system "You are terse."] \
         [--exit-threshold 0.9] [--kv-sharing last] [--sample --temperature 0.7 --top-p 0.95] \
@@ -7,7 +7,8 @@
 ``MODEL_DIR`` is an Ouro-format directory (its ``tokenizer.json`` and the ``chat_template`` of
 its ``tokenizer_config.json`` are used; ChatML when it has none), or a run directory or one of
 its checkpoints, which is first exported like ``train.sft``'s export (the tokenizer: the
-run's ``data.tokenizer`` from ``config.yaml``, or ``--tokenizer``). Decoding runs every
+run's ``data.tokenizer`` from ``config.yaml``, or ``--tokenizer``; the template: the run's
+``data.template``). Decoding runs every
 recurrent step for the prompt and, with ``--exit-threshold q``, lets each new token exit at
 the first step whose exit CDF reaches q, skipping the remaining steps (``early_exit=True``).
 Generation stops at ``<|im_end|>`` (or the model's EOS). The answer is printed without its

@@ -6,8 +6,9 @@
 A run directory exports its latest complete checkpoint. The directory is self-contained: the
 weights, ``config.json`` (with an ``auto_map`` for ``trust_remote_code``), the generation
 config and the tokenizer files (the run's ``data.tokenizer`` unless ``--tokenizer`` names
-another) with the ChatML template. ``--chat`` makes ``<|im_end|>`` the EOS, as an SFT run's
-export has it. It loads with ``LoopLMForCausalLM.from_pretrained``, with the released Ouro
+another) with the ChatML template. ``--chat`` exports a chat model, as an SFT run's export
+has it: ``<|im_end|>`` is the EOS, or, for a run of ``data.template=plain``, ``<|endoftext|>``
+with the plain template. It loads with ``LoopLMForCausalLM.from_pretrained``, with the released Ouro
 modeling code, and with ``scripts/chat.py OUT_DIR``.
 """
 
@@ -28,7 +29,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tokenizer", default=None, help="tokenizer.json or `embedded` (default: the run's)"
     )
-    parser.add_argument("--chat", action="store_true", help="EOS <|im_end|> (a chat model)")
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="a chat model: EOS <|im_end|> (<|endoftext|> for a plain run)",
+    )
     return parser.parse_args(argv)
 
 

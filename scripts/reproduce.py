@@ -81,6 +81,9 @@ class Scale:
     every task's)."""
     precision: str = "auto"
     """The job's ``deepspeed.precision``: ``auto`` is bf16 where the CPU computes it."""
+    template: str = "chatml"
+    """How the job renders a source's conversations (``data.template``): ``plain`` asks each
+    question bare, with the answer and EOS as its targets."""
     gate_bias: float | None = None
     """An investigation, not part of the grid: the looped models start from a fresh
     initialization (seeded by their seed, given to the job as ``init_from``) whose exit gate
@@ -247,6 +250,8 @@ def job_overrides(
         *([f"init_from={init}"] if init is not None else []),
         "data=embedded",
         f"data.kind={'sft' if answers_only(scale.tasks[model.task]) else 'pretrain'}",
+        # the job's default left out, so that the runs of before the setting are the same
+        *([f"data.template={scale.template}"] if scale.template != "chatml" else []),
         f"data.tokenizer={tokenizer}",
         f"data.sources=[{{name:{model.task},paths:['{scale.tasks[model.task]}'],format:jsonl}}]",
         f"data.seq_len={scale.seq_len}",
@@ -397,7 +402,7 @@ def result(model: Model, scale: Scale, run_dir: Path, tokenizer: Path, out: Path
 
     export = out / "models" / model.name
     if not (export / "config.json").is_file():
-        # trained on conversations: a chat model, whose EOS is <|im_end|>
+        # trained on conversations: a chat model, whose EOS ends its answers
         export_checkpoint(run_dir, export, chat=answers_only(scale.tasks[model.task]))
         shutil.copy(tokenizer, export / "tokenizer.json")
     config = LoopLMConfig.load(export / "config.json")
@@ -442,7 +447,8 @@ def answer_exits(model: Model, run_dir: Path, export: Path, cache_dir: Path) -> 
     cfg = OmegaConf.load(run_dir / "config.yaml")  # the job's held-out set, as its Validator
     # where the files are now (the run's config names them where it ran)
     cfg.data.tokenizer, cfg.data.cache_dir = str(export / "tokenizer.json"), str(cache_dir)
-    encoder = DocumentEncoder(cfg.data.tokenizer, cfg.data.kind, cfg.data.eos_token)
+    cfg.data.template = cfg.data.get("template", "chatml")  # runs of before the setting
+    encoder = DocumentEncoder.of(cfg.data)
     sequences = build_sequences(
         task_specs(cfg.eval, cfg.data), synthetic_paths(cfg.data), encoder, cfg.data.kind,
         cfg.data.cache_dir,
@@ -643,6 +649,10 @@ def setting_choices(key: str) -> tuple[str, ...] | None:
         from train.config import PRECISIONS
 
         return PRECISIONS
+    if key == "template":
+        from data_pipelines.tokenizer import TEMPLATES
+
+        return tuple(TEMPLATES)
     if key == "stability":
         return tuple(sorted(path.stem for path in (REPO / "configs" / "stability").glob("*.yaml")))
     return None

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from data_pipelines.tokenizer import (
     ENDOFTEXT,
-    IM_END,
+    TEMPLATE_EOS,
+    TEMPLATES,
     load_tokenizer,
     token_id,
     write_tokenizer_files,
@@ -79,11 +80,21 @@ def load_model(
 def run_tokenizer(checkpoint: str | Path) -> str | None:
     """The ``data.tokenizer`` of the run a checkpoint (or run directory) belongs to, from the
     run's ``config.yaml``; None when there is none."""
+    return _run_setting(checkpoint, "data.tokenizer")
+
+
+def run_template(checkpoint: str | Path) -> str:
+    """How the run a checkpoint (or run directory) belongs to rendered conversations, its
+    ``data.template``; ChatML when its ``config.yaml`` is missing or names none."""
+    return _run_setting(checkpoint, "data.template") or "chatml"
+
+
+def _run_setting(checkpoint: str | Path, key: str):
     checkpoint = Path(checkpoint)
     for run_dir in (checkpoint, checkpoint.parent.parent):
         config = run_dir / "config.yaml"
         if config.is_file():
-            return OmegaConf.select(OmegaConf.load(config), "data.tokenizer")
+            return OmegaConf.select(OmegaConf.load(config), key)
     return None
 
 
@@ -93,27 +104,33 @@ def export_checkpoint(
     dtype: str | None = None,
     tokenizer: str | None = None,
     chat: bool = False,
+    template: str | None = None,
 ) -> Path:
     """Writes the checkpoint at ``path`` (or the latest of a run directory) as a self-contained
     Ouro-format directory; returns ``out_dir``.
 
     With the tokenizer (``tokenizer``, else the run's ``data.tokenizer``) go its files, with the
-    ChatML template when its vocabulary has the chat tokens. ``chat``: a chat model, whose
-    EOS is ``<|im_end|>`` (BOS and padding ``<|endoftext|>``) in ``config.json``,
-    ``generation_config.json`` and the tokenizer files. Written to a sibling folder first
-    and moved into place when complete; the files are as readable as the umask allows.
+    ChatML template when its vocabulary has the chat tokens. ``chat``: a chat model of the
+    rendering its conversations had (``template``, else the run's ``data.template``), whose
+    chat template the tokenizer files carry, and whose EOS is the token that ends its answers
+    (ChatML's ``<|im_end|>``, the plain rendering's ``<|endoftext|>``; BOS and padding
+    ``<|endoftext|>``) in ``config.json``, ``generation_config.json`` and the tokenizer files.
+    Written to a sibling folder first and moved into place when complete; the files are as
+    readable as the umask allows.
     """
     out_dir = Path(out_dir)
     checkpoint = resolve_checkpoint(path)
     name = tokenizer or run_tokenizer(checkpoint)
     if name is None and chat:
         raise FileNotFoundError(f"no config.yaml of the run of {checkpoint}; give a tokenizer")
+    template = (template or run_template(checkpoint)) if chat else None
+    eos = TEMPLATE_EOS[template] if chat else ENDOFTEXT
     files = load_tokenizer(name) if name is not None else None
     model = load_checkpoint_model(checkpoint)
     if chat:
-        ids = {token: token_id(files, token) for token in (ENDOFTEXT, IM_END)}
+        ids = {token: token_id(files, token) for token in (ENDOFTEXT, eos)}
         model.config = model.model.config = model.config.replace(
-            bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[IM_END], pad_token_id=ids[ENDOFTEXT]
+            bos_token_id=ids[ENDOFTEXT], eos_token_id=ids[eos], pad_token_id=ids[ENDOFTEXT]
         )
     if files is not None and files.get_vocab_size() > model.config.vocab_size:
         raise ValueError(
@@ -123,8 +140,13 @@ def export_checkpoint(
     with publishing(out_dir) as staging:
         model.save_pretrained(staging, dtype=dtype)
         if files is not None:
-            eos = IM_END if chat else ENDOFTEXT
-            write_tokenizer_files(files, staging, model.config.max_position_embeddings, eos)
+            write_tokenizer_files(
+                files,
+                staging,
+                model.config.max_position_embeddings,
+                eos,
+                TEMPLATES[template] if chat else None,
+            )
         else:
             logger.warning(
                 "no tokenizer written: %s has no run config.yaml to name one", checkpoint
@@ -133,10 +155,14 @@ def export_checkpoint(
 
 
 def export_thinking_model(
-    checkpoint: str | Path, out_dir: str | Path, tokenizer: str, dtype: str | None = None
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    tokenizer: str,
+    dtype: str | None = None,
+    template: str | None = None,
 ) -> Path:
     """A run checkpoint as a chat model (see ``export_checkpoint``)."""
-    return export_checkpoint(checkpoint, out_dir, dtype, tokenizer, chat=True)
+    return export_checkpoint(checkpoint, out_dir, dtype, tokenizer, chat=True, template=template)
 
 
 def prepare_source(init_from: str, run_dir: Path) -> str:

@@ -5,9 +5,11 @@
         export_dir=/models/Ouro-1.4B-Thinking data.tokenizer=/models/Ouro-1.4B/tokenizer.json \
         'data.sources=[{name: chat, paths: ["/data/sft/*.jsonl"]}]'
 
-The data are ChatML conversations (``data.kind=sft``): records with a ``messages`` list of
-``{role, content}``, assistant turns possibly opening with a ``<think>...</think>`` segment.
-Only assistant tokens (content and closing ``<|im_end|>``) are targets; conversations are
+The data are conversations (``data.kind=sft``): records with a ``messages`` list of
+``{role, content}``, assistant turns possibly opening with a ``<think>...</think>`` segment,
+rendered in ChatML (``data.template=plain``: contents one space apart, then EOS, for
+single-turn questions answered as completions). Only assistant tokens (content and closing
+``<|im_end|>``, or the plain rendering's EOS) are targets; conversations are
 packed into ``data.seq_len`` tokens and never attend to each other. The objective is Stage I
 over those targets, with the run's ``train.beta`` (the exit gate keeps training). Streams,
 DeepSpeed, checkpoints, exact resume, guards and metrics are the pre-training trainer's.
@@ -35,7 +37,8 @@ same time: an epoch is every conversation once.
 ``generation_config.json`` with ``<|im_end|>`` as EOS and ``<|endoftext|>`` as BOS and padding
 (the released Thinking configs set all three to 0), ``tokenizer.json``, and
 ``tokenizer_config.json`` carrying those special tokens and the ChatML ``chat_template`` the
-conversations were rendered with.
+conversations were rendered with (a plain run's export: EOS ``<|endoftext|>`` and the plain
+template).
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ def sft_problems(cfg: SFTConfig, world_size: int) -> list[str]:
     sized = replace(cfg.train, max_steps=1 if cfg.train.max_steps is None else cfg.train.max_steps)
     p = config_problems(replace(cfg, train=sized), world_size)
     if cfg.data.kind != "sft":
-        p.append(f"data.kind must be 'sft' (ChatML conversations), got {cfg.data.kind!r}")
+        p.append(f"data.kind must be 'sft' (conversations), got {cfg.data.kind!r}")
     if cfg.curriculum.stages:
         p.append("curriculum.stages: SFT runs one stage (its length comes from sft.epochs)")
     if cfg.sft.epochs <= 0:
@@ -290,8 +293,9 @@ class SFTTrainer(Trainer):
                 self.cfg.export_dir,
                 self.cfg.data.tokenizer,
                 self.cfg.export_dtype,
+                self.cfg.data.template,
             )
-            logger.info("wrote the chat model to %s", out)
+            logger.info("wrote the chat model (%s) to %s", self.cfg.data.template, out)
         if dist.is_initialized():
             dist.barrier()
 

@@ -201,7 +201,7 @@ class Validator:
         """The tasks of ``settings`` as sequences, the synthetic ones proven held out from the
         training sources of ``data``."""
         start = time.time()
-        encoder = DocumentEncoder(data.tokenizer, data.kind, data.eos_token)
+        encoder = DocumentEncoder.of(data)
         specs = task_specs(settings, data)
         sequences = build_sequences(
             specs, synthetic_paths(data), encoder, data.kind, data.cache_dir

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from data_pipelines.tokenizer import CHATML_TEMPLATE, PLAIN_TEMPLATE, load_tokenizer
 from looplm import LoopLMConfig, LoopLMForCausalLM
 from tests.distributed.launch import (
     REPO,
@@ -175,6 +176,21 @@ def test_export_of_a_trained_checkpoint_loads_with_the_same_logits(tmp_path, cac
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["new_tokens"] >= 1
+
+    # As a chat model: the run rendered conversations in ChatML (its data.template), so its
+    # EOS is <|im_end|>; one of plain conversations ends its answers with <|endoftext|>.
+    for template, eos, chat_template in (
+        (None, "<|im_end|>", CHATML_TEMPLATE),
+        ("plain", "<|endoftext|>", PLAIN_TEMPLATE),
+    ):
+        chat = export_checkpoint(
+            run_dir, tmp_path / f"chat-{template}", chat=True, template=template
+        )
+        settings = json.loads((chat / "tokenizer_config.json").read_text())
+        assert (settings["eos_token"], settings["chat_template"]) == (eos, chat_template)
+        eos_id = load_tokenizer(str(chat / "tokenizer.json")).token_to_id(eos)
+        assert json.loads((chat / "generation_config.json").read_text())["eos_token_id"] == eos_id
+        assert LoopLMForCausalLM.from_pretrained(chat).config.eos_token_id == eos_id
 
 
 def test_a_run_dir_of_another_model_is_refused(tmp_path, cache_dir):

@@ -49,6 +49,7 @@ def test_validation_lists_every_problem(tmp_path):
             SourceConfig(name="b", paths=["synthetic://sudoku"], format="jsonl"),
         ],
         kind="chat",
+        template="markdown",
         seq_len=0,
         tokenizer=str(tmp_path / "missing.json"),
         on_bad_input="ignore",
@@ -56,6 +57,7 @@ def test_validation_lists_every_problem(tmp_path):
     problems = "\n".join(validate_data_config(cfg))
     for expected in (
         "data.kind",
+        "data.template: 'markdown' is not one of ('chatml', 'plain')",
         "data.seq_len",
         "data.on_bad_input",
         "duplicate names ['a']",
@@ -94,12 +96,19 @@ def test_an_unreadable_tokenizer_or_one_without_the_needed_tokens_fails_validati
     junk.write_text('{"model": 3}')
     plain.write_text(Tokenizer(models.WordLevel({"a": 0, "<|im_start|>": 1}, "a")).to_str())
     source = SourceConfig(name="a", paths=[str(tmp_path)])
-    for tokenizer, kind, expected in (
-        (junk, "pretrain", [f"'{junk}' is not a readable tokenizer.json"]),
-        (plain, "pretrain", [f"'{plain}' has no token '<|endoftext|>'"]),
-        (plain, "sft", [f"'{plain}' has no token '<|endoftext|>'", "no token '<|im_end|>'"]),
+    for tokenizer, kind, template, expected in (
+        (junk, "pretrain", "chatml", [f"'{junk}' is not a readable tokenizer.json"]),
+        (plain, "pretrain", "chatml", [f"'{plain}' has no token '<|endoftext|>'"]),
+        (
+            plain,
+            "sft",
+            "chatml",
+            [f"'{plain}' has no token '<|endoftext|>'", "no token '<|im_end|>'"],
+        ),
+        # The plain rendering needs no ChatML tokens.
+        (plain, "sft", "plain", [f"'{plain}' has no token '<|endoftext|>'"]),
     ):
-        cfg = DataConfig(sources=[source], tokenizer=str(tokenizer), kind=kind)
+        cfg = DataConfig(sources=[source], tokenizer=str(tokenizer), kind=kind, template=template)
         problems = [p for p in validate_data_config(cfg) if p.startswith("data.tokenizer")]
         assert len(problems) == len(expected)
         for problem, text in zip(problems, expected, strict=True):

@@ -100,6 +100,27 @@ def test_only_assistant_tokens_are_targets(tmp_path):
     assert rendered == "<think>2 + 3 = 5, below 23.</think>5<|im_end|>2<|im_end|>"
 
 
+def test_the_plain_template_lays_the_contents_one_space_apart_and_learns_answers_and_eos(
+    tmp_path,
+):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from data_pipelines.tokenizer import PLAIN_TEMPLATE
+
+    # Independently: the exported template's text, tokenized as one string, then EOS.
+    text = ImmutableSandboxedEnvironment().from_string(PLAIN_TEMPLATE).render(messages=CONVERSATION)
+    assert text == " ".join(message["content"] for message in CONVERSATION)
+    tokens = TOKENIZER.encode(text, add_special_tokens=False).ids + [0]
+    loader = sft_loader(tmp_path, [{"messages": CONVERSATION}], len(tokens), template="plain")
+    batch = take(loader, 1)[0]
+    assert batch["input_ids"][0].tolist() == tokens and 1 not in tokens and 2 not in tokens
+    learned = [label for label in batch["labels"][0].tolist() if label != IGNORE_INDEX]
+    # Each answer with the space that joins it to its prompt, and the EOS that ends the last.
+    assert TOKENIZER.decode(learned, skip_special_tokens=False) == (
+        " <think>2 + 3 = 5, below 23.</think>5 2<|endoftext|>"
+    )
+
+
 def test_masks_stay_with_their_documents_when_packed_across_sequences(tmp_path):
     second = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
     records = [{"messages": CONVERSATION}, {"messages": second}, {"messages": "not a list"}]

@@ -227,6 +227,19 @@ def test_a_conversation_source_trains_on_the_answers_alone(tmp_path):
         words |= set(json.loads(line)["messages"][0]["content"].split())
     assert words <= vocabulary.keys()
 
+    # Asked bare: the plain rendering, which the job accepts; ChatML, the job's default, is
+    # not written out, so that the runs of before the setting are not trained again.
+    plain = reproduce.with_setting(scale, "template=plain")
+    overrides = reproduce.job_overrides(model, plain, tokenizer, tmp_path / "run", tmp_path / "c")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = OmegaConf.to_object(compose("pretrain", overrides=overrides))
+    assert config_problems(cfg, world_size=2) == []
+    assert (cfg.data.kind, cfg.data.template) == ("sft", "plain")
+    default = reproduce.job_overrides(model, scale, tokenizer, tmp_path / "run", tmp_path / "c")
+    assert not any(o.startswith("data.template") for o in default)
+    with pytest.raises(SystemExit, match="template is one of chatml, plain"):
+        reproduce.with_setting(scale, "template=chat")
+
 
 def _record(task, family, layers, loops, seed, per_step, exits=None):
     return dict(

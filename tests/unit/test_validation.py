@@ -376,9 +376,44 @@ def test_held_out_questions_never_occur_in_the_training_conversations(tmp_path, 
     assert task != "mano" or questions & {item.prompt for item in drawn}
 
 
-def test_sft_asks_a_synthetic_question_as_its_conversations_do(tmp_path):
+@pytest.mark.parametrize("task", ["mano", "phop"])
+@pytest.mark.parametrize("chat", [0, 1])
+def test_without_the_instruction_a_question_is_its_line_alone_and_is_still_held_out(
+    tmp_path, monkeypatch, task, chat
+):
+    uri = f"{SOURCES[task]}&chat={chat}&instruction=0"
+    (shard, *_) = synthetic.materialize(uri, str(tmp_path))
+    records = [json.loads(line) for line in open(shard)]
+    texts = [synthetic.document_text(record) for record in records]
+    header = "Evaluate modulo" if task == "mano" else "Follow the hops"
+    assert not any(header in text for text in texts)
+    if chat:  # the question, one line: what the held-out prompts are too
+        assert all("\n" not in r["messages"][0]["content"] for r in records)
+        assert all(text.count(" = ") == 1 for text in texts)
+    items = prove_held_out(TaskSpec(task, 40, source_uri=uri), [uri], str(tmp_path))
+    assert all(item.prompt == item.key.strip() for item in items)
+    # Every line is a question the proof knows, the first included (no instruction before it).
+    keys = {key for text in texts for key in synthetic.question_keys(task, text)}
+    assert all(f"\n{text.split(' = ')[0]} = " in keys for text in texts)
+    assert not keys & {item.key for item in items}
+    if task == "mano":  # short expressions recur: a parser that missed the keys is caught by
+        # the proof's own search of the documents, which finds a key opening a document
+        monkeypatch.setattr(synthetic, "question_keys", lambda task, text: [])
+        with pytest.raises(ValueError, match="held-out questions occur in its training data"):
+            prove_held_out(TaskSpec(task, 40, source_uri=uri), [uri], str(tmp_path / "again"))
+
+
+def test_the_instruction_setting_is_a_flag_of_the_tasks_that_have_one():
+    with pytest.raises(ValueError, match="instruction must be 1"):
+        synthetic.parse_uri("synthetic://mano?instruction=2")
+    with pytest.raises(ValueError, match="bad parameter instruction"):
+        synthetic.parse_uri("synthetic://reachability?instruction=0")
+
+
+@pytest.mark.parametrize("template", ["chatml", "plain"])
+def test_sft_asks_a_synthetic_question_as_its_conversations_do(tmp_path, template):
     uri = _chat(SOURCES["multi_hop"])
-    encoder = DocumentEncoder("embedded", "sft", "<|endoftext|>")
+    encoder = DocumentEncoder("embedded", "sft", "<|endoftext|>", template=template)
     sequences = build_sequences(
         [TaskSpec("mh", 3, source_uri=uri)], [uri], encoder, "sft", str(tmp_path)
     )
@@ -389,12 +424,16 @@ def test_sft_asks_a_synthetic_question_as_its_conversations_do(tmp_path):
         item = items[sequence.item]
         direct, worked = (a.strip() for a in item.answers)
         answer = worked if sequence.loss_mask.any() else direct
-        # The ChatML text the SFT data renders, as one string, minus its final EOS.
-        text = (
-            f"<|im_start|>user\n{item.prompt}<|im_end|>\n"
-            f"<|im_start|>assistant\n{answer}<|im_end|>\n"
-        )
+        # The text the SFT data renders, as one string, up to the end of the answer.
+        if template == "chatml":
+            text = (
+                f"<|im_start|>user\n{item.prompt}<|im_end|>\n"
+                f"<|im_start|>assistant\n{answer}<|im_end|>"
+            )
+            ending = f"{answer}<|im_end|>"
+        else:
+            text, ending = f"{item.prompt} {answer}<|endoftext|>", f" {answer}<|endoftext|>"
         assert decode(sequence.tokens.tolist(), skip_special_tokens=False) == text
         scored = decode(sequence.tokens[sequence.answer_mask].tolist(), skip_special_tokens=False)
-        assert scored == f"{answer}<|im_end|>"
+        assert scored == ending
         assert np.array_equal(sequence.loss_mask, sequence.answer_mask & (answer == worked))
