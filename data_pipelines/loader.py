@@ -222,6 +222,7 @@ class PackedDataLoader:
                 "tokenizer": tokenizer_summary(cfg.tokenizer).sha256[:16],
                 "eos_token": cfg.eos_token,
                 "kind": cfg.kind,
+                "template": cfg.template,
                 "sources": {
                     source.name: [
                         source.format,

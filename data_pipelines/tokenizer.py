@@ -30,11 +30,9 @@ PLAIN_TEMPLATE = (
     "{% endfor %}"
 )
 """The plain rendering (`data.template=plain`): the messages' contents, one space apart; the
-assistant's answer follows the prompt as a completion does, and ends with `<|endoftext|>`."""
+assistant's answer follows the prompt as a completion does, and ends with EOS (`data.eos_token`)."""
 TEMPLATES = {"chatml": CHATML_TEMPLATE, "plain": PLAIN_TEMPLATE}
 """`data.template`'s renderings of a conversation, as chat templates."""
-TEMPLATE_EOS = {"chatml": IM_END, "plain": ENDOFTEXT}
-"""The token that ends an answer in each rendering: a chat model's EOS."""
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 """Ouro's special tokens, in id order: 0, 1, 2."""
 

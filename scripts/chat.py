@@ -11,7 +11,7 @@ run's ``data.tokenizer`` from ``config.yaml``, or ``--tokenizer``; the template:
 ``data.template``). Decoding runs every
 recurrent step for the prompt and, with ``--exit-threshold q``, lets each new token exit at
 the first step whose exit CDF reaches q, skipping the remaining steps (``early_exit=True``).
-Generation stops at ``<|im_end|>`` (or the model's EOS). The answer is printed without its
+Generation stops at the model's EOS (and at ``<|im_end|>`` where the vocabulary has it). The answer is printed without its
 ``<think>...</think>`` part, which ``--show-thinking`` prints first; ``--json`` prints one
 object with both, the token count and why decoding stopped.
 """
@@ -84,7 +84,8 @@ def chat(model, tokenizer: Tokenizer, template: str, prompt: str, args) -> dict:
     tokens and why decoding stopped (``eos`` or ``max_new_tokens``)."""
     text = render_prompt(template, prompt, args.system)
     input_ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False).ids])
-    stop = [token_id(tokenizer, IM_END), *model.config.eos_token_ids]
+    chatml = [token_id(tokenizer, IM_END)] if tokenizer.token_to_id(IM_END) is not None else []
+    stop = [*chatml, *model.config.eos_token_ids]
     generator = torch.Generator().manual_seed(args.seed)
     output = model.generate(
         input_ids,
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{THINK_OPEN}\n{result['thinking']}\n{THINK_CLOSE}")
     print(result["answer"])
     if result["stopped"] != "eos":
-        print(f"[stopped after {result['new_tokens']} tokens without {IM_END}]", file=sys.stderr)
+        print(f"[stopped after {result['new_tokens']} tokens, before any EOS]", file=sys.stderr)
     return 0
 
 

@@ -104,7 +104,10 @@ def question(task: str, params: dict[str, int], rng: random.Random, level: int) 
 
 
 def instruction(task: str, params: dict[str, int]) -> list[str]:
-    """The words of the line that opens every question of the task's conversations."""
+    """The words of the line that opens every question of the task's conversations (none with
+    ``instruction=0``)."""
+    if not params.get("instruction", 1):
+        return []
     prompt = synthetic.training_item(task, random.Random(0), params).prompt
     return [*prompt.split("\n")[0].split(), "\n"]
 

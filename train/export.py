@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from data_pipelines.tokenizer import (
     ENDOFTEXT,
-    TEMPLATE_EOS,
+    IM_END,
     TEMPLATES,
     load_tokenizer,
     token_id,
@@ -110,11 +110,11 @@ def export_checkpoint(
     Ouro-format directory; returns ``out_dir``.
 
     With the tokenizer (``tokenizer``, else the run's ``data.tokenizer``) go its files, with the
-    ChatML template when its vocabulary has the chat tokens. ``chat``: a chat model of the
-    rendering its conversations had (``template``, else the run's ``data.template``), whose
-    chat template the tokenizer files carry, and whose EOS is the token that ends its answers
-    (ChatML's ``<|im_end|>``, the plain rendering's ``<|endoftext|>``; BOS and padding
-    ``<|endoftext|>``) in ``config.json``, ``generation_config.json`` and the tokenizer files.
+    chat template of the run's conversations (``template``, else the run's ``data.template``):
+    the plain rendering's, or ChatML when the vocabulary has the chat tokens. ``chat``: a chat
+    model, whose EOS is the token that ends its answers (ChatML's ``<|im_end|>``, the plain
+    rendering's EOS: the run's ``data.eos_token``; BOS and padding ``<|endoftext|>``) in
+    ``config.json``, ``generation_config.json`` and the tokenizer files.
     Written to a sibling folder first and moved into place when complete; the files are as
     readable as the umask allows.
     """
@@ -123,8 +123,10 @@ def export_checkpoint(
     name = tokenizer or run_tokenizer(checkpoint)
     if name is None and chat:
         raise FileNotFoundError(f"no config.yaml of the run of {checkpoint}; give a tokenizer")
-    template = (template or run_template(checkpoint)) if chat else None
-    eos = TEMPLATE_EOS[template] if chat else ENDOFTEXT
+    template = template or run_template(checkpoint)
+    eos = ENDOFTEXT
+    if chat:
+        eos = IM_END if template == "chatml" else _run_setting(checkpoint, "data.eos_token") or eos
     files = load_tokenizer(name) if name is not None else None
     model = load_checkpoint_model(checkpoint)
     if chat:
@@ -145,7 +147,7 @@ def export_checkpoint(
                 staging,
                 model.config.max_position_embeddings,
                 eos,
-                TEMPLATES[template] if chat else None,
+                TEMPLATES[template] if chat or template != "chatml" else None,
             )
         else:
             logger.warning(

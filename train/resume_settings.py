@@ -55,6 +55,7 @@ DATA_POSITIONS = (
     "data.tokenizer",
     "data.eos_token",
     "data.kind",
+    "data.template",
 )
 """Data settings that fix where the saved positions point; changing a source in any way but
 its weight is one too. Refused unless `data.allow_source_change`."""
@@ -83,10 +84,19 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+ADDED_SETTINGS = {"data.template": "chatml"}
+"""Settings added after runs were saved, with the value those runs had: a saved config that
+lacks one had it."""
+
+
 def changed_settings(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """Every dotted key whose value differs, with (saved, current); a key on one side only
-    has the missing side as `<absent>`."""
+    has the missing side as `<absent>` (an `ADDED_SETTINGS` key missing from the saved side
+    has its value there)."""
     before, after = flatten(saved), flatten(current)
+    for key, value in ADDED_SETTINGS.items():
+        if key in after:
+            before.setdefault(key, value)
     absent = "<absent>"
     return {
         key: (before.get(key, absent), after.get(key, absent))

@@ -189,7 +189,7 @@ def dataset_tokens(data: DataConfig, run_dir: Path, rank: int, world_size: int) 
     path = run_dir / TOKEN_COUNTS
     shards = {s.name: resolve_shards(s, data.cache_dir) for s in data.sources}
     # What the counts depend on: the sources' files, the tokenizer's content, the EOS token,
-    # the packing. Not the ranks' layout, which moves whole-packing padding only slightly:
+    # the packing, the rendering. Not the ranks' layout, which moves whole-packing padding only slightly:
     # a run resumed on other ranks keeps its count, so its schedule stays the same.
     key = {
         "tokenizer": tokenizer_summary(data.tokenizer).sha256,
@@ -198,6 +198,8 @@ def dataset_tokens(data: DataConfig, run_dir: Path, rank: int, world_size: int) 
     }
     if packs_whole_documents(data):
         key["whole_documents_in"] = data.seq_len
+    if data.template != "chatml":  # ChatML's counts of before the setting stay valid
+        key["template"] = data.template
     saved = _read_counts(path, key)
     if not _all_reduce([int(saved is None)], dist.ReduceOp.MAX)[0]:
         return saved

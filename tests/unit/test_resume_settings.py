@@ -85,6 +85,7 @@ REFUSES = [
     ("data.tokenizer=/t.json", "data.tokenizer: saved 'embedded', now '/t.json'"),
     ("data.max_document_chars=10", "data.max_document_chars: saved 1000000, now 10"),
     ("data.sources.0.text_split=line", "data.sources.0.text_split: saved 'file', now 'line'"),
+    ("data.template=plain", "data.template: saved 'chatml', now 'plain'"),
 ]
 
 
@@ -104,6 +105,17 @@ def test_every_refusal_is_named_at_once(tmp_path):
     assert "seed: saved 0" in str(error.value) and "deepspeed.zero_stage: saved 2" in str(
         error.value
     )
+
+
+def test_a_run_saved_before_a_setting_existed_had_its_value(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    run = saved_run(tmp_path)
+    saved = OmegaConf.load(run / "config.yaml")
+    del saved.data["template"]  # a run of before data.template: ChatML
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    assert check_resume_settings(run, current(), step=3) == [] and caplog.text == ""
+    with pytest.raises(ResumeSettingsError, match="data.template: saved 'chatml', now 'plain'"):
+        check_resume_settings(run, current("data.template=plain"), step=3)
 
 
 def test_data_position_settings_apply_when_the_source_change_is_allowed(tmp_path):
