@@ -109,14 +109,20 @@ QUICK = Scale(
     eval_items=256,
     stability="off",
     tasks={
-        "mano": "synthetic://mano?ops=2&mod=11&num_docs=200000&shards=2&chat=1",
-        "phop": "synthetic://phop?hops=2&length=12&symbols=4&num_docs=200000&shards=2&chat=1",
+        "mano": "synthetic://mano?ops=2&mod=11&num_docs=200000&shards=2&chat=1&instruction=0",
+        "phop": (
+            "synthetic://phop?hops=2&length=12&symbols=4&num_docs=200000&shards=2&chat=1"
+            "&instruction=0"
+        ),
     },
     task_steps={"mano": 6000},
+    template="plain",
 )
 """One layer looped three times (Saunshi et al.'s setting): the smallest grid where, on a CPU,
-looping shows what it buys. Trained on the answers alone (conversations, every difficulty up
-to the hardest). Mano modulo 11 with 1 or 2 operators, for 6,000 steps: modulo 23 no model
+looping shows what it buys. Trained on the answers alone, every difficulty up to the hardest,
+each question asked bare (no instruction line, no chat markup: a two-operator Mano question
+and its answer take 8 tokens, where ChatML around the instruction took 24, so a step holds
+three times the questions). Mano modulo 11 with 1 or 2 operators, for 6,000 steps: modulo 23 no model
 learns the tables at this budget, and modulo 5 with 3 operators no model learnt the hardest
 length (three layers 0.48, one 0.37: nothing for looping to show), while two operators modulo
 11 need depth (one layer 0.4, three 0.8 in the probe) and twice p-hop's steps to learn.
@@ -627,7 +633,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="the CPU-sized grid (on 2 cores: p-hop 35-45 minutes, Mano 70)",
+        help="the CPU-sized grid (on 2 cores: p-hop 35-45 minutes, Mano 80)",
     )
     parser.add_argument("--out", required=True, help="the output directory")
     parser.add_argument("--seeds", type=int, nargs="*", help="override the grid's seeds")

@@ -227,16 +227,17 @@ def test_a_conversation_source_trains_on_the_answers_alone(tmp_path):
         words |= set(json.loads(line)["messages"][0]["content"].split())
     assert words <= vocabulary.keys()
 
-    # Asked bare: the plain rendering, which the job accepts; ChatML, the job's default, is
-    # not written out, so that the runs of before the setting are not trained again.
-    plain = reproduce.with_setting(scale, "template=plain")
-    overrides = reproduce.job_overrides(model, plain, tokenizer, tmp_path / "run", tmp_path / "c")
+    # The quick grid asks its questions bare, in the plain rendering; ChatML, the job's
+    # default, is not written out, so that the runs of before the setting are not trained
+    # again.
+    assert cfg.data.template == "plain"
+    chatml = reproduce.with_setting(scale, "template=chatml")
+    overrides = reproduce.job_overrides(model, chatml, tokenizer, tmp_path / "run", tmp_path / "c")
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg = OmegaConf.to_object(compose("pretrain", overrides=overrides))
     assert config_problems(cfg, world_size=2) == []
-    assert (cfg.data.kind, cfg.data.template) == ("sft", "plain")
-    default = reproduce.job_overrides(model, scale, tokenizer, tmp_path / "run", tmp_path / "c")
-    assert not any(o.startswith("data.template") for o in default)
+    assert (cfg.data.kind, cfg.data.template) == ("sft", "chatml")
+    assert not any(o.startswith("data.template") for o in overrides)
     with pytest.raises(SystemExit, match="template is one of chatml, plain"):
         reproduce.with_setting(scale, "template=chat")
 
@@ -348,6 +349,7 @@ def test_the_probe_asks_conversations_as_the_job_renders_them(capsys):
         "<|im_start|>", "user", "\n", *instruction, "\n", *words[:-1], "<|im_end|>", "\n",
         "<|im_start|>", "assistant", "\n", words[-1], "<|im_end|>",
     ]  # fmt: skip
+    assert probe.instruction("mano", {**params, "instruction": 0}) == []  # the question alone
     vocab = probe.Vocabulary(pad=0)
     row = vocab.ids(rendered)
     x, y = probe.batch([row, row[:-3]], answer_only=True, after=1)
