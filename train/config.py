@@ -328,8 +328,14 @@ def config_problems(cfg: PretrainConfig, world_size: int) -> list[str]:
         p.append(f"train.log_every must be >= 1, got {t.log_every}")
     if t.regularizer not in REGULARIZERS:
         p.append(f"train.regularizer must be one of {REGULARIZERS}, got {t.regularizer!r}")
-    if ds.zero_stage not in (0, 1, 2, 3):
-        p.append(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
+    if ds.zero_stage == 0:
+        p.append(
+            "deepspeed.zero_stage=0 is not supported: the gradient norm the guards read and their"
+            " skipped updates need a ZeRO optimizer (stage 1 partitions only the optimizer"
+            " state, and costs a small model no more time)"
+        )
+    elif ds.zero_stage not in (1, 2, 3):
+        p.append(f"deepspeed.zero_stage must be 1, 2 or 3, got {ds.zero_stage}")
     if ds.offload_optimizer not in OFFLOAD_DEVICES or ds.offload_param not in OFFLOAD_DEVICES:
         p.append(f"deepspeed offload devices must be one of {OFFLOAD_DEVICES}")
     if ds.offload_optimizer == "cpu" and ds.zero_stage < 2:

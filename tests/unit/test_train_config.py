@@ -159,6 +159,8 @@ BAD = [
     (["train.prior=geometric"], "train.prior=geometric needs train.regularizer=kl"),
     (["train.objective=first_step"], "train.objective must be stage1 or last_step"),
     (["stability.max_consecutive_skips=0"], "stability.max_consecutive_skips must be >= 1"),
+    (["deepspeed.zero_stage=0"], "deepspeed.zero_stage=0 is not supported"),
+    (["deepspeed.zero_stage=4"], "deepspeed.zero_stage must be 1, 2 or 3, got 4"),
 ]
 
 
