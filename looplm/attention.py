@@ -170,11 +170,32 @@ def attend(
         v_BGKD = v_BGKD.repeat_interleave(groups, dim=1)
     if implementation == "eager":
         out = _eager(q_BNSD, k_BGKD, v_BGKD, layout)
-    elif layout.mask is not None:
-        out = F.scaled_dot_product_attention(q_BNSD, k_BGKD, v_BGKD, attn_mask=layout.mask)
     else:
-        out = F.scaled_dot_product_attention(q_BNSD, k_BGKD, v_BGKD, is_causal=layout.causal)
+        out = _sdpa(q_BNSD, k_BGKD, v_BGKD, layout)
     return out.transpose(1, 2)
+
+
+CPU_FLOAT32_SDPA_MAX_KEYS = 512
+"""On a CPU, attention over at most this many keys runs in float32 when its inputs are bf16 or
+fp16: there PyTorch's half-precision SDPA is the slower, 1.6-2.5x over 64-128 keys forward and
+backward, even at par near 512, and faster beyond (measured with ``scripts/bench_model.py
+--attention``)."""
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout):
+    dtype = q.dtype
+    upcast = (
+        q.device.type == "cpu"
+        and dtype in (torch.bfloat16, torch.float16)
+        and k.shape[2] <= CPU_FLOAT32_SDPA_MAX_KEYS
+    )
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    if layout.mask is not None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=layout.causal)
+    return out.to(dtype)
 
 
 def _eager(

@@ -6,9 +6,11 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from looplm import LoopLMConfig, LoopLMForCausalLM, Objective
+from looplm import LoopLMConfig, LoopLMForCausalLM, Objective, attention
+from looplm.attention import AttentionLayout, attend
 from tests.unit import reference as ref
 
 OURO_TINY = os.path.join(os.path.dirname(__file__), "..", "assets", "ouro-tiny")
@@ -234,3 +236,39 @@ def test_a_rope_base_passed_in_takes_effect_and_matches_the_reference():
     close(before, reference_forward(model, ids)[0])
     with pytest.raises(ValueError, match="rope_theta must be > 0, got 0"):
         model(ids, rope_theta=0.0)
+
+
+# ---- half-precision attention on a CPU ----------------------------------------------------
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_bf16_sdpa_on_a_cpu_runs_in_float32_up_to_the_threshold(packed, monkeypatch):
+    rows, keys = 2, 24
+    positions = torch.arange(keys).repeat(rows, 1)
+    if packed:
+        positions = (positions % 7).contiguous()  # documents of 7 tokens
+    layout = AttentionLayout.build(positions, 0, packed, "sdpa")
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(rows, 4, keys, 8, generator=gen, dtype=torch.float64) for _ in "qkv")
+    exact = attend(q, k, v, layout, "eager")  # float64
+    half = [x.to(torch.bfloat16).requires_grad_() for x in (q, k, v)]
+
+    def float32_path():
+        return attend(*(x.float() for x in half), layout, "sdpa").to(torch.bfloat16)
+
+    out = attend(*half, layout, "sdpa")
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, float32_path())
+    out.float().square().sum().backward()
+    assert all(x.grad.dtype == torch.bfloat16 and x.grad.isfinite().all() for x in half)
+    # The float32 path is within bf16's rounding of the output of the exact attention; its
+    # inputs were rounded to bf16, hence the float64 reference on the same rounded inputs.
+    exact_rounded = attend(*(x.detach().double() for x in half), layout, "eager")
+    close(out.double(), exact_rounded, atol=2**-7, rtol=0)
+    assert (out.double() - exact).abs().max() < 0.05
+    # Above the threshold the inputs' precision is kept: PyTorch's bf16 SDPA, unchanged.
+    monkeypatch.setattr(attention, "CPU_FLOAT32_SDPA_MAX_KEYS", keys - 1)
+    kept = attend(*half, layout, "sdpa")
+    mask = {"attn_mask": layout.mask} if packed else {"is_causal": True}
+    assert torch.equal(kept, F.scaled_dot_product_attention(*half, **mask).transpose(1, 2))
+    assert not torch.equal(kept, out)
