@@ -214,6 +214,14 @@ def packs_whole_documents(cfg: DataConfig) -> bool:
     return cfg.packing == "whole" or (cfg.packing == "auto" and cfg.kind == "sft")
 
 
+def rendering(cfg: DataConfig) -> str:
+    """What a run trains on, in words (the job says it as it opens the data streams)."""
+    packed = "whole" if packs_whole_documents(cfg) else "split"
+    if cfg.kind == "sft":
+        return f"{cfg.template} conversations packed {packed}, the assistant's tokens the targets"
+    return f"documents packed {packed}, every token a target"
+
+
 def load_data_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> DataConfig:
     """A `DataConfig` from a YAML file of the `data` group plus `key=value` overrides, for
     scripts that run outside a Hydra job (the file's `defaults` list is ignored)."""

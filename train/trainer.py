@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from data_pipelines.config import rendering
 from data_pipelines.loader import build_data_loader
 from looplm import LoopLMForCausalLM, Objective
 from train.checkpointing import CheckpointManager, rng_state, set_rng_state
@@ -251,7 +252,10 @@ class Trainer:
         """Each optimizer group's hyperparameters as configured (see _apply_optimizer_settings)."""
         self.guard = StabilityGuard(cfg.stability)
         rank_state = self._resume()
-        self._phase("opening the data streams: " + ", ".join(s.name for s in cfg.data.sources))
+        self._phase(
+            f"opening the data streams: {', '.join(s.name for s in cfg.data.sources)} "
+            f"({rendering(cfg.data)})"
+        )
         self.loader = self._build_loader(rank_state)
         self.batches = iter(self.loader)
         self.total_steps = self._total_steps()

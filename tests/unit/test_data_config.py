@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from data_pipelines import DataConfig, SourceConfig, validate_data_config
-from data_pipelines.config import load_data_config
+from data_pipelines.config import load_data_config, rendering
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DATA_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "data").glob("*.yaml"))
@@ -113,3 +113,12 @@ def test_an_unreadable_tokenizer_or_one_without_the_needed_tokens_fails_validati
         assert len(problems) == len(expected)
         for problem, text in zip(problems, expected, strict=True):
             assert text in problem
+
+
+def test_the_rendering_a_job_announces_follows_kind_template_and_packing():
+    assert rendering(DataConfig()) == "documents packed split, every token a target"
+    assert rendering(DataConfig(kind="sft", template="plain")) == (
+        "plain conversations packed whole, the assistant's tokens the targets"
+    )
+    sft_split = DataConfig(kind="sft", packing="split")
+    assert rendering(sft_split).startswith("chatml conversations packed split")
