@@ -177,12 +177,14 @@ def attend(
 
 CPU_FLOAT32_SDPA_MAX_KEYS = 512
 """On a CPU, attention over at most this many keys runs in float32 when its inputs are bf16 or
-fp16: there PyTorch's half-precision SDPA is the slower, 1.6-2.5x over 64-128 keys forward and
-backward, even at par near 512, and faster beyond (measured with ``scripts/bench_model.py
---attention``)."""
+fp16. There PyTorch's bf16 SDPA is the slower one, forward and backward: 2.6-4.5x over 64-128
+keys, 1.3x at 256, at par near 512, and faster beyond, where bf16 is kept
+(``scripts/bench_attention.py``)."""
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout):
+    """PyTorch's SDPA; on a CPU in half precision over few keys, computed in float32 and
+    returned in the inputs' dtype."""
     dtype = q.dtype
     upcast = (
         q.device.type == "cpu"
