@@ -9,6 +9,7 @@ import torch
 
 from looplm import LoopLMForCausalLM
 from train.config import PretrainConfig
+from train.memory import reduce_bucket_elements
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +66,21 @@ def parameter_groups(
 
 
 def deepspeed_config(
-    cfg: PretrainConfig, accumulation: int, precision: str, load_universal: bool = False
+    cfg: PretrainConfig,
+    accumulation: int,
+    precision: str,
+    load_universal: bool = False,
+    params: int | None = None,
 ) -> dict:
+    """DeepSpeed's config of the job; ``params``: the model's parameter count, which caps the
+    gradient bucket (`reduce_bucket_elements`)."""
     ds = cfg.deepspeed
+    bucket = ds.reduce_bucket_size
     zero: dict = {
         "stage": ds.zero_stage,
         "overlap_comm": ds.overlap_comm and torch.cuda.is_available(),
         "contiguous_gradients": True,
-        "reduce_bucket_size": ds.reduce_bucket_size,
+        "reduce_bucket_size": bucket if params is None else reduce_bucket_elements(bucket, params),
     }
     if ds.zero_stage == 3:
         zero["stage3_prefetch_bucket_size"] = ds.stage3_prefetch_bucket_size
@@ -128,7 +136,9 @@ def build_engine(
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        config=deepspeed_config(cfg, accumulation, precision, load_universal),
+        config=deepspeed_config(
+            cfg, accumulation, precision, load_universal, sum(p.numel() for p in model.parameters())
+        ),
     )
     return engine, precision
 

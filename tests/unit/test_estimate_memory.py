@@ -78,6 +78,12 @@ def test_model_states_per_zero_stage(stage, offload, weights, gradients, optimiz
     assert (e.zero3_gathered > 0) == (stage == 3)
 
 
+def test_a_model_smaller_than_the_bucket_setting_is_its_own_bucket():
+    config = LoopLMConfig.from_preset("tiny")
+    e = em.estimate(em.Setup(config=config, seq_len=256, zero_stage=2, data_parallel=2))
+    assert e.buckets == 2 * config.num_parameters() * 2 < 2 * 50_000_000 * 2
+
+
 def test_sequence_parallelism_divides_the_activations_per_rank():
     one = em.Setup(config=ouro("ouro-1.4b"), seq_len=65536)
     terms = em.activation_terms(one)

@@ -88,6 +88,28 @@ def test_the_main_job_config_is_valid_for_two_ranks():
     assert (cfg.model.preset, cfg.deepspeed.zero_stage, cfg.data.seq_len) == ("tiny", 2, 256)
 
 
+@pytest.mark.parametrize("zero", ["zero1", "zero2", "zero3"])
+def test_the_gradient_bucket_is_never_larger_than_the_model(zero):
+    from train.engine import deepspeed_config
+
+    cfg = to_object(composed("experiment=tiny_cpu", f"deepspeed={zero}"))
+    setting = cfg.deepspeed.reduce_bucket_size
+    bucket = {
+        params: deepspeed_config(cfg, 1, "bf16", params=params)["zero_optimization"][
+            "reduce_bucket_size"
+        ]
+        for params in (1_122_945, setting, 3 * setting)
+    }
+    assert bucket == {1_122_945: 1_122_945, setting: setting, 3 * setting: setting}
+    smaller = to_object(composed("experiment=tiny_cpu", "deepspeed.reduce_bucket_size=1000"))
+    assert (
+        deepspeed_config(smaller, 1, "bf16", params=10**6)["zero_optimization"][
+            "reduce_bucket_size"
+        ]
+        == 1000
+    )
+
+
 def test_unknown_keys_and_wrong_types_fail_at_compose_time():
     with pytest.raises(ConfigCompositionException):
         composed("train.max_stepz=3")
