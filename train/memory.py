@@ -219,10 +219,11 @@ def activation_terms(s: Setup) -> dict[str, int]:
 def reduce_bucket_elements(setting: int, params: int) -> int:
     """The gradient bucket the job gives DeepSpeed: ``deepspeed.reduce_bucket_size``, or the
     model's parameter count where that is smaller. ZeRO-1/2 allocate a bucket of that many
-    elements for every micro-step, whatever the model's size, so the default 50M on a model of
-    1M parameters cost a 100 MB allocation, and its page faults, each time (2-rank CPU job of
-    1.1M parameters: 25 s against 17.5 s, bit-identical losses). One bucket then holds every
-    gradient, as the larger one did."""
+    elements at every micro-step, whatever the model's size, and under deterministic algorithms
+    (``train.deterministic``) PyTorch fills each new tensor: the default 50M cost a model of 1.1M
+    parameters 100 MB written at every micro-step (a 60-step 2-rank CPU job 25.3 s against
+    18.0 s, the same losses; ``scripts/bench_bucket.py``: 1.69x a step). One bucket still holds
+    every gradient, as the larger one did."""
     return max(1, min(setting, params))
 
 
