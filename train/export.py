@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import io
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -52,13 +55,26 @@ def load_checkpoint_model(path: str | Path, attn_implementation: str = "sdpa") -
 
     checkpoint = resolve_checkpoint(path)
     config = LoopLMConfig.load(checkpoint / MODEL_CONFIG)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
+    state = _quietly(get_fp32_state_dict_from_zero_checkpoint, str(checkpoint), tag=DEEPSPEED_TAG)
     with torch.device("meta"):
         model = LoopLMForCausalLM(config, attn_implementation)
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
+
+
+def _quietly(function, *args, **kwargs):
+    """``function``'s result, with what it prints held back: DeepSpeed's checkpoint reader
+    prints five lines and a progress bar for every checkpoint it reads (every export, chat or
+    evaluation of a run). They are shown when it fails."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(held), contextlib.redirect_stderr(held):
+            return function(*args, **kwargs)
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
 
 
 def load_model(

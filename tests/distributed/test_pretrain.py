@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,7 +133,7 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path, cache_dir):
     assert "stop requested" in (tmp_path / "log").read_text()
 
 
-def test_export_of_a_trained_checkpoint_loads_with_the_same_logits(tmp_path, cache_dir):
+def test_export_of_a_trained_checkpoint_loads_with_the_same_logits(tmp_path, cache_dir, capfd):
     run_dir = tmp_path / "run"
     code, out = run(
         "train.pretrain",
@@ -140,7 +141,17 @@ def test_export_of_a_trained_checkpoint_loads_with_the_same_logits(tmp_path, cac
         tmp_path / "log",
     )
     assert code == 0, out[-3000:]
+    capfd.readouterr()
     trained = load_checkpoint_model(run_dir)
+    # DeepSpeed's reader prints lines and a progress bar for each checkpoint: held back...
+    assert "zero checkpoint" not in "".join(capfd.readouterr())
+    # ... unless it fails: a checkpoint without one rank's optimizer state.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir / "checkpoints" / "step_00000002", damaged)
+    next((damaged / "deepspeed").glob("*rank_1_*optim_states.pt")).unlink()
+    with pytest.raises(ValueError, match="optim_states"):
+        load_checkpoint_model(damaged)
+    assert "Processing zero checkpoint" in "".join(capfd.readouterr())
     old_umask = os.umask(0o022)
     try:
         # as scripts/export_hf.py runs it
