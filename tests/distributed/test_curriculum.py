@@ -168,10 +168,10 @@ def test_without_the_entropy_term_the_exit_distribution_collapses(tmp_path, cach
     assert statistics[0.1][0] > 0.75 * math.log(4)
 
 
-def _quarter_budgets(first: int) -> list[str]:
-    """The twins' stages with a quarter of their tokens (stage ``first`` of the 1.4B twin is the
+def _eighth_budgets(first: int) -> list[str]:
+    """The twins' stages with an eighth of their tokens (stage ``first`` of the 1.4B twin is the
     2.6B twin's stage 0), so that the test takes a minute."""
-    budgets = [24576, 16384, 12288, 4096, 8192][first:]
+    budgets = [12288, 8192, 6144, 2048, 4096][first:]
     overrides = [f"curriculum.stages.{i}.tokens={t}" for i, t in enumerate(budgets)]
     overrides.append("curriculum.stages.0.warmup_tokens=2048")
     if first == 0:
@@ -183,7 +183,7 @@ def test_the_recipe_twins_run_end_to_end_and_branch_by_upcycling(tmp_path, cache
     small = FAST[1:5]  # the model sizes of the fast runs
     twin_dir = tmp_path / "twin_1.4b"
     args = [
-        "experiment=tiny_ouro_1.4b", *small, *_quarter_budgets(0), f"run_dir={twin_dir}",
+        "experiment=tiny_ouro_1.4b", *small, *_eighth_budgets(0), f"run_dir={twin_dir}",
         f"data.cache_dir={cache_dir}", "logging.wandb=false", "logging.plot_at_end=false",
     ]  # fmt: skip
     code, out = run("train.pretrain", args, tmp_path / "twin.log", timeout=600)
@@ -191,7 +191,7 @@ def test_the_recipe_twins_run_end_to_end_and_branch_by_upcycling(tmp_path, cache
     records = metrics(twin_dir)
     stages = ["stable_1a", "stable_1b", "ct_annealing", "long_ct", "mid_training"]
     assert list(dict.fromkeys(r["stage"] for r in records)) == stages
-    assert records[-1]["tokens"] == 65536
+    assert records[-1]["tokens"] == 32768
     assert all(math.isfinite(r["loss"]) for r in records)
     assert records[-1]["loss"] < records[0]["loss"] - 1.0
     # Branch at the end of stable_1a: export, upcycle to twice the layers, go on with 1b to 4.
@@ -203,7 +203,7 @@ def test_the_recipe_twins_run_end_to_end_and_branch_by_upcycling(tmp_path, cache
     subprocess.run([*command, "--factor", "2", "--order", "interleave"], check=True, cwd=REPO)
     branch_dir = tmp_path / "twin_2.6b"
     args = [
-        "experiment=tiny_ouro_2.6b", f"init_from={upcycled}", *_quarter_budgets(1),
+        "experiment=tiny_ouro_2.6b", f"init_from={upcycled}", *_eighth_budgets(1),
         f"run_dir={branch_dir}", f"data.cache_dir={cache_dir}", "logging.wandb=false",
         "logging.plot_at_end=false",
     ]  # fmt: skip
