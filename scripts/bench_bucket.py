@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def engine_of(model, settings, params: int | None):
+def engine_of(model, settings, params: int):
     import deepspeed
     import torch
 
@@ -48,7 +48,7 @@ def engine_of(model, settings, params: int | None):
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     precision = resolve_precision("auto")
-    config = deepspeed_config(settings, 2, precision, params=params)
+    config = deepspeed_config(settings, 2, precision, params)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine, config["zero_optimization"]["reduce_bucket_size"]
 
@@ -93,8 +93,9 @@ def worker(args) -> None:
     for name, capped in (("as given", False), ("capped", True)):
         torch.manual_seed(0)
         model = LoopLMForCausalLM(config, attn_implementation="sdpa")
-        params = sum(p.numel() for p in model.parameters())
-        engines[name] = engine_of(model, settings, params if capped else None)
+        params = model.num_parameters()
+        # a count no smaller than the setting leaves the bucket as given (the job before)
+        engines[name] = engine_of(model, settings, params if capped else args.bucket)
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
         print(

@@ -69,18 +69,17 @@ def deepspeed_config(
     cfg: PretrainConfig,
     accumulation: int,
     precision: str,
+    params: int,
     load_universal: bool = False,
-    params: int | None = None,
 ) -> dict:
     """DeepSpeed's config of the job; ``params``: the model's parameter count, which caps the
     gradient bucket (`reduce_bucket_elements`)."""
     ds = cfg.deepspeed
-    bucket = ds.reduce_bucket_size
     zero: dict = {
         "stage": ds.zero_stage,
         "overlap_comm": ds.overlap_comm and torch.cuda.is_available(),
         "contiguous_gradients": True,
-        "reduce_bucket_size": bucket if params is None else reduce_bucket_elements(bucket, params),
+        "reduce_bucket_size": reduce_bucket_elements(ds.reduce_bucket_size, params),
     }
     if ds.zero_stage == 3:
         zero["stage3_prefetch_bucket_size"] = ds.stage3_prefetch_bucket_size
@@ -107,7 +106,7 @@ def deepspeed_config(
 
 def build_engine(
     cfg: PretrainConfig,
-    model: torch.nn.Module,
+    model: LoopLMForCausalLM,
     accumulation: int,
     load_universal: bool = False,
     stage_trainable: list[tuple[bool, ...]] | None = None,
@@ -137,7 +136,7 @@ def build_engine(
         model=model,
         optimizer=optimizer,
         config=deepspeed_config(
-            cfg, accumulation, precision, load_universal, sum(p.numel() for p in model.parameters())
+            cfg, accumulation, precision, model.num_parameters(), load_universal
         ),
     )
     return engine, precision
