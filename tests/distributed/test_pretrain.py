@@ -43,25 +43,65 @@ REQUIRED = {
 }
 
 
+FOUR_STEPS = ["train.max_steps=4", "checkpoint.every_steps=2"]
+
+
+def four_step_args(run_dir: Path, cache_dir: Path, zero: str) -> list[str]:
+    """A 4-step run of ZeRO setting ``zero``, checkpointing every 2 steps, printing every 2,
+    logging to wandb (offline) and plotting at its end."""
+    extra = ["train.log_every=2", "logging.wandb=true", "logging.plot_at_end=true"]
+    return job(run_dir, cache_dir, f"deepspeed={zero}", *FOUR_STEPS, *extra)
+
+
+def four_step_run(run_dir: Path, cache_dir: Path, zero: str) -> Path:
+    """Runs `four_step_args` to its end; its console output is ``job.log`` beside ``run_dir``."""
+    code, out = run("train.pretrain", four_step_args(run_dir, cache_dir, zero), log_of(run_dir))
+    assert code == 0, out[-3000:]
+    return run_dir
+
+
+def log_of(run_dir: Path) -> Path:
+    return run_dir.parent / "job.log"
+
+
+# The runs of the test below for ZeRO-2 and ZeRO-3 are shared (each job started costs about 15
+# CPU-seconds of imports): the ZeRO-2 one is the console test's, the ZeRO-3 one the reference
+# of the ZeRO-3 resume and the checkpoint the export reads.
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory, cache_dir) -> Path:
+    return four_step_run(tmp_path_factory.mktemp("zero2") / "run", cache_dir, "zero2")
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, cache_dir) -> Path:
+    return four_step_run(tmp_path_factory.mktemp("zero3") / "run", cache_dir, "zero3")
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory, cache_dir) -> Path:
+    """A finished 2-step run (ZeRO-2, a checkpoint at step 2), which the tests that resume or
+    refuse a run copy and go on from."""
+    root = tmp_path_factory.mktemp("two_steps")
+    args = job(root / "run", cache_dir, "train.max_steps=2", "checkpoint.every_steps=2")
+    code, out = run("train.pretrain", args, root / "log")
+    assert code == 0, out[-3000:]
+    return root / "run"
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    """A run directory of this test's own, copied from a shared one (a run dir can be moved:
+    its checkpoints name no absolute path)."""
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
 @pytest.mark.parametrize(
     "zero", ["zero1", "zero2", pytest.param("zero3", marks=pytest.mark.smoke), "zero3_offload"]
 )
-def test_two_rank_run_logs_every_step_and_checkpoints(tmp_path, cache_dir, zero):
-    run_dir = tmp_path / "run"
-    code, out = run(
-        "train.pretrain",
-        job(
-            run_dir,
-            cache_dir,
-            f"deepspeed={zero}",
-            "train.max_steps=4",
-            "checkpoint.every_steps=2",
-            "logging.wandb=true",
-            "logging.plot_at_end=true",
-        ),
-        tmp_path / "log",
-    )
-    assert code == 0, out[-3000:]
+def test_two_rank_run_logs_every_step_and_checkpoints(tmp_path, cache_dir, zero, request):
+    if zero in ("zero2", "zero3"):
+        run_dir = request.getfixturevalue(f"{zero}_run")
+    else:
+        run_dir = four_step_run(tmp_path / "run", cache_dir, zero)
     assert list((run_dir / "wandb").glob("offline-run-*"))  # no credentials: wandb runs offline
     assert len(list((run_dir / "plots").glob("*.png"))) >= 3
     assert (run_dir / "config.yaml").is_file()
@@ -93,29 +133,28 @@ def test_two_rank_run_logs_every_step_and_checkpoints(tmp_path, cache_dir, zero)
 
 
 @pytest.mark.smoke
-def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path, cache_dir):
-    steps = ["train.max_steps=6", "checkpoint.every_steps=2"]
-    reference_dir = tmp_path / "reference"
-    code, out = run("train.pretrain", job(reference_dir, cache_dir, *steps), tmp_path / "ref.log")
-    assert code == 0, out[-3000:]
-    reference = [r["loss"] for r in metrics(reference_dir)]
-
+def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path, cache_dir, zero2_run):
+    reference = [r["loss"] for r in metrics(zero2_run)]  # its wandb and plots change no loss
     run_dir = tmp_path / "resumed"
-    # Killed after step 3 (checkpoint of step 2), then after step 5 (checkpoint of step 4).
-    for pause, checkpoints in ((3, ["step_00000002"]), (5, ["step_00000002", "step_00000004"])):
+    # Killed after step 1, before any checkpoint: the next job starts over. Then killed after
+    # step 3, whose newest checkpoint is step 2's.
+    for pause, checkpoints in ((1, []), (3, ["step_00000002"])):
         log = tmp_path / f"paused_after_{pause}.log"
-        args = job(run_dir, cache_dir, *steps, f"faults.pause_after_step={pause}")
-        process = start("train.pretrain", args, log)
+        process = start(
+            "train.pretrain",
+            job(run_dir, cache_dir, *FOUR_STEPS, f"faults.pause_after_step={pause}"),
+            log,
+        )
         wait_paused(log, process)
         kill_job(process)
         process.wait()
         assert [r["step"] for r in metrics(run_dir)] == list(range(1, pause + 1))
         assert completed(run_dir) == checkpoints
-    code, out = run("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "c.log")
+    code, out = run("train.pretrain", job(run_dir, cache_dir, *FOUR_STEPS), tmp_path / "c.log")
     assert code == 0, out[-3000:]
-    assert "resumed from" in out and "step_00000004" in out
+    assert "resumed from" in out and "step_00000002" in out
     resumed = metrics(run_dir)
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [r["loss"] for r in resumed] == reference  # bit for bit
 
 
@@ -133,21 +172,15 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path, cache_dir):
     assert "stop requested" in (tmp_path / "log").read_text()
 
 
-def test_export_of_a_trained_checkpoint_loads_with_the_same_logits(tmp_path, cache_dir, capfd):
-    run_dir = tmp_path / "run"
-    code, out = run(
-        "train.pretrain",
-        job(run_dir, cache_dir, "train.max_steps=2", "deepspeed=zero3"),
-        tmp_path / "log",
-    )
-    assert code == 0, out[-3000:]
+def test_export_of_a_trained_checkpoint_loads_with_the_same_logits(tmp_path, zero3_run, capfd):
+    run_dir = zero3_run
     capfd.readouterr()
     trained = load_checkpoint_model(run_dir)
     # DeepSpeed's reader prints lines and a progress bar for each checkpoint: held back...
     assert "zero checkpoint" not in "".join(capfd.readouterr())
     # ... unless it fails: a checkpoint without one rank's optimizer state.
     damaged = tmp_path / "damaged"
-    shutil.copytree(run_dir / "checkpoints" / "step_00000002", damaged)
+    shutil.copytree(run_dir / "checkpoints" / "step_00000004", damaged)
     next((damaged / "deepspeed").glob("*rank_1_*optim_states.pt")).unlink()
     with pytest.raises(ValueError, match="optim_states"):
         load_checkpoint_model(damaged)
@@ -204,13 +237,9 @@ def test_export_of_a_trained_checkpoint_loads_with_the_same_logits(tmp_path, cac
         assert LoopLMForCausalLM.from_pretrained(chat).config.eos_token_id == eos_id
 
 
-def test_a_run_dir_of_another_model_is_refused(tmp_path, cache_dir):
-    run_dir = tmp_path / "run"
-    code, out = run(
-        "train.pretrain", job(run_dir, cache_dir, "train.max_steps=1"), tmp_path / "a.log"
-    )
-    assert code == 0, out[-3000:]
-    other = job(run_dir, cache_dir, "train.max_steps=2", "model.num_hidden_layers=3")
+def test_a_run_dir_of_another_model_is_refused(tmp_path, cache_dir, two_step_run):
+    run_dir = copy_of(two_step_run, tmp_path)
+    other = job(run_dir, cache_dir, "train.max_steps=3", "model.num_hidden_layers=3")
     code, out = run("train.pretrain", other, tmp_path / "b.log")
     assert code != 0
     assert "model.num_hidden_layers: saved None, now 3 (the checkpoint holds" in out
@@ -222,13 +251,9 @@ def test_a_run_dir_of_another_model_is_refused(tmp_path, cache_dir):
 
 
 def test_resuming_on_another_number_of_ranks_goes_through_the_universal_checkpoint(
-    tmp_path, cache_dir
+    tmp_path, cache_dir, two_step_run
 ):
-    run_dir = tmp_path / "run"
-    code, out = run(
-        "train.pretrain", job(run_dir, cache_dir, "train.max_steps=2"), tmp_path / "a.log"
-    )
-    assert code == 0, out[-3000:]
+    run_dir = copy_of(two_step_run, tmp_path)
     before = load_checkpoint_model(run_dir).state_dict()
     code, out = run(
         "train.pretrain", job(run_dir, cache_dir, "train.max_steps=3"), tmp_path / "b.log", nproc=1
@@ -262,14 +287,10 @@ def optimizer_settings(checkpoint: Path) -> list[tuple]:
     return [(g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in groups]
 
 
-def test_changed_settings_apply_from_the_resume_and_are_logged_or_are_refused(tmp_path, cache_dir):
-    run_dir = tmp_path / "run"
-    code, out = run(
-        "train.pretrain",
-        job(run_dir, cache_dir, "train.max_steps=2", "checkpoint.every_steps=2"),
-        tmp_path / "a.log",
-    )
-    assert code == 0, out[-3000:]
+def test_changed_settings_apply_from_the_resume_and_are_logged_or_are_refused(
+    tmp_path, cache_dir, two_step_run
+):
+    run_dir = copy_of(two_step_run, tmp_path)
     changed = [
         "train.max_steps=4",
         "checkpoint.every_steps=2",
@@ -344,10 +365,8 @@ def test_an_unusable_run_dir_is_a_clear_error(tmp_path, cache_dir):
     assert "is not writable" in out
 
 
-def test_zero3_resume_is_exact_too(tmp_path, cache_dir):
-    steps = ["deepspeed=zero3", "train.max_steps=4", "checkpoint.every_steps=2"]
-    code, out = run("train.pretrain", job(tmp_path / "ref", cache_dir, *steps), tmp_path / "a.log")
-    assert code == 0, out[-3000:]
+def test_zero3_resume_is_exact_too(tmp_path, cache_dir, zero3_run):
+    steps = ["deepspeed=zero3", *FOUR_STEPS]  # the shared run's, without wandb and plots
     run_dir = tmp_path / "run"
     log = tmp_path / "b.log"
     process = start(
@@ -359,7 +378,7 @@ def test_zero3_resume_is_exact_too(tmp_path, cache_dir):
     assert completed(run_dir) == ["step_00000002"] and len(metrics(run_dir)) == 3
     code, out = run("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "c.log")
     assert code == 0, out[-3000:]
-    assert [r["loss"] for r in metrics(run_dir)] == [r["loss"] for r in metrics(tmp_path / "ref")]
+    assert [r["loss"] for r in metrics(run_dir)] == [r["loss"] for r in metrics(zero3_run)]
 
 
 def test_a_job_started_without_a_launcher_runs_as_one_rank(tmp_path, cache_dir):
@@ -378,12 +397,11 @@ def test_a_job_started_without_a_launcher_runs_as_one_rank(tmp_path, cache_dir):
     assert completed(run_dir) == ["step_00000002"]
 
 
-def test_the_console_averages_summarises_and_a_finished_run_changes_nothing(tmp_path, cache_dir):
-    run_dir = tmp_path / "run"
-    args = job(run_dir, cache_dir, "train.max_steps=4", "train.log_every=2",
-               "logging.plot_at_end=true")  # fmt: skip
-    code, out = run("train.pretrain", args, tmp_path / "a.log")
-    assert code == 0, out[-3000:]
+def test_the_console_averages_summarises_and_a_finished_run_changes_nothing(
+    tmp_path, cache_dir, zero2_run
+):
+    out = log_of(zero2_run).read_text()
+    run_dir = copy_of(zero2_run, tmp_path)
     records = metrics(run_dir)
     mean = (records[2]["loss"] + records[3]["loss"]) / 2
     assert f"step 4/4  loss {mean:.4f} (mean of 2)" in out
@@ -392,6 +410,7 @@ def test_the_console_averages_summarises_and_a_finished_run_changes_nothing(tmp_
     assert "FutureWarning" not in out  # DeepSpeed's use of a deprecated all-gather
     plots = {path: path.stat().st_mtime_ns for path in (run_dir / "plots").iterdir()}
     before = (run_dir / "metrics.jsonl").read_text()
+    args = four_step_args(run_dir, cache_dir, "zero2")
     code, out = run("train.pretrain", args, tmp_path / "b.log")
     assert code == 0, out[-3000:]
     assert "is already complete (step 4, " in out and "run complete" not in out
