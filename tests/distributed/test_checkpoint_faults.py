@@ -1,6 +1,9 @@
 """Checkpoint writes that fail, crash at each moment on one rank or all, or leave a damaged
 file: nothing is lost and the resume is exact (the pre-training job on 2 gloo ranks)."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from tests.distributed.launch import (
@@ -41,14 +44,25 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, cache_dir):
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
 
 
+EVERY_STEP = ["train.max_steps=4", "checkpoint.every_steps=1", "checkpoint.keep_last=10"]
+
+
 @pytest.fixture(scope="module")
-def four_step_reference(tmp_path_factory, cache_dir):
-    """Per-step losses of an uninterrupted 4-step run that checkpoints every step."""
+def four_step_run(tmp_path_factory, cache_dir):
+    """An uninterrupted 4-step run that keeps a checkpoint of every step: the reference of the
+    crashed runs' losses, and the run that the damage tests copy."""
     tmp_path = tmp_path_factory.mktemp("reference")
-    args = job(tmp_path / "run", cache_dir, "train.max_steps=4", "checkpoint.every_steps=1")
-    code, out = run("train.pretrain", args, tmp_path / "log")
+    code, out = run(
+        "train.pretrain", job(tmp_path / "run", cache_dir, *EVERY_STEP), tmp_path / "log"
+    )
     assert code == 0, out[-3000:]
-    return [r["loss"] for r in metrics(tmp_path / "run")]
+    return tmp_path / "run"
+
+
+@pytest.fixture(scope="module")
+def four_step_reference(four_step_run):
+    """Per-step losses of the uninterrupted 4-step run."""
+    return [r["loss"] for r in metrics(four_step_run)]
 
 
 # (moment, rank, action, the checkpoint resumed from). "kill": the rank SIGKILLs itself inside
@@ -68,7 +82,7 @@ def test_a_crash_inside_a_checkpoint_write_loses_nothing_and_resume_is_exact(
     tmp_path, cache_dir, four_step_reference, crash
 ):
     moment, rank, action, resumed_at = crash
-    steps = ["train.max_steps=4", "checkpoint.every_steps=1"]
+    steps = EVERY_STEP[:2]  # the reference's, keeping the default number of checkpoints
     fault = [
         "faults.checkpoint_fault_at_step=3",
         f"faults.checkpoint_fault_moment={moment}",
@@ -102,13 +116,9 @@ def test_a_crash_inside_a_checkpoint_write_loses_nothing_and_resume_is_exact(
 
 @pytest.mark.parametrize("damaged", ["rank_00001.pt", "deepspeed/mp_rank_00_model_states.pt"])
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
-    tmp_path, cache_dir, damaged
+    tmp_path, cache_dir, four_step_run, four_step_reference, damaged
 ):
-    run_dir = tmp_path / "run"
-    steps = ["train.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=5"]
-    code, out = run("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "a.log")
-    assert code == 0, out[-3000:]
-    reference = [r["loss"] for r in metrics(run_dir)]
+    run_dir = Path(shutil.copytree(four_step_run, tmp_path / "run"))
     (run_dir / "checkpoints" / "step_00000001.bak").mkdir()  # not a checkpoint
     newest = run_dir / "checkpoints" / "step_00000004"
     target = newest / damaged
@@ -116,12 +126,12 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
     half = target.stat().st_size // 2
     target.write_bytes(target.read_bytes()[:half])  # torn by a crash
 
-    code, out = run("train.pretrain", job(run_dir, cache_dir, *steps), tmp_path / "b.log")
+    code, out = run("train.pretrain", job(run_dir, cache_dir, *EVERY_STEP), tmp_path / "b.log")
     assert code == 0, out[-3000:]
     assert f"checkpoint step_00000004 is damaged: {target} has" in out
     assert "ignoring" in out and "step_00000001.bak: not a checkpoint" in out
-    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000002'}" in out
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000003'}" in out
     aside = run_dir / "checkpoints" / ".step_00000004.damaged"
     assert (aside / damaged).stat().st_size == half  # kept as it was, not deleted
-    assert [r["loss"] for r in metrics(run_dir)] == reference  # steps 3-4 again, exactly
-    assert completed(run_dir) == ["step_00000002", "step_00000004"]
+    assert [r["loss"] for r in metrics(run_dir)] == four_step_reference  # step 4 again, exactly
+    assert completed(run_dir) == [f"step_{step:08d}" for step in (1, 2, 3, 4)]
