@@ -13,13 +13,20 @@ from train.export import export_checkpoint, load_checkpoint_model
 SAME = ["deepspeed.precision=fp32", "train.global_batch_tokens=256", "train.max_steps=3"]
 
 
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory, cache_dir):
+    """The run of one rank alone, which both variants are held to."""
+    root = tmp_path_factory.mktemp("alone")
+    code, out = run("train.pretrain", job(root / "run", cache_dir, *SAME), root / "log", nproc=1)
+    assert code == 0, out[-3000:]
+    return root / "run"
+
+
 @pytest.mark.parametrize(
     "variant", [["deepspeed=zero2"], ["deepspeed=zero3", "model.gradient_checkpointing=true"]]
 )
-def test_sequence_parallel_equals_one_rank(tmp_path, cache_dir, variant):
-    alone, split = tmp_path / "alone", tmp_path / "split"
-    code, out = run("train.pretrain", job(alone, cache_dir, *SAME), tmp_path / "a", nproc=1)
-    assert code == 0, out[-3000:]
+def test_sequence_parallel_equals_one_rank(tmp_path, cache_dir, alone, variant):
+    split = tmp_path / "split"
     args = job(split, cache_dir, *SAME, *variant, "deepspeed.sequence_parallel_size=2")
     code, out = run("train.pretrain", args, tmp_path / "b", nproc=2)
     assert code == 0, out[-3000:]
