@@ -128,7 +128,8 @@ def check_resume_settings(
 ) -> list[str]:
     """Compares `current` (the composed config, as plain containers) with the run's
     `config.yaml`: raises ResumeSettingsError naming every refused change; returns one line
-    per change that applies, which is also logged (with `log`). Nothing to compare (no checkpoint or no
+    per change that applies, which is also logged (with `log`). A moved run directory (a
+    changed `run_dir`) is said once, not as a setting. Nothing to compare (no checkpoint or no
     saved config) returns []."""
     saved_path = Path(run_dir) / "config.yaml"
     if step is None or not saved_path.is_file():
@@ -138,6 +139,9 @@ def check_resume_settings(
     except Exception as error:
         raise ResumeSettingsError(f"{saved_path} cannot be read: {error}") from error
     changes = changed_settings(saved, current)
+    moved = changes.pop("run_dir", None)  # where the run is, not how it trains
+    if moved and log:
+        logger.info("the run directory moved: saved in %s, resumed in %s", *moved)
     refused = [
         f"{key}: saved {old!r}, now {new!r} ({reason})"
         for key, (old, new) in changes.items()

@@ -44,6 +44,16 @@ def test_an_unchanged_resume_says_nothing(tmp_path, caplog):
     assert caplog.text == ""
 
 
+def test_a_moved_run_directory_is_said_once_and_is_not_a_changed_setting(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    saved = saved_run(tmp_path, "run_dir=/scratch/runs/tiny")
+    assert check_resume_settings(saved, current("run_dir=/home/runs/tiny"), step=300) == []
+    assert "the run directory moved: saved in /scratch/runs/tiny, resumed in /home/runs/tiny" in (
+        caplog.text
+    )
+    assert "setting changed at resume" not in caplog.text
+
+
 def test_nothing_is_compared_without_a_checkpoint_or_a_saved_config(tmp_path):
     assert check_resume_settings(tmp_path, current("seed=9"), step=10) == []
     assert check_resume_settings(saved_run(tmp_path), current("seed=9"), step=None) == []
