@@ -6,6 +6,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -165,6 +166,12 @@ def wait_paused(log: Path, process, ranks: int = 2) -> None:
 def job(run_dir, cache_dir, *extra) -> list[str]:
     """The overrides of a FAST job writing into run_dir."""
     return [*FAST, f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", *extra]
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    """A run directory of a test's own, copied from a shared one (a run dir can be moved: its
+    checkpoints name no absolute path)."""
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
 
 
 def completed(run_dir: Path) -> list[str]:

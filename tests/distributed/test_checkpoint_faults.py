@@ -1,13 +1,11 @@
 """Checkpoint writes that fail, crash at each moment on one rank or all, or leave a damaged
 file: nothing is lost and the resume is exact (the pre-training job on 2 gloo ranks)."""
 
-import shutil
-from pathlib import Path
-
 import pytest
 
 from tests.distributed.launch import (
     completed,
+    copy_of,
     job,
     kill_job,
     metrics,
@@ -118,7 +116,7 @@ def test_a_crash_inside_a_checkpoint_write_loses_nothing_and_resume_is_exact(
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_before_it(
     tmp_path, cache_dir, four_step_run, four_step_reference, damaged
 ):
-    run_dir = Path(shutil.copytree(four_step_run, tmp_path / "run"))
+    run_dir = copy_of(four_step_run, tmp_path)
     (run_dir / "checkpoints" / "step_00000001.bak").mkdir()  # not a checkpoint
     newest = run_dir / "checkpoints" / "step_00000004"
     target = newest / damaged

@@ -17,6 +17,7 @@ from looplm import LoopLMConfig, LoopLMForCausalLM
 from tests.distributed.launch import (
     REPO,
     completed,
+    copy_of,
     environment,
     job,
     kill_job,
@@ -86,12 +87,6 @@ def two_step_run(tmp_path_factory, cache_dir) -> Path:
     code, out = run("train.pretrain", args, root / "log")
     assert code == 0, out[-3000:]
     return root / "run"
-
-
-def copy_of(run_dir: Path, tmp_path: Path) -> Path:
-    """A run directory of this test's own, copied from a shared one (a run dir can be moved:
-    its checkpoints name no absolute path)."""
-    return Path(shutil.copytree(run_dir, tmp_path / "run"))
 
 
 @pytest.mark.parametrize(
