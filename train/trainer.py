@@ -91,6 +91,19 @@ def _environment() -> tuple[int, int, int]:
     )
 
 
+def device_problem(local_rank: int, gpus: int) -> str | None:
+    """Why a rank has no GPU of its own (None: it has one, or the job runs on CPUs). Without
+    this check the rank dies in ``torch.cuda.set_device`` on an invalid device ordinal."""
+    if gpus == 0 or local_rank < gpus:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (
+        f"local rank {local_rank} has no GPU of its own: {gpus} GPU{'s' * (gpus > 1)} visible on "
+        f"this machine{f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}; "
+        f"start at most one rank per GPU (torchrun --nproc_per_node {gpus})"
+    )
+
+
 def _single_process_defaults() -> None:
     """A job started without a launcher (``python -m train.pretrain ...``) runs as one rank:
     the rendezvous variables a launcher would set, on this machine."""
@@ -315,6 +328,9 @@ class Trainer:
         import deepspeed
 
         if torch.cuda.is_available():
+            problem = device_problem(local_rank, torch.cuda.device_count())
+            if problem is not None:
+                raise RuntimeError(problem)
             torch.cuda.set_device(local_rank)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend)

@@ -350,3 +350,17 @@ def test_kernel_settings_are_checked_before_the_run():
         "model.compile=true fuses RMSNorm, SwiGLU and RoPE itself: use it with "
         "model.kernels=torch (got liger)"
     ]
+
+
+def test_a_rank_without_a_gpu_of_its_own_is_named_before_the_process_group(monkeypatch):
+    from train.trainer import device_problem
+
+    assert device_problem(0, 0) is None and device_problem(5, 0) is None  # CPU ranks
+    assert device_problem(0, 1) is None and device_problem(7, 8) is None
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert device_problem(1, 1) == (
+        "local rank 1 has no GPU of its own: 1 GPU visible on this machine; "
+        "start at most one rank per GPU (torchrun --nproc_per_node 1)"
+    )
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert "2 GPUs visible on this machine (CUDA_VISIBLE_DEVICES=2,3)" in device_problem(2, 2)
