@@ -93,8 +93,41 @@ def test_a_task_may_train_for_its_own_number_of_steps_and_steps_sets_every_task(
     for extra, expected in (([], reproduce.QUICK.steps_of("mano")), (["--steps", "5"], 5)):
         reproduce.main(["--quick", "--task", "mano", "--out", str(tmp_path), "--dry-run", *extra])
         lines = capsys.readouterr().out.splitlines()
-        assert lines[0].endswith(f"tokens: mano {expected}")
+        assert lines[0].endswith(f"tokens: mano {expected}; 2 ranks a job")  # no GPU here
         assert all(f"train.max_steps={expected} " in line for line in lines[1:]) and lines[1:]
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_the_full_grid_is_trained_as_the_quick_grid_found_and_on_any_number_of_ranks(
+    tmp_path, ranks
+):
+    """The full grid asks bare questions, trains on the answers alone, at LR 3e-4 without the
+    spike guard (the quick grid's findings); its global batch is the same on 1, 2 or 4 ranks."""
+    uri = reproduce.FULL.tasks["mano"].replace("num_docs=400000&shards=8", "num_docs=300&shards=1")
+    scale = reproduce.replace(reproduce.FULL, tasks={"mano": uri}, ranks=ranks)
+    model = reproduce.grid(scale, ["mano"], ["looped"])[0]
+    assert (model.layers, model.loops) == (2, 6)
+    tokenizer = reproduce.task_tokenizer("mano", uri, tmp_path, tmp_path / "c")
+    overrides = reproduce.job_overrides(model, scale, tokenizer, tmp_path / "run", tmp_path / "c")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = OmegaConf.to_object(compose("pretrain", overrides=overrides))
+    assert config_problems(cfg, world_size=ranks) == []
+    assert (cfg.data.kind, cfg.data.template, cfg.optim.lr) == ("sft", "plain", 3e-4)
+    assert not cfg.stability.enabled
+    assert cfg.train.micro_batch_size * cfg.data.seq_len * ranks == cfg.train.global_batch_tokens
+    assert synthetic.parse_uri(reproduce.FULL.tasks["phop"])[1]["instruction"] == 0
+
+
+def test_each_job_has_one_rank_per_gpu_where_there_are_gpus(tmp_path, capsys, monkeypatch):
+    import launch.commands
+
+    for gpus, extra, ranks in ((0, [], 2), (4, [], 4), (4, ["--set", "ranks=2"], 2)):
+        monkeypatch.setattr(launch.commands, "visible_gpus", lambda gpus=gpus: gpus)
+        reproduce.main(["--quick", "--task", "phop", "--out", str(tmp_path), "--dry-run", *extra])
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].endswith(f"; {ranks} ranks a job")
+        micro_batch = reproduce.QUICK.batch_tokens // (ranks * reproduce.QUICK.seq_len)
+        assert all(f"train.micro_batch_size={micro_batch} " in line for line in lines[1:])
 
 
 def test_a_finished_run_is_not_trained_again_in_place_or_moved(tmp_path, capsys):
@@ -217,9 +250,7 @@ def test_a_conversation_source_trains_on_the_answers_alone(tmp_path):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg = OmegaConf.to_object(compose("pretrain", overrides=overrides))
     assert config_problems(cfg, world_size=2) == []
-    assert cfg.data.kind == "sft" and "data.kind=pretrain" in reproduce.job_overrides(
-        model, reproduce.FULL, tokenizer, tmp_path / "run", tmp_path / "c"
-    )  # the full grid's sources are documents
+    assert cfg.data.kind == "sft"
     vocabulary = json.loads(tokenizer.read_text())["model"]["vocab"]
     (shard,) = synthetic.materialize(uri, str(tmp_path / "c"))
     words = {"user", "assistant"}
