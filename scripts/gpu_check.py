@@ -1,9 +1,9 @@
-"""One prepared validation of the GPU path: at most 8 minutes on one H100 or H200.
+"""One prepared validation of the GPU path: at most 9.5 minutes on one H100 or H200.
 
     bash scripts/gpu_check.sh [--out gpu_check.json] [--wheels DIR]   # on the GPU machine
     bash scripts/gpu_check.sh --dry-run                                # anywhere, in minutes
 
-Four checks. Each one's figures go into one JSON report and a printed summary; a check that
+Five checks. Each one's figures go into one JSON report and a printed summary; a check that
 fails or runs out of its time is reported as such and the next one still runs.
 
 1. tests: ``pytest tests/gpu`` (bf16, SDPA, flash-attn, the Liger kernels and the compiled
@@ -19,6 +19,10 @@ fails or runs out of its time is reported as such and the next one still runs.
    can run, eager layers with the Liger kernels: tokens/s, MFU counting the loops (against the
    50% target, reported, not a failure), peak memory (``torch.cuda.max_memory_allocated``).
 4. memory: each step-3 activation peak against what ``train.memory.estimate`` predicts for it.
+5. reproduce: ``scripts/reproduce.py`` trains the full grid's deepest looped model (2 layers
+   looped 6 times, hidden 256, 8,192 tokens a step, one rank per GPU) for 60 steps: its
+   tokens/s, and the hours that puts on one model of depth 12 and on the grid's 40 (28 of
+   them of depth 12, the rest shallower: an upper bound).
 
 ``--dry-run`` runs the same code on the CPU at toy sizes (the tiny preset, sequence 128, a few
 steps, float32), so that the check cannot have rotted by the time a GPU is lent; its figures
@@ -30,6 +34,7 @@ on a machine with one.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -43,8 +48,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BUDGET_S = {"tests": 40, "job": 70, "compiled_job": 100, "mfu": 200}
-"""Each check's time limit ("job" for the flash-attn and the SDPA job each): 480 s in all."""
+BUDGET_S = {"tests": 40, "job": 70, "compiled_job": 100, "mfu": 200, "reproduce": 90}
+"""Each check's time limit ("job" for the flash-attn and the SDPA job each): 570 s in all."""
 MFU_TARGET = 0.5
 
 
@@ -295,10 +300,50 @@ def check_mfu(dry_run: bool) -> dict:
     return result
 
 
+# ---- 5. the reproduction's full grid, per step ----------------------------------------------
+
+
+def check_reproduce(dry_run: bool) -> dict:
+    """The full grid's deepest looped model, trained by the reproduction driver on a smaller
+    source of the same questions (made in seconds; the steps are the grid's shape)."""
+    spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = reproduce  # its dataclasses look their module up
+    spec.loader.exec_module(reproduce)
+    full = reproduce.FULL
+    uri = full.tasks["mano"].replace("num_docs=400000&shards=8", "num_docs=20000&shards=1")
+    steps = 3 if dry_run else 60
+    toy = ["--set", "hidden_size=32", "--set", "heads=2", "--set", "batch_tokens=1024",
+           "--set", "seq_len=128", "--set", "eval_items=8"] if dry_run else []  # fmt: skip
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "scripts/reproduce.py", "--task", "mano", "--families",
+                   "looped", "--seeds", "0", "--steps", str(steps), "--set", "blocks=2",
+                   "--source", f"mano={uri}", *toy, "--out", out]  # fmt: skip
+        start = time.time()
+        code, output = run(command, BUDGET_S["reproduce"])
+        runs = list(Path(out, "runs").glob("*/metrics.jsonl"))
+        records = [json.loads(line) for line in runs[0].read_text().splitlines()] if runs else []
+        ranks = re.search(r"; (\d+) ranks a job", output)
+    result = {"exit_code": code, "seconds": round(time.time() - start, 1), "steps": len(records)}
+    if code != 0 or len(records) != steps or ranks is None:
+        return {**result, "ok": False, "tail": output[-2000:]}
+    later = records[len(records) // 5 :]
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in later)
+    model_hours = full.steps * full.batch_tokens / tokens_per_s / 3600
+    return {
+        **result,
+        "ok": all(math.isfinite(r["loss"]) for r in records),
+        "ranks": int(ranks.group(1)),
+        "tokens_per_s": tokens_per_s,
+        "hours_per_depth12_model": model_hours,
+        "grid_hours_at_most": len(reproduce.grid(full, list(full.tasks))) * model_hours,
+    }
+
+
 # ---- report ------------------------------------------------------------------------------
 
 
-CHECKS = ("tests", "job_flash", "job_sdpa", "job_compiled", "mfu")
+CHECKS = ("tests", "job_flash", "job_sdpa", "job_compiled", "mfu", "reproduce")
 
 
 def summary(report: dict) -> list[str]:
@@ -347,6 +392,15 @@ def summary(report: dict) -> list[str]:
     if m.get("mfu_target_met") is not None:
         met = "met" if m["mfu_target_met"] else "not met"
         lines.append(f"best MFU {m['best_mfu']:.1%}: the {MFU_TARGET:.0%} target is {met}")
+    r = report["reproduce"]
+    if "tokens_per_s" in r:
+        lines.append(
+            f"reproduce, the full grid's looped 2 x 6 on {r['ranks']} rank(s): "
+            f"{r['tokens_per_s']:,.0f} tokens/s, {r['hours_per_depth12_model']:.2f} h a model "
+            f"of depth 12, the grid at most {r['grid_hours_at_most']:.1f} h"
+        )
+    else:
+        lines.append(f"reproduce: FAILED (exit {r.get('exit_code')})")
     verdicts = {k: report[k].get("ok") for k in CHECKS}
     lines.append(
         "verdicts: "
@@ -393,16 +447,18 @@ def main(argv=None) -> int:
     start = time.time()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     report = {"device": device, "dry_run": args.dry_run, "torch": torch.__version__}
-    log("1/4 tests/gpu ...")
+    log("1/5 tests/gpu ...")
     report["tests"] = check_tests(args.dry_run)
     for attention in ("flash", "sdpa"):
-        log(f"2/4 the training job with {attention} attention ...")
+        log(f"2/5 the training job with {attention} attention ...")
         report[f"job_{attention}"] = check_job(attention, args.dry_run)
-    log("2/4 the training job with sdpa attention and compiled layers ...")
+    log("2/5 the training job with sdpa attention and compiled layers ...")
     compiled = check_job("sdpa", args.dry_run, compiled=True)
     report["job_compiled"] = compare_compiled(compiled, report["job_sdpa"])
-    log("3-4/4 MFU and memory of the Ouro-1.4B shape, eager and compiled ...")
+    log("3-4/5 MFU and memory of the Ouro-1.4B shape, eager and compiled ...")
     report["mfu"] = check_mfu(args.dry_run)
+    log("5/5 the reproduction's full grid: its deepest looped model for a few steps ...")
+    report["reproduce"] = check_reproduce(args.dry_run)
     report["seconds"] = time.time() - start
     lines = summary(report)
     report["summary"] = lines
