@@ -34,6 +34,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -200,11 +201,15 @@ def answers_only(uri: str) -> bool:
     return bool(synthetic.parse_uri(uri)[1]["chat"])
 
 
+def tokenizer_path(task: str, uri: str, out: Path) -> Path:
+    """Where ``task_tokenizer`` writes the tokenizer of a task's source."""
+    return out / "tokenizers" / f"{task}-{hashlib.sha256(uri.encode()).hexdigest()[:8]}.json"
+
+
 def task_tokenizer(task: str, uri: str, out: Path, cache_dir: Path) -> Path:
     """A word-level tokenizer of every word of the task's documents (or conversations, with
     their roles) and held-out questions."""
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:8]
-    path = out / "tokenizers" / f"{task}-{digest}.json"
+    path = tokenizer_path(task, uri, out)
     if not path.is_file():
         texts = ["user assistant"] if answers_only(uri) else []
         for shard in synthetic.materialize(uri, str(cache_dir)):
@@ -327,10 +332,8 @@ def train(
     run_dir.mkdir(parents=True)
     if init is not None:
         initial_model(model, scale, tokenizer, init)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={scale.ranks}",
-        f"--master_port={_free_port()}", "-m", "train.pretrain", *overrides,
-    ]  # fmt: skip
+    command = job_command(scale, overrides, [sys.executable, "-m", "torch.distributed.run",
+                                             f"--master_port={_free_port()}"])  # fmt: skip
     threads = max(1, len(os.sched_getaffinity(0)) // scale.ranks)  # 1 on 2 cores, 2 ranks
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
     start = time.time()
@@ -348,6 +351,11 @@ def train(
     record = {"seconds": time.time() - start, "overrides": portable(overrides)}
     finished.write_text(json.dumps(record))
     return run_dir
+
+
+def job_command(scale: Scale, overrides: list[str], launcher=("torchrun",)) -> list[str]:
+    """The command that trains one model: ``launcher`` (and its options) on ``scale.ranks``."""
+    return [*launcher, f"--nproc_per_node={scale.ranks}", "-m", "train.pretrain", *overrides]
 
 
 class Tail:
@@ -660,7 +668,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="another value of a Scale field (e.g. lr=1e-3, hidden_size=64)")  # fmt: skip
-    parser.add_argument("--dry-run", action="store_true", help="print the grid and the commands")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print each job's command (for a shell), train nothing",
+    )
     return parser.parse_args(argv)
 
 
@@ -736,13 +748,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(models)} models: tasks {tasks}, depth {scale.depth}, blocks {scale.blocks}, "
           f"seeds {scale.seeds}, steps of {scale.batch_tokens} tokens: {steps}; "
           f"{scale.ranks} ranks a job", flush=True)  # fmt: skip
-    if args.dry_run:
+    if args.dry_run:  # each job's command, for a shell
+        if any(not tokenizer_path(t, scale.tasks[t], out).is_file() for t in tasks):
+            print("# VOCAB: the size of the task's tokenizer, which a run without --dry-run makes")
         for model in models:
-            init = Path("INIT") if starts_fresh(model, scale) else None
+            init = out / "init" / f"{model.name}-gate{scale.gate_bias}"
+            tokenizer = tokenizer_path(model.task, scale.tasks[model.task], out)
             overrides = job_overrides(
-                model, scale, Path("TOKENIZER"), Path("RUN_DIR"), cache_dir, init
-            )
-            print(model.name, " ".join(overrides))
+                model, scale, tokenizer, out / "runs" / model.name, cache_dir,
+                init if starts_fresh(model, scale) else None,
+            )  # fmt: skip
+            print(f"# {model.name}\n{shlex.join(job_command(scale, overrides))}")
         return
     out.mkdir(parents=True, exist_ok=True)
     results, start = [], time.time()

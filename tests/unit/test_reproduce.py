@@ -94,7 +94,8 @@ def test_a_task_may_train_for_its_own_number_of_steps_and_steps_sets_every_task(
         reproduce.main(["--quick", "--task", "mano", "--out", str(tmp_path), "--dry-run", *extra])
         lines = capsys.readouterr().out.splitlines()
         assert lines[0].endswith(f"tokens: mano {expected}; 2 ranks a job")  # no GPU here
-        assert all(f"train.max_steps={expected} " in line for line in lines[1:]) and lines[1:]
+        commands = [line for line in lines[1:] if not line.startswith("#")]
+        assert all(f"train.max_steps={expected} " in line for line in commands) and commands
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 4])
@@ -127,7 +128,44 @@ def test_each_job_has_one_rank_per_gpu_where_there_are_gpus(tmp_path, capsys, mo
         lines = capsys.readouterr().out.splitlines()
         assert lines[0].endswith(f"; {ranks} ranks a job")
         micro_batch = reproduce.QUICK.batch_tokens // (ranks * reproduce.QUICK.seq_len)
-        assert all(f"train.micro_batch_size={micro_batch} " in line for line in lines[1:])
+        commands = [line for line in lines[1:] if not line.startswith("#")]
+        assert len(commands) == 8 and all(
+            f"--nproc_per_node={ranks} " in line
+            and f"train.micro_batch_size={micro_batch} " in line
+            for line in commands
+        )
+
+
+def test_the_dry_run_prints_each_job_as_a_command_for_a_shell(tmp_path, capsys):
+    """Pasted into a shell, a dry-run line is the job the driver would start: its overrides
+    come back whole (quotes, brackets, ``&`` in the source) and compose into a valid job, once
+    the tokenizer is made; before that the vocabulary reads VOCAB and a comment says why."""
+    import shlex
+
+    uri = reproduce.QUICK.tasks["phop"].replace("num_docs=200000", "num_docs=400")
+    argv = ["--quick", "--task", "phop", "--families", "looped", "--seeds", "1",
+            "--source", f"phop={uri}", "--out", str(tmp_path), "--dry-run"]  # fmt: skip
+    reproduce.main(argv)
+    header, note, name, line = capsys.readouterr().out.splitlines()
+    assert note.startswith("# VOCAB: ") and "model.vocab_size=VOCAB " in line
+    reproduce.task_tokenizer("phop", uri, tmp_path, tmp_path / "cache")
+    reproduce.main(argv)
+    header, name, line = capsys.readouterr().out.splitlines()
+    words = shlex.split(line)
+    assert words[:4] == ["torchrun", "--nproc_per_node=2", "-m", "train.pretrain"]
+    model = reproduce.grid(reproduce.replace(reproduce.QUICK, tasks={"phop": uri}, seeds=(1,)),
+                           ["phop"], ["looped"])[0]  # fmt: skip
+    assert name == f"# {model.name}"
+    tokenizer = reproduce.tokenizer_path("phop", uri, tmp_path)
+    scale = reproduce.replace(reproduce.QUICK, tasks={"phop": uri})
+    expected = reproduce.job_overrides(
+        model, scale, tokenizer, tmp_path / "runs" / model.name, tmp_path / "cache"
+    )
+    assert words[4:] == expected  # what train() runs
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = OmegaConf.to_object(compose("pretrain", overrides=words[4:]))
+    assert config_problems(cfg, world_size=2) == []
+    assert cfg.data.sources[0].paths == [uri] and cfg.run_dir == str(tmp_path / "runs" / model.name)
 
 
 def test_a_finished_run_is_not_trained_again_in_place_or_moved(tmp_path, capsys):
