@@ -259,12 +259,14 @@ def starts_fresh(model: Model, scale: Scale) -> bool:
 
 
 def job_overrides(
-    model: Model, scale: Scale, tokenizer: Path, run_dir: Path, cache_dir: Path, init=None
+    model: Model, scale: Scale, tokenizer: Path | str, run_dir: Path, cache_dir: Path, init=None
 ):
-    """The pre-training job of one model; ``init``: the Ouro-format directory it starts from."""
-    from data_pipelines.tokenizer import load_tokenizer
+    """The pre-training job of one model; ``init``: the Ouro-format directory it starts from.
+    ``model.vocab_size`` is the tokenizer's, VOCAB where the tokenizer is not made yet."""
+    from data_pipelines.tokenizer import is_local_tokenizer, load_tokenizer
 
-    vocab = load_tokenizer(str(tokenizer)).get_vocab_size() if tokenizer.is_file() else "VOCAB"
+    local = is_local_tokenizer(str(tokenizer))
+    vocab = load_tokenizer(str(tokenizer)).get_vocab_size() if local else "VOCAB"
     micro_batch = max(1, scale.batch_tokens // (scale.ranks * scale.seq_len))
     steps = scale.steps_of(model.task)
     objective = "last_step" if model.family == "looped_last" else "stage1"
@@ -356,6 +358,32 @@ def train(
 def job_command(scale: Scale, overrides: list[str], launcher=("torchrun",)) -> list[str]:
     """The command that trains one model: ``launcher`` (and its options) on ``scale.ranks``."""
     return [*launcher, f"--nproc_per_node={scale.ranks}", "-m", "train.pretrain", *overrides]
+
+
+def check_jobs(models: list[Model], scale: Scale, out: Path, cache_dir: Path) -> None:
+    """Every model's job checked as ``python -m launch`` checks one (its config composed, the
+    job's own checks run for its ranks) before anything is made or trained: SystemExit naming
+    each problem and its models. A task whose tokenizer is not made yet is checked with the
+    shipped tokenizer in its place (the tokenizer changes the vocabulary alone)."""
+    from launch.job_check import job_problems
+
+    found: dict[str, list[str]] = {}
+    for model in models:
+        tokenizer = tokenizer_path(model.task, scale.tasks[model.task], out)
+        overrides = job_overrides(
+            model, scale, tokenizer if tokenizer.is_file() else "embedded",
+            out / "runs" / model.name, cache_dir,
+        )  # fmt: skip
+        for problem in job_problems("train.pretrain", overrides, scale.ranks):
+            found.setdefault(problem, []).append(model.name)
+    if found:
+        raise SystemExit(
+            "the grid's jobs have problems:\n"
+            + "\n".join(
+                f"  - {problem} ({'every model' if len(names) == len(models) else ', '.join(names)})"
+                for problem, names in found.items()
+            )
+        )
 
 
 class Tail:
@@ -703,6 +731,8 @@ def with_setting(scale: Scale, assignment: str) -> Scale:
         parsed = tuple(int(part) for part in value.split(","))
     elif isinstance(current, int):
         parsed = int(float(value))
+        if parsed < (0 if key == "warmup" else 1):
+            raise SystemExit(f"--set {assignment}: {key} must be >= {0 if key == 'warmup' else 1}")
     elif current is None:  # an optional number (gate_bias)
         parsed = float(value)
     else:
@@ -748,6 +778,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(models)} models: tasks {tasks}, depth {scale.depth}, blocks {scale.blocks}, "
           f"seeds {scale.seeds}, steps of {scale.batch_tokens} tokens: {steps}; "
           f"{scale.ranks} ranks a job", flush=True)  # fmt: skip
+    check_jobs(models, scale, out, cache_dir)
     if args.dry_run:  # each job's command, for a shell
         if any(not tokenizer_path(t, scale.tasks[t], out).is_file() for t in tasks):
             print("# VOCAB: the size of the task's tokenizer, which a run without --dry-run makes")

@@ -168,6 +168,29 @@ def test_the_dry_run_prints_each_job_as_a_command_for_a_shell(tmp_path, capsys):
     assert cfg.data.sources[0].paths == [uri] and cfg.run_dir == str(tmp_path / "runs" / model.name)
 
 
+def test_the_grid_s_jobs_are_checked_before_anything_is_made(tmp_path, capsys):
+    """A setting no job can run is refused by name before a tokenizer is made or a job starts,
+    as ``python -m launch`` refuses a job's settings."""
+    out = tmp_path / "out"
+    for setting, message in (
+        ("batch_tokens=1000", r"global_batch_tokens \(1000\) must be a positive multiple"),
+        ("ranks=3", r"\(5 x 128 x 3 = 1920\) \(every model\)"),
+        ("heads=5", "hidden_size \\(128\\) is not divisible by num_attention_heads \\(5\\)"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            reproduce.main(["--quick", "--set", setting, "--out", str(out)])
+        assert not out.exists()
+    with pytest.raises(SystemExit, match=r"\(phop-looped-1x3-seed0, phop-looped-1x3-seed1\)"):
+        reproduce.main(["--quick", "--task", "phop", "--families", "looped", "iso_param",
+                        "--set", "beta=-1", "--out", str(out)])  # fmt: skip
+    for setting in ("ranks=0", "steps=0", "seq_len=-1", "warmup=-1"):
+        with pytest.raises(SystemExit, match=f"--set {setting}: .* must be >= "):
+            reproduce.with_setting(reproduce.QUICK, setting)
+    assert reproduce.with_setting(reproduce.QUICK, "warmup=0").warmup == 0
+    reproduce.main(["--quick", "--out", str(out), "--dry-run"])  # the grid as shipped passes
+    assert capsys.readouterr().out.count("\ntorchrun ") == 16
+
+
 def test_a_finished_run_is_not_trained_again_in_place_or_moved(tmp_path, capsys):
     (model,) = reproduce.grid(reproduce.QUICK, ["phop"], ["looped"])[:1]
 
