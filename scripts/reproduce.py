@@ -31,6 +31,7 @@ moved or copied.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -252,6 +253,13 @@ def initial_model(model: Model, scale: Scale, tokenizer: Path, directory: Path) 
     return directory
 
 
+def initial_dir(model: Model, scale: Scale, out: Path) -> Path | None:
+    """Where ``initial_model`` writes the model a run starts from (None: the job's own)."""
+    return (
+        out / "init" / f"{model.name}-gate{scale.gate_bias}" if starts_fresh(model, scale) else None
+    )
+
+
 def starts_fresh(model: Model, scale: Scale) -> bool:
     """Whether the model starts from ``initial_model`` rather than the job's initialization
     (with its gate at 0, the same weights: both seed torch with the model's seed)."""
@@ -317,13 +325,11 @@ def train(
     """Runs the pre-training job of one model (unless it finished before with the same
     settings); its run directory. ``label`` heads the line saying which."""
     run_dir = out / "runs" / model.name
-    init = (
-        out / "init" / f"{model.name}-gate{scale.gate_bias}" if starts_fresh(model, scale) else None
-    )
+    init = initial_dir(model, scale, out)
     overrides = job_overrides(model, scale, tokenizer, run_dir, cache_dir, init)
     finished = run_dir / "finished.json"
     recorded = json.loads(finished.read_text())["overrides"] if finished.is_file() else None
-    if recorded is not None and portable(recorded) == portable(overrides):
+    if recorded is not None and same_job(recorded, overrides):
         print(f"{label}{model.name}: trained before with these settings, not again", flush=True)
         return run_dir
     why = " again: its earlier run had other settings" if recorded is not None else ""
@@ -336,8 +342,7 @@ def train(
         initial_model(model, scale, tokenizer, init)
     command = job_command(scale, overrides, [sys.executable, "-m", "torch.distributed.run",
                                              f"--master_port={_free_port()}"])  # fmt: skip
-    threads = max(1, len(os.sched_getaffinity(0)) // scale.ranks)  # 1 on 2 cores, 2 ranks
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_rank(scale)), PYTHONPATH=str(REPO))
     start = time.time()
     with open(out / "runs" / f"{model.name}.log", "w") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -355,6 +360,19 @@ def train(
     return run_dir
 
 
+def threads_per_rank(scale: Scale) -> int:
+    """The cores this process may use, shared by the ranks of a job (1 on 2 cores, 2 ranks)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // scale.ranks)
+
+
+def default_ranks(scale: Scale, gpus: int) -> int:
+    """One rank per GPU, at most as many as divide the global batch into whole sequences a rank
+    (on 7 GPUs the quick grid's 16 sequences a step take 4 ranks); without GPUs the scale's."""
+    fitting = [r for r in range(1, gpus + 1) if scale.batch_tokens % (r * scale.seq_len) == 0]
+    return max(fitting, default=scale.ranks) if gpus else scale.ranks
+
+
 def job_command(scale: Scale, overrides: list[str], launcher=("torchrun",)) -> list[str]:
     """The command that trains one model: ``launcher`` (and its options) on ``scale.ranks``."""
     return [*launcher, f"--nproc_per_node={scale.ranks}", "-m", "train.pretrain", *overrides]
@@ -365,9 +383,18 @@ def check_jobs(models: list[Model], scale: Scale, out: Path, cache_dir: Path) ->
     job's own checks run for its ranks) before anything is made or trained: SystemExit naming
     each problem and its models. A task whose tokenizer is not made yet is checked with the
     shipped tokenizer in its place (the tokenizer changes the vocabulary alone)."""
+    from launch.commands import visible_gpus
     from launch.job_check import job_problems
 
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's notice on import: not a command
+        from train.trainer import device_problem
+
     found: dict[str, list[str]] = {}
+    too_many = device_problem(scale.ranks - 1, visible_gpus())
+    if too_many is not None:
+        found[f"{too_many}; --set ranks=N chooses, CUDA_VISIBLE_DEVICES= runs on CPU ranks"] = [
+            m.name for m in models
+        ]
     for model in models:
         tokenizer = tokenizer_path(model.task, scale.tasks[model.task], out)
         overrides = job_overrides(
@@ -378,7 +405,7 @@ def check_jobs(models: list[Model], scale: Scale, out: Path, cache_dir: Path) ->
             found.setdefault(problem, []).append(model.name)
     if found:
         raise SystemExit(
-            "the grid's jobs have problems:\n"
+            f"the grid's jobs ({scale.ranks} ranks each) have problems:\n"
             + "\n".join(
                 f"  - {problem} ({'every model' if len(names) == len(models) else ', '.join(names)})"
                 for problem, names in found.items()
@@ -441,6 +468,17 @@ def portable(overrides: list[str]) -> list[str]:
     (run_dir,) = [o.split("=", 1)[1] for o in overrides if o.startswith("run_dir=")]
     out = Path(run_dir).parent.parent
     return [override.replace(f"{out}/", "$OUT/") for override in overrides]
+
+
+def same_job(recorded: list[str], overrides: list[str]) -> bool:
+    """Whether a finished run's recorded overrides train the model ``overrides`` would: the
+    same settings, wherever the directory is now, on any number of ranks (the micro-batch
+    follows the ranks; the global batch, which the comparison keeps, does not)."""
+
+    def settings(values: list[str]) -> list[str]:
+        return [o for o in portable(values) if not o.startswith("train.micro_batch_size=")]
+
+    return settings(recorded) == settings(overrides)
 
 
 def _free_port() -> int:
@@ -756,7 +794,7 @@ def main(argv: list[str] | None = None) -> None:
     scale = QUICK if args.quick else FULL
     if args.seeds:
         scale = replace(scale, seeds=tuple(args.seeds))
-    if args.steps:
+    if args.steps is not None:
         scale = with_setting(scale, f"steps={args.steps}")
     for assignment in args.set:
         scale = with_setting(scale, assignment)
@@ -768,7 +806,7 @@ def main(argv: list[str] | None = None) -> None:
     if not any(assignment.startswith("ranks=") for assignment in args.set):
         from launch.commands import visible_gpus
 
-        scale = replace(scale, ranks=visible_gpus() or scale.ranks)  # one rank per GPU
+        scale = replace(scale, ranks=default_ranks(scale, visible_gpus()))
     tasks = list(scale.tasks) if args.task == "all" else [args.task]
     out = Path(args.out).resolve()  # the jobs run in the repository
     cache_dir = out / "cache"
@@ -779,17 +817,22 @@ def main(argv: list[str] | None = None) -> None:
           f"seeds {scale.seeds}, steps of {scale.batch_tokens} tokens: {steps}; "
           f"{scale.ranks} ranks a job", flush=True)  # fmt: skip
     check_jobs(models, scale, out, cache_dir)
-    if args.dry_run:  # each job's command, for a shell
+    if args.dry_run:  # each job's command, for a shell, as train() starts it
         if any(not tokenizer_path(t, scale.tasks[t], out).is_file() for t in tasks):
             print("# VOCAB: the size of the task's tokenizer, which a run without --dry-run makes")
+        inits = [initial_dir(model, scale, out) for model in models]
+        if any(init is not None and not init.is_dir() for init in inits):
+            print(
+                "# init_from: the model with the gate's bias, which a run without --dry-run makes"
+            )
+        threads = f"OMP_NUM_THREADS={threads_per_rank(scale)}"
         for model in models:
-            init = out / "init" / f"{model.name}-gate{scale.gate_bias}"
             tokenizer = tokenizer_path(model.task, scale.tasks[model.task], out)
             overrides = job_overrides(
                 model, scale, tokenizer, out / "runs" / model.name, cache_dir,
-                init if starts_fresh(model, scale) else None,
+                initial_dir(model, scale, out),
             )  # fmt: skip
-            print(f"# {model.name}\n{shlex.join(job_command(scale, overrides))}")
+            print(f"# {model.name}\n{threads} {shlex.join(job_command(scale, overrides))}")
         return
     out.mkdir(parents=True, exist_ok=True)
     results, start = [], time.time()

@@ -330,7 +330,7 @@ class Trainer:
         if torch.cuda.is_available():
             problem = device_problem(local_rank, torch.cuda.device_count())
             if problem is not None:
-                raise RuntimeError(problem)
+                raise ValueError(problem)
             torch.cuda.set_device(local_rank)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend)

@@ -52,7 +52,7 @@ def test_the_dry_run_runs_every_check_and_writes_one_report(tmp_path):
     assert reproduce["ok"] and reproduce["steps"] == 3 and reproduce["ranks"] == 2
     hours = 3000 * 8192 / reproduce["tokens_per_s"] / 3600  # the full grid's steps and batch
     assert reproduce["hours_per_depth12_model"] == pytest.approx(hours)
-    assert reproduce["grid_hours_at_most"] == pytest.approx(40 * hours)
+    assert reproduce["grid_hours_estimate"] == pytest.approx(40 * hours)
     assert report["summary"][-1] == (
         "verdicts: tests PASS, job_flash -, job_sdpa PASS, job_compiled PASS, mfu PASS, "
         "reproduce PASS"

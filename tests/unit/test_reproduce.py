@@ -25,6 +25,14 @@ sys.modules["reproduce"] = reproduce  # its dataclasses look their module up
 spec.loader.exec_module(reproduce)
 
 
+@pytest.fixture(autouse=True)
+def no_gpu(monkeypatch):
+    """The driver's jobs as on a machine without GPUs (2 CPU ranks), also where there are."""
+    import launch.commands
+
+    monkeypatch.setattr(launch.commands, "visible_gpus", lambda: 0)
+
+
 def test_the_grid_pairs_every_looped_model_with_its_baselines():
     scale = reproduce.FULL
     models = reproduce.grid(scale, ["mano", "phop"])
@@ -122,7 +130,8 @@ def test_the_full_grid_is_trained_as_the_quick_grid_found_and_on_any_number_of_r
 def test_each_job_has_one_rank_per_gpu_where_there_are_gpus(tmp_path, capsys, monkeypatch):
     import launch.commands
 
-    for gpus, extra, ranks in ((0, [], 2), (4, [], 4), (4, ["--set", "ranks=2"], 2)):
+    cases = ((0, [], 2), (4, [], 4), (7, [], 4), (32, [], 16), (4, ["--set", "ranks=2"], 2))
+    for gpus, extra, ranks in cases:  # 16 sequences a step: at most 16 ranks, a divisor of 16
         monkeypatch.setattr(launch.commands, "visible_gpus", lambda gpus=gpus: gpus)
         reproduce.main(["--quick", "--task", "phop", "--out", str(tmp_path), "--dry-run", *extra])
         lines = capsys.readouterr().out.splitlines()
@@ -134,6 +143,12 @@ def test_each_job_has_one_rank_per_gpu_where_there_are_gpus(tmp_path, capsys, mo
             and f"train.micro_batch_size={micro_batch} " in line
             for line in commands
         )
+
+    monkeypatch.setattr(launch.commands, "visible_gpus", lambda: 1)
+    message = "local rank 1 has no GPU of its own: 1 GPU visible .* --set ranks=N chooses"
+    with pytest.raises(SystemExit, match=message):
+        reproduce.main(["--quick", "--set", "ranks=2", "--out", str(tmp_path / "o"), "--dry-run"])
+    assert not (tmp_path / "o").exists()
 
 
 def test_the_dry_run_prints_each_job_as_a_command_for_a_shell(tmp_path, capsys):
@@ -152,7 +167,8 @@ def test_the_dry_run_prints_each_job_as_a_command_for_a_shell(tmp_path, capsys):
     reproduce.main(argv)
     header, name, line = capsys.readouterr().out.splitlines()
     words = shlex.split(line)
-    assert words[:4] == ["torchrun", "--nproc_per_node=2", "-m", "train.pretrain"]
+    threads = f"OMP_NUM_THREADS={reproduce.threads_per_rank(reproduce.QUICK)}"
+    assert words[:5] == [threads, "torchrun", "--nproc_per_node=2", "-m", "train.pretrain"]
     model = reproduce.grid(reproduce.replace(reproduce.QUICK, tasks={"phop": uri}, seeds=(1,)),
                            ["phop"], ["looped"])[0]  # fmt: skip
     assert name == f"# {model.name}"
@@ -161,9 +177,9 @@ def test_the_dry_run_prints_each_job_as_a_command_for_a_shell(tmp_path, capsys):
     expected = reproduce.job_overrides(
         model, scale, tokenizer, tmp_path / "runs" / model.name, tmp_path / "cache"
     )
-    assert words[4:] == expected  # what train() runs
+    assert words[5:] == expected  # what train() runs
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = OmegaConf.to_object(compose("pretrain", overrides=words[4:]))
+        cfg = OmegaConf.to_object(compose("pretrain", overrides=words[5:]))
     assert config_problems(cfg, world_size=2) == []
     assert cfg.data.sources[0].paths == [uri] and cfg.run_dir == str(tmp_path / "runs" / model.name)
 
@@ -187,8 +203,9 @@ def test_the_grid_s_jobs_are_checked_before_anything_is_made(tmp_path, capsys):
         with pytest.raises(SystemExit, match=f"--set {setting}: .* must be >= "):
             reproduce.with_setting(reproduce.QUICK, setting)
     assert reproduce.with_setting(reproduce.QUICK, "warmup=0").warmup == 0
+    capsys.readouterr()
     reproduce.main(["--quick", "--out", str(out), "--dry-run"])  # the grid as shipped passes
-    assert capsys.readouterr().out.count("\ntorchrun ") == 16
+    assert capsys.readouterr().out.count(" torchrun --nproc_per_node=2 ") == 16
 
 
 def test_a_finished_run_is_not_trained_again_in_place_or_moved(tmp_path, capsys):
@@ -199,10 +216,10 @@ def test_a_finished_run_is_not_trained_again_in_place_or_moved(tmp_path, capsys)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "finished.json").write_text(json.dumps({"seconds": 1, "overrides": overrides}))
 
-    def reused(out) -> bool:
+    def reused(out, scale=reproduce.QUICK) -> bool:
         run_dir = out / "runs" / model.name
         tokenizer, cache = out / "tokenizers" / "t.json", out / "cache"
-        assert reproduce.train(model, reproduce.QUICK, tokenizer, out, cache) == run_dir
+        assert reproduce.train(model, scale, tokenizer, out, cache) == run_dir
         return "trained before with these settings, not again" in capsys.readouterr().out
 
     out = tmp_path / "a"
@@ -219,6 +236,10 @@ def test_a_finished_run_is_not_trained_again_in_place_or_moved(tmp_path, capsys)
         assert reused(out)
         out = out.rename(out.with_name(out.name + "-moved"))
         assert reused(out)
+    # Trained on 2 CPU ranks, the run is finished on 1 or 4 GPUs too: only the micro-batch differs.
+    for ranks in (1, 4):
+        assert reused(out, reproduce.replace(reproduce.QUICK, ranks=ranks))
+    assert not reproduce.same_job(recorded, [*recorded[:-1], "train.max_steps=7", recorded[-1]])
 
 
 @pytest.mark.parametrize("family", reproduce.FAMILIES)
