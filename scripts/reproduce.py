@@ -386,7 +386,7 @@ def check_jobs(models: list[Model], scale: Scale, out: Path, cache_dir: Path) ->
     from launch.commands import visible_gpus
     from launch.job_check import job_problems
 
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's notice on import: not a command
+    with contextlib.redirect_stdout(sys.stderr):  # what imports print is not a command
         from train.trainer import device_problem
 
     found: dict[str, list[str]] = {}

@@ -579,9 +579,11 @@ def config_warnings(cfg: PretrainConfig) -> list[str]:
     return warnings
 
 
-def validate(cfg: PretrainConfig, world_size: int) -> None:
+def validate(cfg: PretrainConfig, world_size: int, warn: bool = True) -> None:
+    """ValueError naming every problem of ``cfg``; its warnings logged where ``warn`` (one rank
+    of a job says them, not every one)."""
     problems = config_problems(cfg, world_size)
     if problems:
         raise ValueError("invalid training config:\n  - " + "\n  - ".join(problems))
-    for warning in config_warnings(cfg):
+    for warning in config_warnings(cfg) if warn else ():
         logging.getLogger("looplm.config").warning(warning)

@@ -208,7 +208,7 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         self.rank, self.world_size, local_rank = _environment()
-        validate(cfg, self.world_size)
+        validate(cfg, self.world_size, warn=self.rank == 0)
         self.run_dir = Path(cfg.run_dir)
         _check_run_dir(self.run_dir)
         self.dp_size = data_parallel_size(cfg, self.world_size)
@@ -251,7 +251,8 @@ class Trainer:
         self._apply_model_settings(plan.stage)
         self._phase(
             f"building the DeepSpeed engine ({self.model.config.num_parameters():,} parameters, "
-            f"ZeRO-{cfg.deepspeed.zero_stage}, {self.world_size} ranks)"
+            f"ZeRO-{cfg.deepspeed.zero_stage}, {self.world_size} "
+            f"{'GPU ranks, NCCL' if torch.cuda.is_available() else 'CPU ranks, gloo'})"
         )
         self.in_optimizer = {n for n, p in self.model.named_parameters() if p.requires_grad}
         """What the engine trains in some stage (a job may freeze the rest before it is built)."""

@@ -4,6 +4,12 @@ wandb keys of recurrent steps, with wandb itself in offline mode."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
 
 from train.metrics import MetricsLogger
 from train.trainer import same_depth_tail
@@ -55,3 +61,22 @@ def test_a_change_of_depth_between_lines_averages_only_the_steps_that_ran_alike(
     assert last.startswith("step 3/9  loss 3.0000 (mean of 2) [4.000 5.000 6.000]")
     records = [record(1, 1.0, 2), record(2, 2.0, 3), record(3, 3.0, 3)]
     assert [r["step"] for r in same_depth_tail(records)] == [2, 3]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="DeepSpeed finds the GPU: no CPU notice")
+def test_deepspeed_s_cpu_notice_is_dropped_and_its_other_warnings_are_kept():
+    """Without a GPU, DeepSpeed warns on import that it chose the CPU; the jobs (whose package
+    is imported first) drop that one line and keep the rest of DeepSpeed's warnings."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    say = "import logging; logging.getLogger('DeepSpeed').warning('another warning')"
+
+    def output(code: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+        )
+        return done.stdout + done.stderr
+
+    notice = "Setting accelerator to CPU. If you have GPU or other accelerator"
+    assert notice in output(f"import deepspeed; {say}")  # DeepSpeed alone
+    quiet = output(f"import train, deepspeed; {say}")
+    assert notice not in quiet and "another warning" in quiet

@@ -303,6 +303,9 @@ def test_beta_schedules_anneal_from_beta_to_beta_final(kind):
 def test_a_warmup_longer_than_the_run_is_a_warning(caplog):
     cfg = to_object(composed("experiment=tiny_cpu", "schedule.warmup_steps=400"))
     with caplog.at_level(logging.WARNING):
+        validate(cfg, world_size=2, warn=False)  # another rank than the first: silent
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING):
         validate(cfg, world_size=2)
     assert "schedule.warmup_steps (400) is longer than the run (train.max_steps=300)" in caplog.text
 
