@@ -12,12 +12,13 @@ For an effective depth D and block sizes k, every task and seed trains:
 - ``looped_last``: k layers applied D/k times, trained on the last step's loss alone.
 
 Each model is ``torchrun --nproc_per_node N -m train.pretrain`` (``N``: ``Scale.ranks``, 2 CPU
-ranks, or one rank per visible GPU) on the task's ``synthetic://`` source alone, with a word-level tokenizer of the task's symbols, evaluated
-by the job itself at its end on held-out questions of the hardest length (exact match by
-recurrent step; proven absent from the training data), and exported in Ouro's format with its
-tokenizer. Tasks (see ``data_pipelines/synthetic.py``): ``mano`` (prefix arithmetic modulo M,
-23 in the full grid, l operators with l uniform in [1, L], scored at l = L) and ``phop`` (p-hop
-induction, p uniform in [1, P], scored at p = P).
+ranks, or one rank per visible GPU) on the task's ``synthetic://`` source alone, with a
+word-level tokenizer of the task's symbols, evaluated by the job itself at its end on held-out
+questions of the hardest length (exact match by recurrent step; proven absent from the training
+data), and exported in Ouro's format with its tokenizer. Tasks (see
+``data_pipelines/synthetic.py``): ``mano`` (prefix arithmetic modulo M, 23 in the full grid, l
+operators with l uniform in [1, L], scored at l = L) and ``phop`` (p-hop induction, p uniform in
+[1, P], scored at p = P).
 
 Written into ``--out``: ``results.json`` (one object per model), ``results.md`` (the table
 and the means over seeds), ``results.png`` (accuracy against effective depth, a line per
@@ -407,8 +408,9 @@ def check_jobs(models: list[Model], scale: Scale, out: Path, cache_dir: Path) ->
         raise SystemExit(
             f"the grid's jobs ({scale.ranks} ranks each) have problems:\n"
             + "\n".join(
-                f"  - {problem} ({'every model' if len(names) == len(models) else ', '.join(names)})"
+                f"  - {problem} ({'every model' if len(names) == len(models) else which})"
                 for problem, names in found.items()
+                for which in [", ".join(names)]
             )
         )
 
