@@ -35,7 +35,6 @@ on a machine with one.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -307,10 +306,8 @@ def check_mfu(dry_run: bool) -> dict:
 def check_reproduce(dry_run: bool) -> dict:
     """The full grid's deepest looped model, trained by the reproduction driver on a smaller
     source of the same questions (made in seconds; the steps are the grid's shape)."""
-    spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
-    reproduce = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = reproduce  # its dataclasses look their module up
-    spec.loader.exec_module(reproduce)
+    import reproduce  # beside this script, whose directory Python puts first on the path
+
     full = reproduce.FULL
     uri = full.tasks["mano"].replace("num_docs=400000&shards=8", "num_docs=20000&shards=1")
     assert uri != full.tasks["mano"], "the full grid's Mano source changed: resize it here"

@@ -828,12 +828,11 @@ def main(argv: list[str] | None = None) -> None:
                 "# init_from: the model with the gate's bias, which a run without --dry-run makes"
             )
         threads = f"OMP_NUM_THREADS={threads_per_rank(scale)}"
-        for model in models:
+        for model, init in zip(models, inits, strict=True):
             tokenizer = tokenizer_path(model.task, scale.tasks[model.task], out)
             overrides = job_overrides(
-                model, scale, tokenizer, out / "runs" / model.name, cache_dir,
-                initial_dir(model, scale, out),
-            )  # fmt: skip
+                model, scale, tokenizer, out / "runs" / model.name, cache_dir, init
+            )
             print(f"# {model.name}\n{threads} {shlex.join(job_command(scale, overrides))}")
         return
     out.mkdir(parents=True, exist_ok=True)

@@ -252,7 +252,7 @@ class Trainer:
         self._phase(
             f"building the DeepSpeed engine ({self.model.config.num_parameters():,} parameters, "
             f"ZeRO-{cfg.deepspeed.zero_stage}, {self.world_size} "
-            f"{'GPU ranks, NCCL' if torch.cuda.is_available() else 'CPU ranks, gloo'})"
+            f"{'GPU' if self.backend == 'nccl' else 'CPU'} ranks, {self.backend})"
         )
         self.in_optimizer = {n for n, p in self.model.named_parameters() if p.requires_grad}
         """What the engine trains in some stage (a job may freeze the rest before it is built)."""
@@ -333,8 +333,8 @@ class Trainer:
             if problem is not None:
                 raise ValueError(problem)
             torch.cuda.set_device(local_rank)
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
+        self.backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=self.backend)
 
     # ---- the plan of each step ----------------------------------------------------------
 
