@@ -53,6 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
+        "--weight-decay", type=float, default=0.1,
+        help="AdamW's weight decay on every parameter (the job's is 0.1, norms and biases free)",
+    )  # fmt: skip
+    parser.add_argument("--beta2", type=float, default=0.95, help="AdamW's second beta")
+    parser.add_argument(
         "--rope-theta", type=float, default=LoopLMConfig.rope_theta,
         help="the RoPE base (the reproduction's jobs use 10000)",
     )  # fmt: skip
@@ -184,6 +189,13 @@ def accuracy_by_step(model, rows: list[list[int]], after: int = 0) -> list[float
     ]
 
 
+def optimizer_of(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW over every parameter, with the probe's learning rate, weight decay and betas."""
+    return torch.optim.AdamW(
+        model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, args.beta2)
+    )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.chat and not args.answer_only:
@@ -229,9 +241,7 @@ def main(argv=None) -> int:
         rope_theta=args.rope_theta,
     )
     model = LoopLMForCausalLM(config)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95)
-    )
+    optimizer = optimizer_of(model, args)
     if args.objective == "last_step" and args.beta is not None:
         print(f"warning: --beta {args.beta} is ignored: the last_step loss has no exit regularizer")
     beta = BETA if args.beta is None else args.beta
@@ -240,7 +250,8 @@ def main(argv=None) -> int:
         f"{args.task} {params} | {plural(args.layers, 'layer')} x {plural(args.loops, 'step')}, "
         f"hidden {args.hidden}, "
         f"RoPE base {config.rope_theta:,.0f}, {config.num_parameters():,} parameters | "
-        f"{args.batch} questions a step, lr {args.lr}, "
+        f"{args.batch} questions a step, lr {args.lr}, weight decay {args.weight_decay}, "
+        f"beta2 {args.beta2}, "
         f"{'answer' if args.answer_only else 'every token'} as target, {args.objective} loss"
         f"{', as conversations' if args.chat else ''}",
         flush=True,

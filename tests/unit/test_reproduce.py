@@ -427,6 +427,21 @@ def test_the_task_probe_trains_and_scores_every_difficulty_at_every_step(capsys)
         probe.main(["--task", "mano", "--steps", "1"])
 
 
+def test_the_probe_trains_with_the_optimizer_settings_it_is_given(capsys):
+    probe = load_script("probe_task")
+    layer = torch.nn.Linear(2, 2)
+    defaults = probe.optimizer_of(layer, probe.parse_args([])).param_groups[0]
+    assert (defaults["weight_decay"], defaults["betas"]) == (0.1, (0.9, 0.95))  # the job's
+    args = probe.parse_args(["--lr", "5e-4", "--weight-decay", "1.0", "--beta2", "0.99"])
+    group = probe.optimizer_of(layer, args).param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["betas"]) == (5e-4, 1.0, (0.9, 0.99))
+    argv = ["--task", "mano", "--params", "ops=1,mod=5", "--layers", "1", "--loops", "1",
+            "--hidden", "32", "--heads", "2", "--batch", "4", "--steps", "1",
+            "--weight-decay", "1.0", "--beta2", "0.99"]  # fmt: skip
+    assert probe.main(argv) == 0
+    assert "weight decay 1.0, beta2 0.99" in capsys.readouterr().out.splitlines()[0]
+
+
 def test_the_probe_with_a_pool_scores_only_questions_outside_it(capsys):
     probe = load_script("probe_task")
     argv = ["--task", "mano", "--params", "ops=2,mod=5", "--layers", "1", "--loops", "2",
