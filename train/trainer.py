@@ -251,8 +251,7 @@ class Trainer:
         self._apply_model_settings(plan.stage)
         self._phase(
             f"building the DeepSpeed engine ({self.model.config.num_parameters():,} parameters, "
-            f"ZeRO-{cfg.deepspeed.zero_stage}, {self.world_size} "
-            f"{'GPU' if self.backend == 'nccl' else 'CPU'} ranks, {self.backend})"
+            f"ZeRO-{cfg.deepspeed.zero_stage}, {self._devices()})"
         )
         self.in_optimizer = {n for n, p in self.model.named_parameters() if p.requires_grad}
         """What the engine trains in some stage (a job may freeze the rest before it is built)."""
@@ -334,7 +333,15 @@ class Trainer:
                 raise ValueError(problem)
             torch.cuda.set_device(local_rank)
         self.backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # The first job on a machine waits here while DeepSpeed compiles its shared-memory op
+        # (about 40 s on 2 cores; cached in ~/.cache/torch_extensions after).
+        self._phase(f"starting the process group ({self._devices()})")
         deepspeed.init_distributed(dist_backend=self.backend)
+
+    def _devices(self) -> str:
+        """The job's ranks and backend, as in ``2 CPU ranks, gloo``."""
+        kind = "GPU" if self.backend == "nccl" else "CPU"
+        return f"{self.world_size} {kind} rank{'' if self.world_size == 1 else 's'}, {self.backend}"
 
     # ---- the plan of each step ----------------------------------------------------------
 

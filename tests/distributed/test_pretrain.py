@@ -403,6 +403,16 @@ def test_the_console_averages_summarises_and_a_finished_run_changes_nothing(
     assert "run complete: step 4/4" in out and "updates skipped: 0 (0.0%)" in out
     assert "loss by recurrent step, mean of the last 4 steps: " in out
     assert "FutureWarning" not in out  # DeepSpeed's use of a deprecated all-gather
+    phases = [
+        "starting the process group (2 CPU ranks, gloo) ...",
+        "building the model ...",
+        "parameters, ZeRO-2, 2 CPU ranks, gloo) ...",
+        "opening the data streams: ",
+    ]
+    lines = out.splitlines()
+    found = [[i for i, line in enumerate(lines) if phase in line] for phase in phases]
+    assert all(len(at) == 1 for at in found), found  # said once, by rank 0
+    assert sorted(found) == found, found  # in the order the job goes through them
     plots = {path: path.stat().st_mtime_ns for path in (run_dir / "plots").iterdir()}
     before = (run_dir / "metrics.jsonl").read_text()
     args = four_step_args(run_dir, cache_dir, "zero2")
