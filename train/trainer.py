@@ -91,6 +91,12 @@ def _environment() -> tuple[int, int, int]:
     )
 
 
+def devices(world_size: int, backend: str) -> str:
+    """A job's ranks and backend, as in ``2 CPU ranks, gloo``."""
+    kind = "GPU" if backend == "nccl" else "CPU"
+    return f"{world_size} {kind} rank{'' if world_size == 1 else 's'}, {backend}"
+
+
 def device_problem(local_rank: int, gpus: int) -> str | None:
     """Why a rank has no GPU of its own (None: it has one, or the job runs on CPUs). Without
     this check the rank dies in ``torch.cuda.set_device`` on an invalid device ordinal."""
@@ -251,7 +257,7 @@ class Trainer:
         self._apply_model_settings(plan.stage)
         self._phase(
             f"building the DeepSpeed engine ({self.model.config.num_parameters():,} parameters, "
-            f"ZeRO-{cfg.deepspeed.zero_stage}, {self._devices()})"
+            f"ZeRO-{cfg.deepspeed.zero_stage}, {devices(self.world_size, self.backend)})"
         )
         self.in_optimizer = {n for n, p in self.model.named_parameters() if p.requires_grad}
         """What the engine trains in some stage (a job may freeze the rest before it is built)."""
@@ -333,15 +339,13 @@ class Trainer:
                 raise ValueError(problem)
             torch.cuda.set_device(local_rank)
         self.backend = "nccl" if torch.cuda.is_available() else "gloo"
-        # The first job on a machine waits here while DeepSpeed compiles its shared-memory op
-        # (about 40 s on 2 cores; cached in ~/.cache/torch_extensions after).
-        self._phase(f"starting the process group ({self._devices()})")
+        # Said once (SFT starts the group before the trainer does). The first job on a machine
+        # waits here while DeepSpeed compiles its shared-memory op (about 40 s on 2 cores;
+        # cached in ~/.cache/torch_extensions after).
+        rank, world_size, _ = _environment()
+        if rank == 0 and not torch.distributed.is_initialized():
+            logger.info("starting the process group (%s) ...", devices(world_size, self.backend))
         deepspeed.init_distributed(dist_backend=self.backend)
-
-    def _devices(self) -> str:
-        """The job's ranks and backend, as in ``2 CPU ranks, gloo``."""
-        kind = "GPU" if self.backend == "nccl" else "CPU"
-        return f"{self.world_size} {kind} rank{'' if self.world_size == 1 else 's'}, {self.backend}"
 
     # ---- the plan of each step ----------------------------------------------------------
 

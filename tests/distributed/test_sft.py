@@ -51,6 +51,8 @@ def test_sft_run_lowers_the_loss_and_exports_a_thinking_model_that_chats(tmp_pat
     ]
     code, out = run("train.sft", overrides, tmp_path / "log")
     assert code == 0, out[-3000:]
+    # SFT starts the process group before the trainer does: still said once
+    assert out.count("starting the process group (2 CPU ranks, gloo) ...") == 1
 
     # Evaluated during the run on the held-out conversations' last assistant message.
     evaluations = read_records(run_dir)

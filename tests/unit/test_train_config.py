@@ -367,3 +367,11 @@ def test_a_rank_without_a_gpu_of_its_own_is_named_before_the_process_group(monke
     )
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert "2 GPUs visible on this machine (CUDA_VISIBLE_DEVICES=2,3)" in device_problem(2, 2)
+
+
+def test_the_console_names_the_ranks_and_backend_of_a_job():
+    from train.trainer import devices
+
+    assert devices(2, "gloo") == "2 CPU ranks, gloo"
+    assert devices(1, "nccl") == "1 GPU rank, nccl"
+    assert devices(8, "nccl") == "8 GPU ranks, nccl"
