@@ -91,6 +91,21 @@ def _environment() -> tuple[int, int, int]:
     )
 
 
+def _skip_inference_shm_op() -> None:
+    """Keeps DeepSpeed from building its shared-memory all-reduce for CPU ranks as it starts
+    the process group: a C++ op compiled on the first start on a machine (about 40 s on 2
+    cores) and loaded on every start after ("deepspeed_shm_comm_op built successfully", once
+    a rank), for its inference tensor parallelism alone (``inference_all_reduce``). Training
+    all-reduces through the gloo process group either way. DeepSpeed keeps the ops it may
+    build in one dict (``deepspeed.ops.__compatible_ops__``), probed on first use; the op is
+    marked as one it may not."""
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__
+    if "deepspeed_shm_comm" in compatible:
+        compatible["deepspeed_shm_comm"] = False
+
+
 def devices(world_size: int, backend: str) -> str:
     """A job's ranks and backend, as in ``2 CPU ranks, gloo``."""
     kind = "GPU" if backend == "nccl" else "CPU"
@@ -339,12 +354,12 @@ class Trainer:
                 raise ValueError(problem)
             torch.cuda.set_device(local_rank)
         self.backend = "nccl" if torch.cuda.is_available() else "gloo"
-        # Said once (SFT starts the group before the trainer does). The first job on a machine
-        # waits here while DeepSpeed compiles its shared-memory op (about 40 s on 2 cores;
-        # cached in ~/.cache/torch_extensions after).
+        # Said once: SFT starts the group before the trainer does.
         rank, world_size, _ = _environment()
         if rank == 0 and not torch.distributed.is_initialized():
             logger.info("starting the process group (%s) ...", devices(world_size, self.backend))
+        if self.backend == "gloo":
+            _skip_inference_shm_op()
         deepspeed.init_distributed(dist_backend=self.backend)
 
     # ---- the plan of each step ----------------------------------------------------------
