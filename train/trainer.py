@@ -93,16 +93,17 @@ def _environment() -> tuple[int, int, int]:
 
 def _skip_inference_shm_op() -> None:
     """Keeps DeepSpeed from building its shared-memory all-reduce for CPU ranks as it starts
-    the process group: a C++ op compiled on the first start on a machine (about 40 s on 2
+    the process group: a C++ op compiled on the first start on a machine (37 s on 2
     cores) and loaded on every start after ("deepspeed_shm_comm_op built successfully", once
     a rank), for its inference tensor parallelism alone (``inference_all_reduce``). Training
     all-reduces through the gloo process group either way. DeepSpeed keeps the ops it may
-    build in one dict (``deepspeed.ops.__compatible_ops__``), probed on first use; the op is
-    marked as one it may not."""
+    build in one dict (``deepspeed.ops.__compatible_ops__``, probed on first use; the same
+    dict as ``git_version_info.compatible_ops`` before 0.19); the op is marked as one it may
+    not. A DeepSpeed without that dict builds the op as before."""
     import deepspeed.ops
 
-    compatible = deepspeed.ops.__compatible_ops__
-    if "deepspeed_shm_comm" in compatible:
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
         compatible["deepspeed_shm_comm"] = False
 
 
