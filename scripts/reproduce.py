@@ -404,14 +404,14 @@ def check_jobs(models: list[Model], scale: Scale, out: Path, cache_dir: Path) ->
         )  # fmt: skip
         for problem in job_problems("train.pretrain", overrides, scale.ranks):
             found.setdefault(problem, []).append(model.name)
+
+    def which(names: list[str]) -> str:
+        return "every model" if len(names) == len(models) else ", ".join(names)
+
     if found:
         raise SystemExit(
             f"the grid's jobs ({scale.ranks} ranks each) have problems:\n"
-            + "\n".join(
-                f"  - {problem} ({'every model' if len(names) == len(models) else which})"
-                for problem, names in found.items()
-                for which in [", ".join(names)]
-            )
+            + "\n".join(f"  - {problem} ({which(names)})" for problem, names in found.items())
         )
 
 

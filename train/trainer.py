@@ -355,12 +355,14 @@ class Trainer:
                 raise ValueError(problem)
             torch.cuda.set_device(local_rank)
         self.backend = "nccl" if torch.cuda.is_available() else "gloo"
-        # Said once: SFT starts the group before the trainer does.
-        rank, world_size, _ = _environment()
-        if rank == 0 and not torch.distributed.is_initialized():
-            logger.info("starting the process group (%s) ...", devices(world_size, self.backend))
-        if self.backend == "gloo":
-            _skip_inference_shm_op()
+        if not torch.distributed.is_initialized():  # SFT starts it before the trainer does
+            rank, world_size, _ = _environment()
+            if rank == 0:
+                logger.info(
+                    "starting the process group (%s) ...", devices(world_size, self.backend)
+                )
+            if self.backend == "gloo":
+                _skip_inference_shm_op()
         deepspeed.init_distributed(dist_backend=self.backend)
 
     # ---- the plan of each step ----------------------------------------------------------
