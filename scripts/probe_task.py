@@ -41,6 +41,8 @@ from looplm import LoopLMConfig, LoopLMForCausalLM, Objective  # noqa: E402
 DIFFICULTY = {"phop": "hops", "mano": "ops"}
 BETA = 0.05
 """The entropy regularizer's weight by default (the reproduction's looped family's)."""
+INIT_STD = 0.02
+"""The std of the model's own initialization (Ouro's ``initializer_range``)."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,6 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--loops", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument(
+        "--intermediate", type=int, default=None,
+        help="the MLP's width (default 3 x hidden, the reproduction's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--init-std", type=float, default=INIT_STD,
+        help="std of the normal initialization of linear and embedding weights (Ouro's 0.02)",
+    )  # fmt: skip
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
         "--weight-decay", type=float, default=0.1,
@@ -189,6 +199,14 @@ def accuracy_by_step(model, rows: list[list[int]], after: int = 0) -> list[float
     ]
 
 
+def model_of(config: LoopLMConfig, args: argparse.Namespace) -> LoopLMForCausalLM:
+    """The probe's model, initialized with ``--init-std``."""
+    model = LoopLMForCausalLM(config)
+    if args.init_std != INIT_STD:  # drawn again: the default keeps its earlier figures
+        model.reset_parameters(std=args.init_std)
+    return model
+
+
 def optimizer_of(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
     """AdamW over every parameter, with the probe's learning rate, weight decay and betas."""
     return torch.optim.AdamW(
@@ -232,7 +250,7 @@ def main(argv=None) -> int:
     config = LoopLMConfig(
         vocab_size=64 * ((len(vocab) + 63) // 64),
         hidden_size=args.hidden,
-        intermediate_size=3 * args.hidden,
+        intermediate_size=args.intermediate or 3 * args.hidden,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.heads,
@@ -240,7 +258,7 @@ def main(argv=None) -> int:
         max_position_embeddings=1024,
         rope_theta=args.rope_theta,
     )
-    model = LoopLMForCausalLM(config)
+    model = model_of(config, args)
     optimizer = optimizer_of(model, args)
     if args.objective == "last_step" and args.beta is not None:
         print(f"warning: --beta {args.beta} is ignored: the last_step loss has no exit regularizer")
@@ -248,7 +266,7 @@ def main(argv=None) -> int:
     objective = Objective(kind=args.objective, beta=beta)
     print(
         f"{args.task} {params} | {plural(args.layers, 'layer')} x {plural(args.loops, 'step')}, "
-        f"hidden {args.hidden}, "
+        f"hidden {args.hidden}, MLP {config.intermediate_size}, init std {args.init_std}, "
         f"RoPE base {config.rope_theta:,.0f}, {config.num_parameters():,} parameters | "
         f"{args.batch} questions a step, lr {args.lr}, weight decay {args.weight_decay}, "
         f"beta2 {args.beta2}, "

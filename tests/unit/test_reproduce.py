@@ -442,6 +442,23 @@ def test_the_probe_trains_with_the_optimizer_settings_it_is_given(capsys):
     assert "weight decay 1.0, beta2 0.99" in capsys.readouterr().out.splitlines()[0]
 
 
+def test_the_probe_builds_the_mlp_width_and_initialization_it_is_given(capsys):
+    probe = load_script("probe_task")
+    config = probe.LoopLMConfig(vocab_size=64, hidden_size=64, intermediate_size=96,
+                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    for given, std in (([], 0.02), (["--init-std", "0.05"], 0.05)):
+        torch.manual_seed(0)
+        model = probe.model_of(config, probe.parse_args(given))
+        weights = torch.cat([m.weight.flatten() for m in model.modules()
+                             if isinstance(m, torch.nn.Linear | torch.nn.Embedding)])  # fmt: skip
+        assert weights.std().item() == pytest.approx(std, rel=0.05)
+    argv = ["--task", "mano", "--params", "ops=1,mod=5", "--layers", "1", "--loops", "1",
+            "--hidden", "32", "--heads", "2", "--batch", "4", "--steps", "1",
+            "--intermediate", "48", "--init-std", "0.05"]  # fmt: skip
+    assert probe.main(argv) == 0
+    assert "hidden 32, MLP 48, init std 0.05," in capsys.readouterr().out.splitlines()[0]
+
+
 def test_the_probe_with_a_pool_scores_only_questions_outside_it(capsys):
     probe = load_script("probe_task")
     argv = ["--task", "mano", "--params", "ops=2,mod=5", "--layers", "1", "--loops", "2",
