@@ -98,7 +98,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.init_std <= 0:
+        parser.error(f"--init-std must be positive, got {args.init_std}")
+    if args.intermediate is not None and args.intermediate <= 0:
+        parser.error(f"--intermediate must be a positive width, got {args.intermediate}")
+    return args
 
 
 def task_params(task: str, given: str) -> dict[str, int]:

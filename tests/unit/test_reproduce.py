@@ -457,6 +457,11 @@ def test_the_probe_builds_the_mlp_width_and_initialization_it_is_given(capsys):
             "--intermediate", "48", "--init-std", "0.05"]  # fmt: skip
     assert probe.main(argv) == 0
     assert "hidden 32, MLP 48, init std 0.05," in capsys.readouterr().out.splitlines()[0]
+    for bad, problem in ((["--init-std", "0"], "--init-std must be positive, got 0.0"),
+                         (["--intermediate", "0"], "--intermediate must be a positive width")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            probe.parse_args(bad)
+        assert problem in capsys.readouterr().err
 
 
 def test_the_probe_with_a_pool_scores_only_questions_outside_it(capsys):
