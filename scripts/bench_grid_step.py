@@ -1,0 +1,170 @@
+"""What a training step of the reproduction's quick grid costs on a CPU core, and what each
+lever on it saves: the model's own step, without DeepSpeed, the data or a second rank.
+
+The quick grid's model (``scripts/reproduce.py``: hidden 128, 4 heads, MLP 3 x hidden, one
+layer looped 3 times, bf16 where the CPU computes it) on one rank's share of its step: 8 rows
+of 128 tokens packed with Mano-sized documents (6 or 8 tokens, the answer and EOS the
+targets), a Stage I forward and backward, gradient clipping and AdamW. Each variant changes
+one thing; all run in one process, one thread by default, the grid's step first and the
+compiled one last (its first calls, which compile, are timed apart):
+
+- ``float32``: float32 weights in place of bf16;
+- ``MLP 2 x hidden``: a narrower MLP (the grid's is 3 x hidden);
+- ``16 x 64 tokens``: the same tokens in rows of 64 (attention over fewer keys);
+- ``compiled``: the layers compiled (``model.compile=true``).
+
+Prints the median milliseconds a step with the 10th and 90th percentiles, tokens/s, and the
+grid's step over each variant's (above 1: the variant is faster). Through the job a step
+costs more than here (DeepSpeed's reduction and optimizer, the other rank): see
+scripts/REPRODUCTION.md, "Initialization, width and the job's own time".
+
+Usage (from the repository root):
+    python scripts/bench_grid_step.py [--layers 3 --loops 1] [--repeats 100] [--skip-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from looplm import LoopLMConfig, LoopLMForCausalLM, Objective  # noqa: E402
+
+TOKENS = 1024
+"""One rank's share of the quick grid's 2,048-token step."""
+VOCAB = 21
+"""The size of the quick grid's Mano tokenizer."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    dtype: torch.dtype = torch.bfloat16
+    mlp: int = 3
+    """The MLP's width over the hidden size."""
+    seq_len: int = 128
+    compiled: bool = False
+
+
+VARIANTS = (
+    Variant("the grid's step"),
+    Variant("float32", dtype=torch.float32),
+    Variant("MLP 2 x hidden", mlp=2),
+    Variant("16 x 64 tokens", seq_len=64),
+    Variant("compiled", compiled=True),
+)
+
+
+def packed_batch(rows: int, seq_len: int, seed: int = 0):
+    """Token ids, positions and labels of rows packed with 6- and 8-token documents whose last
+    two tokens (the answer, EOS) are the targets; a row ends with what fits of its last."""
+    rng = random.Random(seed)
+    ids = torch.randint(1, VOCAB, (rows, seq_len), generator=torch.Generator().manual_seed(seed))
+    positions = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for row in range(rows):
+        start = 0
+        while start < seq_len:
+            length = min(rng.choice((6, 8)), seq_len - start)
+            positions[row, start : start + length] = torch.arange(length)
+            end = start + length
+            labels[row, max(start, end - 3) : end - 1] = ids[row, max(start + 1, end - 2) : end]
+            start = end
+    return ids, positions, labels
+
+
+def trainer(variant: Variant, args: argparse.Namespace):
+    """A step function of the variant's model, and its parameter count."""
+    hidden = args.hidden
+    config = LoopLMConfig.from_preset(
+        "tiny",
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=variant.mlp * hidden,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        num_hidden_layers=args.layers,
+        total_ut_steps=args.loops,
+    )
+    torch.manual_seed(0)
+    model = LoopLMForCausalLM(config, "sdpa").to(variant.dtype)
+    if variant.compiled:
+        model.compile_layers()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95))
+    ids, positions, labels = packed_batch(TOKENS // variant.seq_len, variant.seq_len)
+    objective = Objective(kind="stage1", beta=0.05)
+
+    def step() -> float:
+        loss = model(ids, position_ids=positions, labels=labels, objective=objective).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, config.num_parameters()
+
+
+def measure(step, warmup: int, repeats: int) -> dict:
+    start = time.perf_counter()
+    for _ in range(warmup):
+        loss = step()
+    warm = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        loss = step()
+        times.append(1e3 * (time.perf_counter() - start))
+    deciles = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    return {
+        "median": statistics.median(times),
+        "p10": deciles[0],
+        "p90": deciles[-1],
+        "warmup_s": warm,
+        "loss": loss,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--loops", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps before each")
+    parser.add_argument("--repeats", type=int, default=100, help="timed steps of each variant")
+    parser.add_argument("--skip-compile", action="store_true")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 1:
+        parser.error("--repeats and --warmup must be at least 1")
+    torch.set_num_threads(args.threads)
+    variants = [v for v in VARIANTS if not (v.compiled and args.skip_compile)]
+    print(f"torch {torch.__version__}, {args.threads} thread(s): {args.layers} layer(s) of "
+          f"{args.hidden} x {args.loops} step(s), {TOKENS} tokens a step, Stage I + AdamW; "
+          f"{args.repeats} timed steps a variant after {args.warmup}\n")  # fmt: skip
+    print(f"{'variant':<16} {'params':>8} {'median ms':>9} {'p10':>6} {'p90':>6} "
+          f"{'tokens/s':>9} {'speed-up':>8}")  # fmt: skip
+    base = None
+    for variant in variants:
+        step, params = trainer(variant, args)
+        result = measure(step, args.warmup, args.repeats)
+        base = base or result["median"]
+        extra = f"  (first {args.warmup} steps, compiling: {result['warmup_s']:.1f} s)"
+        print(f"{variant.name:<16} {params:>8,} {result['median']:9.1f} {result['p10']:6.1f} "
+              f"{result['p90']:6.1f} {TOKENS / result['median'] * 1e3:9,.0f} "
+              f"{base / result['median']:7.2f}x{extra if variant.compiled else ''}",
+              flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

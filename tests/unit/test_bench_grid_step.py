@@ -1,0 +1,35 @@
+"""The grid-step benchmark's smoke test: its batch is the grid's packing and every variant runs."""
+
+import torch
+
+from tests.unit.test_readme_commands import load_script
+
+
+def test_the_batch_packs_whole_documents_whose_answer_and_eos_are_the_targets():
+    bench = load_script("bench_grid_step")
+    ids, positions, labels = bench.packed_batch(rows=4, seq_len=64)
+    for row in range(4):
+        starts = [i for i in range(64) if positions[row, i] == 0]
+        ends = starts[1:] + [64]
+        expected = torch.full((64,), -100)
+        for start, end in zip(starts, ends, strict=True):
+            assert end - start in (6, 8) or end == 64  # only the row's last is cut
+            assert positions[row, start:end].tolist() == list(range(end - start))
+            for target in range(max(start, end - 3), end - 1):  # answer, then EOS
+                expected[target] = ids[row, target + 1]
+        assert torch.equal(labels[row], expected)
+        assert (labels[row] != -100).sum() >= 2 * (len(starts) - 1)
+
+
+def test_every_variant_steps_and_the_grids_step_is_the_baseline(capsys):
+    bench = load_script("bench_grid_step")
+    argv = ["--hidden", "32", "--heads", "2", "--warmup", "1", "--repeats", "2",
+            "--skip-compile"]  # fmt: skip
+    assert bench.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line[:16].strip(): line[16:].split() for line in lines[3:]}
+    assert list(rows) == ["the grid's step", "float32", "MLP 2 x hidden", "16 x 64 tokens"]
+    assert rows["the grid's step"][-1] == "1.00x"
+    params = {name: int(row[0].replace(",", "")) for name, row in rows.items()}
+    assert params["MLP 2 x hidden"] == params["the grid's step"] - 3 * 32 * 32  # one MLP of 32
+    assert all(float(row[1]) > 0 for row in rows.values())
