@@ -2,7 +2,8 @@
 lever on it saves: the model's own step, without DeepSpeed, the data or a second rank.
 
 The quick grid's model (``scripts/reproduce.py``: hidden 128, 4 heads, MLP 3 x hidden, one
-layer looped 3 times, bf16 where the CPU computes it) on one rank's share of its step: 8 rows
+layer looped 3 times, in bf16 as the job runs it on a CPU with bf16 arithmetic; ``float32``
+below is the job's precision elsewhere) on one rank's share of its step: 8 rows
 of 128 tokens packed with Mano-sized documents (6 or 8 tokens, the answer and EOS the
 targets), a Stage I forward and backward, gradient clipping and AdamW. Each variant changes
 one thing; all run in one process, one thread by default, the grid's step first and the
@@ -46,6 +47,8 @@ VOCAB = 21
 
 @dataclass(frozen=True)
 class Variant:
+    """One setting of the step; the defaults are the quick grid's."""
+
     name: str
     dtype: torch.dtype = torch.bfloat16
     mlp: int = 3
@@ -102,34 +105,34 @@ def trainer(variant: Variant, args: argparse.Namespace):
     ids, positions, labels = packed_batch(TOKENS // variant.seq_len, variant.seq_len)
     objective = Objective(kind="stage1", beta=0.05)
 
-    def step() -> float:
+    def step() -> None:
         loss = model(ids, position_ids=positions, labels=labels, objective=objective).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()
 
     return step, config.num_parameters()
 
 
 def measure(step, warmup: int, repeats: int) -> dict:
+    """Milliseconds a step over ``repeats`` steps (median, 10th and 90th percentiles, within
+    the measured times), after ``warmup`` steps whose total seconds are reported apart."""
     start = time.perf_counter()
     for _ in range(warmup):
-        loss = step()
+        step()
     warm = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        loss = step()
+        step()
         times.append(1e3 * (time.perf_counter() - start))
-    deciles = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+    deciles = statistics.quantiles(times, n=10, method="inclusive") if repeats > 1 else times * 9
     return {
         "median": statistics.median(times),
         "p10": deciles[0],
         "p90": deciles[-1],
         "warmup_s": warm,
-        "loss": loss,
     }
 
 
@@ -140,7 +143,12 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps before each")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=10,
+        help="steps before each variant's timed ones (the compiled variant's first compile)",
+    )
     parser.add_argument("--repeats", type=int, default=100, help="timed steps of each variant")
     parser.add_argument("--skip-compile", action="store_true")
     args = parser.parse_args(argv)

@@ -25,6 +25,7 @@ the pre-training job.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 import time
@@ -99,8 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    if args.init_std <= 0:
-        parser.error(f"--init-std must be positive, got {args.init_std}")
+    if not math.isfinite(args.init_std) or args.init_std <= 0:
+        parser.error(f"--init-std must be a positive number, got {args.init_std}")
     if args.intermediate is not None and args.intermediate <= 0:
         parser.error(f"--intermediate must be a positive width, got {args.intermediate}")
     return args

@@ -1,4 +1,5 @@
-"""The grid-step benchmark's smoke test: its batch is the grid's packing and every variant runs."""
+"""The grid-step benchmark's smoke test: its batch packs Mano-sized documents whose answers are
+the targets, and every variant runs."""
 
 import torch
 
@@ -18,7 +19,6 @@ def test_the_batch_packs_whole_documents_whose_answer_and_eos_are_the_targets():
             for target in range(max(start, end - 3), end - 1):  # answer, then EOS
                 expected[target] = ids[row, target + 1]
         assert torch.equal(labels[row], expected)
-        assert (labels[row] != -100).sum() >= 2 * (len(starts) - 1)
 
 
 def test_every_variant_steps_and_the_grids_step_is_the_baseline(capsys):
@@ -32,4 +32,5 @@ def test_every_variant_steps_and_the_grids_step_is_the_baseline(capsys):
     assert rows["the grid's step"][-1] == "1.00x"
     params = {name: int(row[0].replace(",", "")) for name, row in rows.items()}
     assert params["MLP 2 x hidden"] == params["the grid's step"] - 3 * 32 * 32  # one MLP of 32
-    assert all(float(row[1]) > 0 for row in rows.values())
+    for row in rows.values():  # median, 10th and 90th percentiles within the measured times
+        assert 0 < float(row[2]) <= float(row[1]) <= float(row[3])

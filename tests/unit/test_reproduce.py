@@ -446,6 +446,11 @@ def test_the_probe_builds_the_mlp_width_and_initialization_it_is_given(capsys):
     probe = load_script("probe_task")
     config = probe.LoopLMConfig(vocab_size=64, hidden_size=64, intermediate_size=96,
                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    plain = probe.LoopLMForCausalLM(config).state_dict()
+    torch.manual_seed(0)
+    default = probe.model_of(config, probe.parse_args([])).state_dict()
+    assert all(torch.equal(plain[k], default[k]) for k in plain)  # earlier figures still hold
     for given, std in (([], 0.02), (["--init-std", "0.05"], 0.05)):
         torch.manual_seed(0)
         model = probe.model_of(config, probe.parse_args(given))
@@ -457,7 +462,8 @@ def test_the_probe_builds_the_mlp_width_and_initialization_it_is_given(capsys):
             "--intermediate", "48", "--init-std", "0.05"]  # fmt: skip
     assert probe.main(argv) == 0
     assert "hidden 32, MLP 48, init std 0.05," in capsys.readouterr().out.splitlines()[0]
-    for bad, problem in ((["--init-std", "0"], "--init-std must be positive, got 0.0"),
+    for bad, problem in ((["--init-std", "0"], "--init-std must be a positive number, got 0.0"),
+                         (["--init-std", "nan"], "--init-std must be a positive number, got nan"),
                          (["--intermediate", "0"], "--intermediate must be a positive width")):  # fmt: skip
         with pytest.raises(SystemExit):
             probe.parse_args(bad)
