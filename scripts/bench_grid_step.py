@@ -30,17 +30,21 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import reproduce  # noqa: E402
 
 from looplm import LoopLMConfig, LoopLMForCausalLM, Objective  # noqa: E402
 
-TOKENS = 1024
-"""One rank's share of the quick grid's 2,048-token step."""
+GRID = reproduce.QUICK
+TOKENS = GRID.batch_tokens // GRID.ranks
+"""One rank's share of the quick grid's step."""
 VOCAB = 21
 """The size of the quick grid's Mano tokenizer."""
 
@@ -51,9 +55,9 @@ class Variant:
 
     name: str
     dtype: torch.dtype = torch.bfloat16
-    mlp: int = 3
-    """The MLP's width over the hidden size."""
-    seq_len: int = 128
+    mlp: int | None = None
+    """The MLP's width over the hidden size (None: the grid's)."""
+    seq_len: int = GRID.seq_len
     compiled: bool = False
 
 
@@ -86,24 +90,19 @@ def packed_batch(rows: int, seq_len: int, seed: int = 0):
 
 def trainer(variant: Variant, args: argparse.Namespace):
     """A step function of the variant's model, and its parameter count."""
-    hidden = args.hidden
-    config = LoopLMConfig.from_preset(
-        "tiny",
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=variant.mlp * hidden,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        num_hidden_layers=args.layers,
-        total_ut_steps=args.loops,
-    )
+    scale = replace(GRID, hidden_size=args.hidden, heads=args.heads)
+    grid_model = reproduce.Model("mano", "looped", args.layers, args.loops, seed=0)
+    settings = reproduce.model_settings(grid_model, scale, VOCAB)
+    if variant.mlp is not None:
+        settings["intermediate_size"] = variant.mlp * args.hidden
+    config = LoopLMConfig.from_preset("tiny", **settings)
     torch.manual_seed(0)
     model = LoopLMForCausalLM(config, "sdpa").to(variant.dtype)
     if variant.compiled:
         model.compile_layers()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=GRID.lr, betas=(0.9, 0.95))
     ids, positions, labels = packed_batch(TOKENS // variant.seq_len, variant.seq_len)
-    objective = Objective(kind="stage1", beta=0.05)
+    objective = Objective(kind="stage1", beta=GRID.beta)
 
     def step() -> None:
         loss = model(ids, position_ids=positions, labels=labels, objective=objective).loss
@@ -140,8 +139,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--loops", type=int, default=3)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=GRID.hidden_size)
+    parser.add_argument("--heads", type=int, default=GRID.heads)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--warmup",

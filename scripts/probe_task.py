@@ -25,6 +25,7 @@ the pre-training job.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import random
 import sys
@@ -42,8 +43,8 @@ from looplm import LoopLMConfig, LoopLMForCausalLM, Objective  # noqa: E402
 DIFFICULTY = {"phop": "hops", "mano": "ops"}
 BETA = 0.05
 """The entropy regularizer's weight by default (the reproduction's looped family's)."""
-INIT_STD = 0.02
-"""The std of the model's own initialization (Ouro's ``initializer_range``)."""
+INIT_STD = inspect.signature(LoopLMForCausalLM.reset_parameters).parameters["std"].default
+"""The std of the model's own initialization (Ouro's ``initializer_range``, 0.02)."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--init-std", type=float, default=INIT_STD,
-        help="std of the normal initialization of linear and embedding weights (Ouro's 0.02)",
+        help=f"std of the normal initialization of linear and embedding weights (Ouro's {INIT_STD})",
     )  # fmt: skip
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
