@@ -19,8 +19,16 @@ grid's step over each variant's (above 1: the variant is faster). Through the jo
 costs more than here (DeepSpeed's reduction and optimizer, the other rank): see
 scripts/REPRODUCTION.md, "Initialization, width and the job's own time".
 
+``--floor`` times instead the grid's step of each of Mano's quick-grid models (its four
+families; the two seeds share a shape) and adds them up over the grid's steps: the minutes
+Mano's quick grid would take on 2 cores if the job cost nothing beyond its model's arithmetic
+(each of the 2 ranks steps its half of the batch on a core of its own, at the same time), next
+to the 30-minute budget of ``--quick``; with ``--levers``, each step with the narrower MLP, rows
+of 64 and compiled layers at once.
+
 Usage (from the repository root):
     python scripts/bench_grid_step.py [--layers 3 --loops 1] [--repeats 100] [--skip-compile]
+    python scripts/bench_grid_step.py --floor [--levers]
 """
 
 from __future__ import annotations
@@ -47,6 +55,8 @@ TOKENS = GRID.batch_tokens // GRID.ranks
 """One rank's share of the quick grid's step."""
 VOCAB = 21
 """The size of the quick grid's Mano tokenizer."""
+BUDGET_MIN = 30
+"""What ``reproduce.py --quick`` is asked to take on 2 CPU cores."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,8 @@ VARIANTS = (
     Variant("16 x 64 tokens", seq_len=64),
     Variant("compiled", compiled=True),
 )
+LEVERS = Variant("the three levers", mlp=2, seq_len=64, compiled=True)
+"""``--floor --levers``: the narrower MLP, rows of 64 and compiled layers at once."""
 
 
 def packed_batch(rows: int, seq_len: int, seed: int = 0):
@@ -88,10 +100,12 @@ def packed_batch(rows: int, seq_len: int, seed: int = 0):
     return ids, positions, labels
 
 
-def trainer(variant: Variant, args: argparse.Namespace):
-    """A step function of the variant's model, and its parameter count."""
+def trainer(variant: Variant, args: argparse.Namespace, grid_model=None):
+    """A step function of the variant's model (``grid_model``, a ``reproduce.Model``; by
+    default ``--layers`` x ``--loops`` looped), and its parameter count."""
     scale = replace(GRID, hidden_size=args.hidden, heads=args.heads)
-    grid_model = reproduce.Model("mano", "looped", args.layers, args.loops, seed=0)
+    if grid_model is None:
+        grid_model = reproduce.Model("mano", "looped", args.layers, args.loops, seed=0)
     settings = reproduce.model_settings(grid_model, scale, VOCAB)
     if variant.mlp is not None:
         settings["intermediate_size"] = variant.mlp * args.hidden
@@ -102,7 +116,8 @@ def trainer(variant: Variant, args: argparse.Namespace):
         model.compile_layers()
     optimizer = torch.optim.AdamW(model.parameters(), lr=GRID.lr, betas=(0.9, 0.95))
     ids, positions, labels = packed_batch(TOKENS // variant.seq_len, variant.seq_len)
-    objective = Objective(kind="stage1", beta=GRID.beta)
+    last_step = grid_model.family == "looped_last"
+    objective = Objective(kind="last_step" if last_step else "stage1", beta=GRID.beta)
 
     def step() -> None:
         loss = model(ids, position_ids=positions, labels=labels, objective=objective).loss
@@ -135,6 +150,34 @@ def measure(step, warmup: int, repeats: int) -> dict:
     }
 
 
+def floor(args: argparse.Namespace) -> int:
+    """The ``--floor`` table: each of Mano's quick-grid models at its step's median."""
+    models = reproduce.grid(GRID, ["mano"])
+    steps = GRID.steps_of("mano")
+    shapes = {(m.family, m.layers, m.loops): m for m in models}
+    variant = LEVERS if args.levers else VARIANTS[0]
+    print(f"torch {torch.__version__}, {args.threads} thread(s): Mano's quick grid, "
+          f"{len(models)} models ({len(GRID.seeds)} seeds), {steps} steps of "
+          f"{GRID.batch_tokens} tokens on {GRID.ranks} ranks, {TOKENS} tokens a rank a step; "
+          f"the model's bf16 step alone{' with ' + variant.name if args.levers else ''}, "
+          f"{args.repeats} timed steps a model after {args.warmup}\n")  # fmt: skip
+    print(f"{'model':<22} {'median ms':>9} {'p10':>6} {'p90':>6} {'models':>6} {'minutes':>8}")
+    total = 0.0
+    for (family, layers, loops), model in shapes.items():
+        step, _ = trainer(variant, args, model)
+        result = measure(step, args.warmup, args.repeats)
+        count = sum(m.family == family and m.layers == layers for m in models)
+        minutes = count * steps * result["median"] / 60e3
+        total += minutes
+        print(f"{f'{family} {layers} x {loops}':<22} {result['median']:9.1f} "
+              f"{result['p10']:6.1f} {result['p90']:6.1f} {count:>6} {minutes:8.1f}",
+              flush=True)  # fmt: skip
+    print(f"\nthe model's arithmetic alone: {total:.1f} min, {total / BUDGET_MIN:.2f}x the "
+          f"{BUDGET_MIN}-minute budget of --quick (no start-up, DeepSpeed, data or "
+          f"evaluation counted)")  # fmt: skip
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=1)
@@ -150,10 +193,22 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=100, help="timed steps of each variant")
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="time each of Mano's quick-grid models and sum them over the grid's steps",
+    )
+    parser.add_argument(
+        "--levers", action="store_true", help="with --floor: every model with the three levers"
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 1:
         parser.error("--repeats and --warmup must be at least 1")
     torch.set_num_threads(args.threads)
+    if args.levers and not args.floor:
+        parser.error("--levers goes with --floor")
+    if args.floor:
+        return floor(args)
     variants = [v for v in VARIANTS if not (v.compiled and args.skip_compile)]
     print(f"torch {torch.__version__}, {args.threads} thread(s): {args.layers} layer(s) of "
           f"{args.hidden} x {args.loops} step(s), {TOKENS} tokens a step, Stage I + AdamW; "

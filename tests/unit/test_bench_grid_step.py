@@ -1,6 +1,7 @@
 """The grid-step benchmark's smoke test: its batch packs Mano-sized documents whose answers are
 the targets, and every variant runs."""
 
+import pytest
 import torch
 
 from tests.unit.test_readme_commands import load_script
@@ -34,3 +35,30 @@ def test_every_variant_steps_and_the_grids_step_is_the_baseline(capsys):
     assert params["MLP 2 x hidden"] == params["the grid's step"] - 3 * 32 * 32  # one MLP of 32
     for row in rows.values():  # median, 10th and 90th percentiles within the measured times
         assert 0 < float(row[2]) <= float(row[1]) <= float(row[3])
+
+
+def test_the_floor_times_each_family_of_manos_grid_and_adds_up_its_minutes(capsys):
+    bench = load_script("bench_grid_step")
+    argv = ["--floor", "--hidden", "32", "--heads", "2", "--warmup", "1", "--repeats", "2"]
+    assert bench.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line[:22].strip(): line[22:].split() for line in lines[3:7]}
+    assert list(rows) == ["iso_flop 3 x 1", "looped 1 x 3", "iso_param 1 x 1", "looped_last 1 x 3"]
+    steps = bench.GRID.steps_of("mano")
+    total = 0.0
+    for median, _, _, models, minutes in rows.values():
+        assert int(models) == len(bench.GRID.seeds)
+        assert float(minutes) == pytest.approx(int(models) * steps * float(median) / 60e3, abs=0.06)
+        total += float(minutes)
+    summary = lines[-1]
+    shown = float(summary.split(": ")[1].split(" min")[0])
+    assert shown == pytest.approx(total, abs=0.2)
+    ratio = float(summary.split(", ")[1].split("x the")[0])
+    assert ratio == pytest.approx(shown / bench.BUDGET_MIN, abs=0.006)
+
+
+def test_levers_without_the_floor_is_refused(capsys):
+    bench = load_script("bench_grid_step")
+    with pytest.raises(SystemExit):
+        bench.main(["--levers"])
+    assert "--levers goes with --floor" in capsys.readouterr().err
