@@ -166,7 +166,7 @@ def floor(args: argparse.Namespace) -> int:
     for (family, layers, loops), model in shapes.items():
         step, _ = trainer(variant, args, model)
         result = measure(step, args.warmup, args.repeats)
-        count = sum(m.family == family and m.layers == layers for m in models)
+        count = sum((m.family, m.layers, m.loops) == (family, layers, loops) for m in models)
         minutes = count * steps * result["median"] / 60e3
         total += minutes
         print(f"{f'{family} {layers} x {loops}':<22} {result['median']:9.1f} "
