@@ -116,8 +116,9 @@ def trainer(variant: Variant, args: argparse.Namespace, grid_model=None):
         model.compile_layers()
     optimizer = torch.optim.AdamW(model.parameters(), lr=GRID.lr, betas=(0.9, 0.95))
     ids, positions, labels = packed_batch(TOKENS // variant.seq_len, variant.seq_len)
-    last_step = grid_model.family == "looped_last"
-    objective = Objective(kind="last_step" if last_step else "stage1", beta=GRID.beta)
+    # As reproduce.py's jobs: the entropy regularizer on the looped family alone.
+    kind = "last_step" if grid_model.family == "looped_last" else "stage1"
+    objective = Objective(kind=kind, beta=GRID.beta if grid_model.family == "looped" else 0.0)
 
     def step() -> None:
         loss = model(ids, position_ids=positions, labels=labels, objective=objective).loss
@@ -196,7 +197,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--floor",
         action="store_true",
-        help="time each of Mano's quick-grid models and sum them over the grid's steps",
+        help="time each of Mano's quick-grid models (their own shapes: --layers and --loops "
+        "do not apply) and sum them over the grid's steps",
     )
     parser.add_argument(
         "--levers", action="store_true", help="with --floor: every model with the three levers"
@@ -207,6 +209,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.levers and not args.floor:
         parser.error("--levers goes with --floor")
+    if args.levers and args.skip_compile:
+        parser.error("--levers compiles the layers: leave out --skip-compile")
     if args.floor:
         return floor(args)
     variants = [v for v in VARIANTS if not (v.compiled and args.skip_compile)]

@@ -57,8 +57,55 @@ def test_the_floor_times_each_family_of_manos_grid_and_adds_up_its_minutes(capsy
     assert ratio == pytest.approx(shown / bench.BUDGET_MIN, abs=0.006)
 
 
-def test_levers_without_the_floor_is_refused(capsys):
+def test_the_floor_times_each_model_of_the_grid_with_its_own_objective(monkeypatch, capsys):
+    """Each row builds its own model (shape and objective, as the grid's jobs train them); with
+    ``--levers`` each takes the three levers at once. The timing itself is stubbed out: the
+    compiled variant would compile."""
+    bench = load_script("bench_grid_step")
+    built = []
+    trainer, model_class, objective_class = bench.trainer, bench.LoopLMForCausalLM, bench.Objective
+
+    def recording_trainer(variant, args, grid_model=None):
+        built.append([variant.name, grid_model.family])
+        return trainer(variant, args, grid_model)
+
+    def recording_model(config, *args):
+        built[-1] += [config.num_hidden_layers, config.total_ut_steps]
+        return model_class(config, *args)
+
+    def recording_objective(**settings):
+        objective = objective_class(**settings)
+        built[-1] += [objective.kind, objective.beta]
+        return objective
+
+    monkeypatch.setattr(bench, "trainer", recording_trainer)
+    monkeypatch.setattr(bench, "LoopLMForCausalLM", recording_model)
+    monkeypatch.setattr(bench, "Objective", recording_objective)
+    monkeypatch.setattr(bench, "measure", lambda step, warmup, repeats: dict.fromkeys(
+        ("median", "p10", "p90", "warmup_s"), 1.0))  # fmt: skip
+    for levers, variant in (([], "the grid's step"), (["--levers"], "the three levers")):
+        built.clear()
+        assert bench.main(["--floor", "--hidden", "32", "--heads", "2", *levers]) == 0
+        beta = bench.GRID.beta
+        assert built == [
+            [variant, "iso_flop", 3, 1, "stage1", 0.0],
+            [variant, "looped", 1, 3, "stage1", beta],
+            [variant, "iso_param", 1, 1, "stage1", 0.0],
+            [variant, "looped_last", 1, 3, "last_step", 0.0],
+        ]
+    assert "with the three levers" in capsys.readouterr().out
+    assert bench.LEVERS == bench.Variant(bench.LEVERS.name, mlp=2, seq_len=64, compiled=True)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--levers"], "--levers goes with --floor"),
+        (["--floor", "--levers", "--skip-compile"], "--levers compiles the layers"),
+    ],
+)
+def test_levers_without_the_floor_or_with_skip_compile_is_refused(argv, message, capsys):
     bench = load_script("bench_grid_step")
     with pytest.raises(SystemExit):
-        bench.main(["--levers"])
-    assert "--levers goes with --floor" in capsys.readouterr().err
+        bench.main(argv)
+    assert message in capsys.readouterr().err
