@@ -116,9 +116,8 @@ def trainer(variant: Variant, args: argparse.Namespace, grid_model=None):
         model.compile_layers()
     optimizer = torch.optim.AdamW(model.parameters(), lr=GRID.lr, betas=(0.9, 0.95))
     ids, positions, labels = packed_batch(TOKENS // variant.seq_len, variant.seq_len)
-    # As reproduce.py's jobs: the entropy regularizer on the looped family alone.
-    kind = "last_step" if grid_model.family == "looped_last" else "stage1"
-    objective = Objective(kind=kind, beta=GRID.beta if grid_model.family == "looped" else 0.0)
+    kind, beta = reproduce.training_objective(grid_model, GRID)
+    objective = Objective(kind=kind, beta=beta)
 
     def step() -> None:
         loss = model(ids, position_ids=positions, labels=labels, objective=objective).loss
@@ -155,7 +154,9 @@ def floor(args: argparse.Namespace) -> int:
     """The ``--floor`` table: each of Mano's quick-grid models at its step's median."""
     models = reproduce.grid(GRID, ["mano"])
     steps = GRID.steps_of("mano")
-    shapes = {(m.family, m.layers, m.loops): m for m in models}
+    shapes: dict[tuple, list] = {}  # the seeds of a shape share its step
+    for model in models:
+        shapes.setdefault((model.family, model.layers, model.loops), []).append(model)
     variant = LEVERS if args.levers else VARIANTS[0]
     print(f"torch {torch.__version__}, {args.threads} thread(s): Mano's quick grid, "
           f"{len(models)} models ({len(GRID.seeds)} seeds), {steps} steps of "
@@ -164,10 +165,10 @@ def floor(args: argparse.Namespace) -> int:
           f"{args.repeats} timed steps a model after {args.warmup}\n")  # fmt: skip
     print(f"{'model':<22} {'median ms':>9} {'p10':>6} {'p90':>6} {'models':>6} {'minutes':>8}")
     total = 0.0
-    for (family, layers, loops), model in shapes.items():
-        step, _ = trainer(variant, args, model)
+    for (family, layers, loops), seeds in shapes.items():
+        step, _ = trainer(variant, args, seeds[0])
         result = measure(step, args.warmup, args.repeats)
-        count = sum((m.family, m.layers, m.loops) == (family, layers, loops) for m in models)
+        count = len(seeds)
         minutes = count * steps * result["median"] / 60e3
         total += minutes
         print(f"{f'{family} {layers} x {loops}':<22} {result['median']:9.1f} "

@@ -261,6 +261,13 @@ def initial_dir(model: Model, scale: Scale, out: Path) -> Path | None:
     )
 
 
+def training_objective(model: Model, scale: Scale) -> tuple[str, float]:
+    """The job's ``train.objective`` and ``train.beta`` for a model: the last step's loss for
+    ``looped_last``, Stage I otherwise, with the entropy regularizer on ``looped`` alone."""
+    kind = "last_step" if model.family == "looped_last" else "stage1"
+    return kind, scale.beta if model.family == "looped" else 0.0
+
+
 def starts_fresh(model: Model, scale: Scale) -> bool:
     """Whether the model starts from ``initial_model`` rather than the job's initialization
     (with its gate at 0, the same weights: both seed torch with the model's seed)."""
@@ -278,7 +285,7 @@ def job_overrides(
     vocab = load_tokenizer(str(tokenizer)).get_vocab_size() if local else "VOCAB"
     micro_batch = max(1, scale.batch_tokens // (scale.ranks * scale.seq_len))
     steps = scale.steps_of(model.task)
-    objective = "last_step" if model.family == "looped_last" else "stage1"
+    objective, beta = training_objective(model, scale)
     architecture = model_settings(model, scale, vocab)
     return [
         "model=tiny",
@@ -299,7 +306,7 @@ def job_overrides(
         f"train.global_batch_tokens={scale.batch_tokens}",
         f"train.micro_batch_size={micro_batch}",
         f"train.objective={objective}",
-        f"train.beta={scale.beta if model.family == 'looped' else 0.0}",
+        f"train.beta={beta}",
         f"train.log_every={max(1, steps // 10)}",
         f"optim.lr={scale.lr}",
         "optim.weight_decay=0.1",
