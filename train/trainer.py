@@ -9,6 +9,7 @@ checkpoint, exactly: the per-step losses of a resumed run equal the uninterrupte
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import logging
 import os
@@ -150,6 +151,16 @@ def _check_run_dir(run_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise ValueError(f"run_dir {run_dir} is not writable: {e}") from e
+
+
+# `kill -USR1 <pid of a rank>` prints every thread's stack of that rank to the job's log,
+# without stopping it: where a job that seems stuck waits (a collective, the data, a file).
+STACK_DUMP_SIGNAL = signal.SIGUSR1
+
+
+def dump_stacks_on(signum: int) -> None:
+    """On ``signum``, this process writes every thread's Python stack to stderr and goes on."""
+    faulthandler.register(signum, all_threads=True)
 
 
 class _StopSignal:
@@ -349,6 +360,7 @@ class Trainer:
     def _init_distributed(self, local_rank: int) -> None:
         import deepspeed
 
+        dump_stacks_on(STACK_DUMP_SIGNAL)
         if torch.cuda.is_available():
             problem = device_problem(local_rank, torch.cuda.device_count())
             if problem is not None:

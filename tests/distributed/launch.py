@@ -109,9 +109,37 @@ def run(
     try:
         code = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        kill_job(process)
-        raise
+        raise AssertionError(
+            f"the job did not end in {timeout} s; {hung_job_report(process, log)}"
+        ) from None
     return code, log.read_text()
+
+
+def dump_stacks(process, settle_s: float = 0.5) -> None:
+    """Asks every process of a job but its launcher (the ranks, their data workers) for every
+    thread's stack: they print it to the job's log (train.trainer.STACK_DUMP_SIGNAL) and go
+    on. One at a time, ``settle_s`` apart: written at once, the stacks would interleave."""
+    import psutil
+
+    from train.trainer import STACK_DUMP_SIGNAL
+
+    try:
+        tree = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for child in tree:
+        try:
+            os.kill(child.pid, STACK_DUMP_SIGNAL)
+        except ProcessLookupError:
+            continue
+        time.sleep(settle_s)
+
+
+def hung_job_report(process, log: Path, chars: int = 20_000) -> str:
+    """Kills a job that hangs, after its stacks are in its log; returns the end of the log."""
+    dump_stacks(process)
+    kill_job(process)
+    return f"the end of its log, with the stack of each process:\n{log.read_text()[-chars:]}"
 
 
 def kill_job(process, sig: int = signal.SIGKILL) -> None:
@@ -142,7 +170,11 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def wait_for(predicate, process, timeout: float = 240.0, poll: float = 0.2) -> None:
+def wait_for(
+    predicate, process, timeout: float = 240.0, poll: float = 0.2, log: Path | None = None
+) -> None:
+    """Waits until ``predicate()``; a job that ends first fails, and one that hangs is killed,
+    its stacks in the error when its ``log`` is given."""
     deadline = time.time() + timeout
     while not predicate():
         if process.poll() is not None:
@@ -150,8 +182,11 @@ def wait_for(predicate, process, timeout: float = 240.0, poll: float = 0.2) -> N
                 f"the job ended (code {process.returncode}) before the awaited state"
             )
         if time.time() > deadline:
-            kill_job(process)
-            raise TimeoutError("the awaited state did not come")
+            if log is None:
+                kill_job(process)
+                raise TimeoutError("the awaited state did not come")
+            report = hung_job_report(process, log)
+            raise TimeoutError(f"the awaited state did not come in {timeout} s; {report}")
         time.sleep(poll)
 
 
@@ -160,7 +195,7 @@ def wait_paused(log: Path, process, ranks: int = 2) -> None:
     ``faults.*`` setting (train.faults): a SIGKILL then lands at that moment, not near it."""
     from train.faults import PAUSED
 
-    wait_for(lambda: log.read_text().count(PAUSED) >= ranks, process)
+    wait_for(lambda: log.read_text().count(PAUSED) >= ranks, process, log=log)
 
 
 def job(run_dir, cache_dir, *extra) -> list[str]:

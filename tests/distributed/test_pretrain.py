@@ -157,7 +157,7 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     args = job(run_dir, cache_dir, "train.max_steps=1000", "checkpoint.every_steps=1000")
     process = start("train.pretrain", args, tmp_path / "log")
-    wait_for(lambda: len(metrics(run_dir)) >= 2, process)
+    wait_for(lambda: len(metrics(run_dir)) >= 2, process, log=tmp_path / "log")
     os.killpg(process.pid, signal.SIGTERM)
     process.wait(timeout=120)
     saved = completed(run_dir)

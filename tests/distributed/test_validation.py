@@ -5,7 +5,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.distributed.launch import job, kill_job, metrics, run, start, wait_paused
+from tests.distributed.launch import (
+    dump_stacks,
+    job,
+    kill_job,
+    metrics,
+    run,
+    start,
+    wait_paused,
+)
 from train.config import PretrainConfig
 from train.export import load_checkpoint_model
 from train.validation import Validator, read_records
@@ -79,6 +87,10 @@ def test_kill_and_resume_with_evaluation_on_is_exact_and_evaluates_each_step_onc
         "train.pretrain", job(run_dir, cache_dir, *evaluated, "faults.pause_after_step=3"), log
     )
     wait_paused(log, process)
+    # A job that seems stuck shows where each rank waits, and goes on.
+    dump_stacks(process)
+    assert process.poll() is None
+    assert log.read_text().count("in pause_after") == 2, log.read_text()[-5000:]
     kill_job(process)
     process.wait()
     assert [r["step"] for r in read_records(run_dir)] == [1, 2, 3]
