@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import torch
@@ -169,6 +170,14 @@ def pre_step_grad_norm(engine) -> float:
         return total.sqrt().item()
     norm = float(engine.optimizer.scaled_global_norm())
     return norm / getattr(engine.optimizer, "loss_scale", 1.0) if norm >= 0 else float("nan")
+
+
+def clipped_grad_norm(engine) -> float:
+    """Global L2 norm of the gradients of the engine's last step before clipping, as its step
+    computed it (the value ``pre_step_grad_norm`` gives before the step; inf: the update was
+    skipped for non-finite gradients)."""
+    norm = engine.get_global_grad_norm()
+    return math.nan if norm is None else float(norm)
 
 
 class _GuardSkipNotice(logging.Filter):

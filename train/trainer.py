@@ -12,6 +12,7 @@ from __future__ import annotations
 import faulthandler
 import gc
 import logging
+import math
 import os
 import signal
 import time
@@ -37,6 +38,7 @@ from train.curriculum import Stage, StepPlan, trainable_mask
 from train.engine import (
     build_engine,
     build_model,
+    clipped_grad_norm,
     pre_step_grad_norm,
     set_accumulation,
     step_skipping_update,
@@ -173,13 +175,6 @@ class _StopSignal:
     def _handle(self, signum, frame):
         self.requested = True
 
-    def agreed(self) -> bool:
-        """True on every rank once any rank was signalled."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
 
 class _ScaledGradient(torch.autograd.Function):
     """Identity whose gradient is scaled by ``factor`` (NaN: non-finite gradients of a finite
@@ -228,11 +223,14 @@ class StepStats:
         self.loss_per_step += share * out.loss_per_step.double().cpu()
         self.exit_pdf_mean += share * out.exit_pdf_mean.double().cpu()
 
-    def mean(self, accumulation: int) -> StepStats:
-        """The mean over ``accumulation`` micro-batches and every rank (one all-reduce)."""
+    def mean(self, accumulation: int, stop_requested: bool) -> tuple[StepStats, bool]:
+        """The mean over ``accumulation`` micro-batches and every rank, and whether any rank
+        was asked to stop: one all-reduce carries both."""
         fields = [self.loss, self.exit_entropy, self.loss_per_step, self.exit_pdf_mean]
-        means = _mean_over_ranks(torch.cat(fields) / accumulation)
-        return StepStats(*means.split([len(f) for f in fields]))
+        flag = torch.tensor([float(stop_requested)], dtype=torch.float64)
+        means = _mean_over_ranks(torch.cat([*fields, flag]) / accumulation)
+        *values, any_stop = means.split([*(len(f) for f in fields), 1])
+        return StepStats(*values), bool(any_stop.item() > 0)
 
 
 class Trainer:
@@ -315,6 +313,9 @@ class Trainer:
             for line in self.curriculum.describe():
                 logger.info("curriculum: %s", line)
         self.already_finished = self.latest is not None and self.finished()
+        self.stop_signal: _StopSignal | None = None  # while train() runs
+        self.stop_agreed = False
+        """Whether any rank was asked to stop by the last step's exchange of statistics."""
         """The run was complete before this job: it says so and changes nothing."""
         self.started = time.time()
         self.start_state = (self.state.step, self.state.tokens)
@@ -553,14 +554,14 @@ class Trainer:
             self.metrics.attach_wandb(
                 self.run_dir, cfg.logging.wandb_project, cfg.logging.wandb_mode, asdict(cfg)
             )
-        stop = _StopSignal()
+        self.stop_signal = _StopSignal()
         if cfg.model.compile:
             self._phase("compiling the decoder layers in the first step (seconds to minutes)")
         while not self.finished():
             record = self.train_step(self.batches)
             rolled_back = record["rollback"] is not None
             self.metrics.log(record)
-            stopping = stop.agreed()
+            stopping = self.stop_agreed
             # Before the checkpoint: a crash after it would otherwise skip this evaluation.
             if self.validator is not None and self.validator.due(self.state.step, self.finished()):
                 self.evaluate()
@@ -582,9 +583,15 @@ class Trainer:
         self._enter_stage(plan.stage)
         lr = self._set_learning_rate(plan)
         stats = self._forward_backward(plan, batches)
-        loss, grad_norm = stats.loss.item(), pre_step_grad_norm(self.engine)
+        loss = stats.loss.item()
+        # The grad-norm guard judges the norm before the update. Without it, the norm that
+        # DeepSpeed's step computes for clipping is the same norm, at no collective of ours.
+        judged = self.guard.grad_norm.enabled
+        grad_norm = pre_step_grad_norm(self.engine) if judged else math.nan
         verdict = self.guard.judge(loss, grad_norm)
         skipped = self._update(verdict)
+        if not judged:
+            grad_norm = clipped_grad_norm(self.engine)
         self.state.step += 1
         self.state.tokens += plan.tokens
         self.state.skipped_steps += int(skipped)
@@ -656,7 +663,11 @@ class Trainer:
             share = token_share(batch["labels"], self.sp)
             stats.add(loss, out, share)
             engine.backward(loss * share if self.sp is not None else loss)
-        return stats.mean(plan.accumulation)
+        # A SIGTERM is shared with the step's statistics: one collective fewer a step. One that
+        # comes after this exchange stops the run after the next step.
+        requested = self.stop_signal is not None and self.stop_signal.requested
+        means, self.stop_agreed = stats.mean(plan.accumulation, requested)
+        return means
 
     def _update(self, verdict: Verdict) -> bool:
         """The optimizer step, or its skip on a spike; whether the update was skipped (also

@@ -86,13 +86,14 @@ def test_kill_and_resume_with_evaluation_on_is_exact_and_evaluates_each_step_onc
     process = start(
         "train.pretrain", job(run_dir, cache_dir, *evaluated, "faults.pause_after_step=3"), log
     )
-    wait_paused(log, process)
-    # A job that seems stuck shows where each rank waits, and goes on.
-    dump_stacks(process)
-    assert process.poll() is None
-    assert log.read_text().count("in pause_after") == 2, log.read_text()[-5000:]
-    kill_job(process)
-    process.wait()
+    try:
+        wait_paused(log, process)
+        # A job that seems stuck shows where each rank waits, and goes on.
+        dump_stacks(process)
+        assert process.poll() is None
+        assert log.read_text().count("in pause_after") == 2, log.read_text()[-5000:]
+    finally:
+        kill_job(process)
     assert [r["step"] for r in read_records(run_dir)] == [1, 2, 3]
     code, out = run("train.pretrain", job(run_dir, cache_dir, *evaluated), tmp_path / "b.log")
     assert code == 0, out[-3000:]
