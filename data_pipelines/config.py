@@ -94,6 +94,11 @@ class DataConfig:
     window_tokens: int = 1_000_000
     """A window also ends at the document that brings it to this many tokens, which bounds
     memory and resume time for long documents."""
+    tokenize_once_mb: float = 64.0
+    """A source whose files are local and take at most this many MB in all is tokenized once:
+    each reading slot keeps its windows and later epochs reuse them, permuted as before, so
+    the batches are those of reading again (a window holding a bad record is read again, and
+    reported each epoch as before). 0 reads and tokenizes every epoch again."""
     max_document_chars: int = 1_000_000
     """Characters of one document the tokenizer sees at a time, which bounds a reader's
     memory (the tokenizer holds about 100 bytes per character it is given). A longer
@@ -153,6 +158,10 @@ def _field_problems(cfg: DataConfig) -> list[str]:
         (cfg.prefetch_factor < 1, f"data.prefetch_factor: must be >= 1, got {cfg.prefetch_factor}"),
         (cfg.shuffle_window < 1, f"data.shuffle_window: must be >= 1, got {cfg.shuffle_window}"),
         (cfg.window_tokens < 1, f"data.window_tokens: must be >= 1, got {cfg.window_tokens}"),
+        (
+            not cfg.tokenize_once_mb >= 0,
+            f"data.tokenize_once_mb: must be >= 0, got {cfg.tokenize_once_mb}",
+        ),
         (
             cfg.max_document_chars < 1,
             f"data.max_document_chars: must be >= 1, got {cfg.max_document_chars}",

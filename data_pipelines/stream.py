@@ -3,7 +3,8 @@
 The stream reads its slot's pieces (see `shards.epoch_pieces`) a *window* at a time: up to
 `shuffle_window` usable documents (fewer once they reach `window_tokens` tokens) read and
 tokenized together, then, with shuffling,
-permuted by a generator seeded by the window's place. The window's documents are laid end
+permuted by a generator seeded by the window's place. A small source's windows are kept after
+their first reading (`data.tokenize_once_mb`), so its later epochs tokenize nothing. The window's documents are laid end
 to end with their labels and positions computed at once, so packing is plain slicing. The
 resume position is three integers (epoch, piece, window start record), plus the packer's
 cursor in the window: restoring re-reads and re-permutes that one window, which is what
@@ -129,6 +130,11 @@ class SourceStream:
         self.reader: ShardReader | None = None
         """The shard being read, kept open from one window to the next."""
         self.files = WholeFileReader(self.options)
+        self.kept: dict[tuple[int, int, int, int], tuple[Documents, int | None]] | None = (
+            {} if tokenized_once(shards, cfg.tokenize_once_mb) else None
+        )
+        """The windows read so far, by (shard, offset, stride, start), for a source small
+        enough to tokenize once (None: every epoch reads again)."""
         # A window re-read on resume was already counted before the state was saved.
         self.window = self._load_window(
             BadInputLog(cfg.on_bad_input, muted=True) if position else log
@@ -191,14 +197,22 @@ class SourceStream:
             limits = (self.cfg.shuffle_window, self.cfg.window_tokens)
             documents, end = read_token_window(shard, start, piece.offset, piece.stride, *limits)
         else:
-            documents, end = self._read_documents(shard, start, piece, log)
+            key = (piece.shard, piece.offset, piece.stride, start)
+            kept = None if self.kept is None else self.kept.get(key)
+            if kept is None:
+                documents, end, clean = self._read_documents(shard, start, piece, log)
+                if self.kept is not None and clean:
+                    self.kept[key] = (documents, end)
+            else:
+                documents, end = kept
         return make_window(documents, end, self._order(piece.shard, len(documents)))
 
     def _read_documents(
         self, shard: Shard, start: int, piece: Piece, log: BadInputLog
-    ) -> tuple[Documents, int | None]:
-        """The window's documents from record `start` on, and the record index after the last
-        one (None when the shard ended before the window filled).
+    ) -> tuple[Documents, int | None, bool]:
+        """The window's documents from record `start` on, the record index after the last
+        one (None when the shard ended before the window filled), and whether reading it
+        reported or noted no record.
 
         Records are tokenized `_TOKENIZE_BATCH` at a time, so reading may run past the
         window's end; bad records found there are left for the next window to report.
@@ -224,7 +238,8 @@ class SourceStream:
             builder.add(indices, payloads, self.encoder)
         end = builder.last_index + 1 if builder.full() else None
         deferred.commit(end)
-        return builder.documents(), end
+        clean = not deferred.reports and not deferred.notes
+        return builder.documents(), end, clean
 
     def _records(self, shard: Shard, start: int, log: _DeferredLog) -> Iterator[RawRecord]:
         if start == 0 and is_whole_file(shard, self.options):
@@ -252,6 +267,17 @@ class SourceStream:
             self.slot.index,
         ]
         return np.random.default_rng(seed).permutation(count)
+
+
+def tokenized_once(shards: list[Shard], limit_mb: float) -> bool:
+    """Whether a source's windows are kept after their first reading: its files are local,
+    of known size, at most ``limit_mb`` MB in all, and not token files (which are read as
+    arrays, with nothing to tokenize)."""
+    return (
+        limit_mb > 0
+        and all(not s.remote and s.size >= 0 and s.format != "tokens" for s in shards)
+        and sum(s.size for s in shards) <= limit_mb * 1e6
+    )
 
 
 class _WindowBuilder:

@@ -46,6 +46,7 @@ BAD: dict[str, tuple] = {
     "data.seed": (-1,),
     "data.shuffle_window": (0,),
     "data.window_tokens": (0,),
+    "data.tokenize_once_mb": (-1.0,),
     "data.max_document_chars": (0,),
     "data.max_retries": (0,),
     "data.retry_backoff_s": (-1.0,),
