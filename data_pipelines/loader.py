@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -294,7 +295,7 @@ class PackedDataLoader:
             num_workers=self.cfg.num_workers,
             prefetch_factor=self.cfg.prefetch_factor,
             collate_fn=_unchanged,
-            worker_init_fn=_leave_signals_to_the_trainer,
+            worker_init_fn=_start_worker,
         )
         return iter(loader)
 
@@ -303,7 +304,30 @@ class PackedDataLoader:
 SIGTERM_GRACE_S = 60
 
 
-def _leave_signals_to_the_trainer(_worker_id: int) -> None:
+def _start_worker(_worker_id: int) -> None:
+    """What a loader worker does first, in the process just forked from its rank."""
+    _leave_signals_to_the_trainer()
+    _release_inherited_tqdm_locks()
+
+
+def _release_inherited_tqdm_locks() -> None:
+    """A forked worker runs only the thread that forked it, with a copy of every lock as it
+    was at that moment: one held by another thread of the rank stays held in the worker for
+    ever. tqdm's monitor thread takes tqdm's locks every 10 s while a bar exists, and
+    `datasets` makes a (silent) bar whenever it opens a file: a worker forked at that moment
+    waited for ever, and its rank with it. The worker starts on fresh locks instead."""
+    from tqdm.std import TqdmDefaultWriteLock, tqdm
+
+    TqdmDefaultWriteLock.th_lock = threading.RLock()  # shared by every tqdm lock
+    pending = [tqdm]
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        if "_lock" in vars(cls):
+            cls._lock = TqdmDefaultWriteLock()
+
+
+def _leave_signals_to_the_trainer() -> None:
     """A cluster's preemption signals every process of the job; the training process must
     be the one that finishes its step, saves and then ends its workers. So workers ignore
     SIGINT, and on SIGTERM go on serving for SIGTERM_GRACE_S seconds before exiting quietly

@@ -4,9 +4,12 @@ exactly once per epoch, with more shards than slots and with fewer."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections import Counter
 
 import numpy as np
+import psutil
 import pytest
 
 from data_pipelines import SourceConfig, build_data_loader
@@ -116,3 +119,36 @@ def test_sources_with_fewer_shards_than_slots_are_named_once(tmp_path, caplog):
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 1 and "few (3)" in warnings[0] and "many" not in warnings[0]
     assert "each shard is read 4 times" in warnings[0]
+
+
+def test_a_worker_forked_while_another_thread_holds_tqdms_lock_still_reads(tmp_path):
+    """tqdm's monitor thread takes tqdm's lock every 10 s while a bar exists, and `datasets`
+    takes it to open a file: a worker forked while the rank's monitor held it waited for ever
+    for its copy, and its rank with it (a job of the test suite hung this way)."""
+    from tqdm import tqdm
+
+    path = write_jsonl_shards(tmp_path / "docs", text_documents(20), num_shards=1)
+    cfg = make_config(tmp_path, [SourceConfig(name="docs", paths=[str(path)])], num_workers=1)
+    loader = build_data_loader(cfg, rank=0, world_size=1, micro_batch_size=2)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with tqdm.get_lock():
+            held.set()
+            release.wait()
+
+    threading.Thread(target=hold, daemon=True).start()
+    held.wait()
+    got = []
+    reader = threading.Thread(target=lambda: got.append(next(iter(loader))), daemon=True)
+    reader.start()  # its first batch forks the worker while the lock is held
+    while not psutil.Process().children():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    release.set()  # the rank lets go: only the worker's copy could stay held
+    reader.join(60)
+    if not got:
+        for worker in psutil.Process().children(recursive=True):
+            worker.kill()
+    assert got, "the loader worker never answered: it waits on a lock it inherited held"
+    assert got[0]["input_ids"].shape == (2, cfg.seq_len)
