@@ -73,10 +73,11 @@ def test_resuming_a_source_tokenized_once_gives_the_uninterrupted_batches(tmp_pa
 
 def test_bad_records_are_reported_every_epoch_as_when_reading_again(tmp_path):
     path = write_bad_jsonl(tmp_path)
-    counts = []
+    counts, batches = [], []
     for mb in (0, 64):
         read = loader(tmp_path, path, tokenize_once_mb=mb)
-        take(read, BATCHES)
+        batches.append(take(read, BATCHES))
         counts.append(read.bad_input_counts())
+    assert_same_batches(*batches)  # the window read again, the kept ones beside it
     assert counts[0] == counts[1]
     assert counts[0]["malformed"] > 3  # one malformed line, reported in each epoch
