@@ -2,10 +2,10 @@
 
 The stream reads its slot's pieces (see `shards.epoch_pieces`) a *window* at a time: up to
 `shuffle_window` usable documents (fewer once they reach `window_tokens` tokens) read and
-tokenized together, then, with shuffling,
-permuted by a generator seeded by the window's place. A small source's windows are kept after
-their first reading (`data.tokenize_once_mb`), so its later epochs tokenize nothing. The window's documents are laid end
-to end with their labels and positions computed at once, so packing is plain slicing. The
+tokenized together, then, with shuffling, permuted by a generator seeded by the window's
+place. A small source's windows are kept after their first reading (`data.tokenize_once_mb`),
+so its later epochs tokenize nothing. The window's documents are laid end to end with their
+labels and positions computed at once, so packing is plain slicing. The
 resume position is three integers (epoch, piece, window start record), plus the packer's
 cursor in the window: restoring re-reads and re-permutes that one window, which is what
 makes the shuffle exact.

@@ -160,11 +160,6 @@ def _check_run_dir(run_dir: Path) -> None:
 STACK_DUMP_SIGNAL = signal.SIGUSR1
 
 
-def dump_stacks_on(signum: int) -> None:
-    """On ``signum``, this process writes every thread's Python stack to stderr and goes on."""
-    faulthandler.register(signum, all_threads=True)
-
-
 class _StopSignal:
     """Turns SIGTERM (a cluster's preemption) into a request to save and stop."""
 
@@ -313,10 +308,10 @@ class Trainer:
             for line in self.curriculum.describe():
                 logger.info("curriculum: %s", line)
         self.already_finished = self.latest is not None and self.finished()
+        """The run was complete before this job: it says so and changes nothing."""
         self.stop_signal: _StopSignal | None = None  # while train() runs
         self.stop_agreed = False
         """Whether any rank was asked to stop by the last step's exchange of statistics."""
-        """The run was complete before this job: it says so and changes nothing."""
         self.started = time.time()
         self.start_state = (self.state.step, self.state.tokens)
 
@@ -361,7 +356,7 @@ class Trainer:
     def _init_distributed(self, local_rank: int) -> None:
         import deepspeed
 
-        dump_stacks_on(STACK_DUMP_SIGNAL)
+        faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True)  # stacks to stderr, goes on
         if torch.cuda.is_available():
             problem = device_problem(local_rank, torch.cuda.device_count())
             if problem is not None:
