@@ -17,6 +17,7 @@ TOY = [
     "--quick", "--task", "phop", "--families", "looped", "iso_param", "--seeds", "0", "--steps", "4",
     "--set", "hidden_size=32", "--set", "heads=2", "--set", "batch_tokens=512",
     "--set", "seq_len=64", "--set", "eval_items=12", "--set", "warmup=1",
+    "--set", "compile=false",  # the quick grid's compiled layers: tests/distributed/test_compile.py
     "--source", "phop=synthetic://phop?hops=2&length=8&symbols=3&num_docs=400&shards=2",
 ]  # fmt: skip
 

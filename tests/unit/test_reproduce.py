@@ -71,6 +71,29 @@ def test_set_changes_one_field_of_the_scale_and_refuses_what_does_not_fit():
             reproduce.check_blocks(reproduce.with_setting(reproduce.QUICK, bad))
 
 
+def test_the_quick_grid_compiles_its_layers_and_reads_its_data_in_the_ranks(tmp_path):
+    """The quick grid's jobs: compiled layers and no data worker (--set turns either back);
+    the full grid's as the job's defaults."""
+    (model,) = reproduce.grid(reproduce.QUICK, ["mano"], ["looped"])[:1]
+
+    def overrides(scale) -> list[str]:
+        return reproduce.job_overrides(model, scale, "embedded", tmp_path / "run", tmp_path)
+
+    quick = overrides(reproduce.QUICK)
+    assert "model.compile=true" in quick and "data.num_workers=0" in quick
+    scale = reproduce.with_setting(reproduce.QUICK, "compile=False")
+    eager = overrides(reproduce.with_setting(scale, "workers=1"))
+    assert "data.num_workers=1" in eager
+    assert [o for o in quick if o not in eager] == ["data.num_workers=0", "model.compile=true"]
+    full = overrides(reproduce.FULL)
+    assert "data.num_workers=1" in full and not any(o.startswith("model.compile") for o in full)
+    assert reproduce.with_setting(scale, "compile=true").compile is True
+    with pytest.raises(SystemExit, match="--set compile=yes: compile is true or false"):
+        reproduce.with_setting(reproduce.QUICK, "compile=yes")
+    with pytest.raises(SystemExit, match="--set workers=-1: workers must be >= 0"):
+        reproduce.with_setting(reproduce.QUICK, "workers=-1")
+
+
 def test_a_task_may_train_for_its_own_number_of_steps_and_steps_sets_every_task(tmp_path, capsys):
     scale = reproduce.replace(reproduce.QUICK, task_steps={"mano": 700})
     assert (scale.steps_of("mano"), scale.steps_of("phop")) == (700, scale.steps)
