@@ -93,8 +93,8 @@ class Scale:
     way."""
     compile: bool = False
     """``model.compile``: each decoder layer compiled by torch.compile (the same arithmetic in
-    fused kernels; its first job compiles for about half a minute, later ones read Inductor's
-    cache). The quick grid's steps take about 11% less time (the loop, 72 against 64 ms)."""
+    fused kernels; its first job compiles for about 20 s, later ones read Inductor's cache).
+    The quick grid's steps take about 11% less time (the loop, 72 against 64 ms)."""
     workers: int = 1
     """``data.num_workers``: 0 reads the data in each rank's own process, where a small source
     is tokenized once; a worker process would take a share of the 2 cores from the ranks."""
@@ -141,7 +141,7 @@ three times the questions). Mano modulo 7 with 1 or 2 operators, from 20,000 que
 the two-operator ones; those scored are among the rest), for 3,000 steps: modulo 23 no model
 learns the tables at this budget, and modulo 5 with 3 operators no model learnt the hardest
 length (three layers 0.48, one 0.37: nothing for looping to show), while two operators need
-depth (modulo 7 through the job: one layer 0.50, three 0.82). Modulo 11 shows twice the
+depth (modulo 7 through the job: one layer 0.52, three 0.80). Modulo 11 shows twice the
 margin over one layer but takes 6,000 steps, over the budget of 30 minutes on 2 cores.
 LR 3e-4: at 1e-3 the looped layer stalls on Mano and p-hop's three layers spike."""
 FULL = Scale(
